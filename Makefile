@@ -1,0 +1,42 @@
+# citrus-edge: the two set-up commands are `make demo` and `make test` (each installs first).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export PYTHONHASHSEED := 0
+
+.PHONY: install test test-slow lint format demo demo-model data bench wheel-test clean
+
+$(BIN)/citrus-edge: pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, alone, so pip takes the local CPU wheel and nothing pulls a CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[build,gpu,dev]'
+	touch $@
+
+install: $(BIN)/citrus-edge
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pytest -q
+
+test-slow: install
+	$(BIN)/pytest -q -m slow
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+data: install
+	$(BIN)/citrus-edge data phantoms --out data/phantoms
+
+demo-model: install
+	$(BIN)/python scripts/train_demo.py --out runs/demo
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache

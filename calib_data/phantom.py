@@ -1,0 +1,244 @@
+"""Procedural B-mode ultrasound phantoms with exact lesion masks and attributes.
+
+A phantom is a pure function of its seed (`np.random.default_rng(seed)` is the only source of
+randomness): a curvilinear fan (black outside), tissue layers following the fan's arcs, 0-3
+non-overlapping lesions entirely inside the fan (round / oval / irregular; anechoic, hypoechoic,
+isoechoic with a thin hypoechoic halo, or hyperechoic; posterior shadowing, enhancement or
+none), multiplicative Rayleigh speckle, depth attenuation with partial TGC and log compression.
+
+Conventions of the lesion attributes (the task texts depend on them):
+- `box` is (x1, y1, x2, y2) in original pixels with x2/y2 exclusive (max index + 1);
+- `location` compares the mask centroid with the image centre ((W-1)/2, (H-1)/2); a centroid
+  exactly on the centre line counts as lower / right;
+- `size_mm` is the longest distance between two boundary pixel centres of the mask times the
+  pixel spacing, rounded half up to an integer.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .phantom_bmode import (
+    Polar,
+    Sector,
+    depth_gain,
+    draw_sector,
+    log_compress,
+    polar_grid,
+    speckle,
+    tissue_layers,
+)
+from .phantom_lesions import Outline, draw_outline, place, posterior_factor, render
+
+log = logging.getLogger(__name__)
+
+SHAPES = ("round", "oval", "irregular")
+ECHOGENICITIES = ("anechoic", "hypoechoic", "isoechoic", "hyperechoic")
+POSTERIORS = ("shadowing", "enhancement", "none")
+MARGINS = ("circumscribed", "irregular")
+LOCATIONS = ("upper left", "upper right", "lower left", "lower right")
+
+_REFERENCE_ECHO = 0.55  # linear echo level that lesion echogenicities are relative to
+_ECHO_LEVEL = {"anechoic": (0.01, 0.03), "hypoechoic": (0.15, 0.3), "hyperechoic": (1.7, 2.4)}
+_POSTERIOR_GAIN = {"shadowing": (0.2, 0.45), "enhancement": (1.5, 2.0)}
+
+
+@dataclass(frozen=True)
+class PhantomConfig:
+    """Everything that shapes a phantom except its seed. Serialises with `to_dict`."""
+
+    version: int = 1
+    height: int = 256
+    width: int = 256
+    spacing_mm: float = 0.2  # square pixels
+    lesion_count_probs: tuple[float, ...] = (0.2, 0.5, 0.2, 0.1)  # P(0 lesions), P(1), ...
+    diameter_mm: tuple[float, float] = (6.0, 18.0)  # nominal longest diameter range
+    shape_probs: tuple[float, ...] = (0.35, 0.35, 0.3)  # in SHAPES order
+    echogenicity_probs: tuple[float, ...] = (0.2, 0.4, 0.15, 0.25)  # in ECHOGENICITIES order
+    # P(shadowing, enhancement, none) for each echogenicity, in ECHOGENICITIES order.
+    posterior_probs: tuple[tuple[float, ...], ...] = (
+        (0.0, 0.75, 0.25),
+        (0.35, 0.15, 0.5),
+        (0.1, 0.1, 0.8),
+        (0.4, 0.0, 0.6),
+    )
+    apex_offset: tuple[float, float] = (0.5, 1.0)  # fan apex above row 0, in image heights
+    gap_px: float = 4.0  # minimum clearance between lesions (beyond the halo)
+    halo_px: float = 3.0  # width of the hypoechoic halo of isoechoic lesions
+
+    def __post_init__(self) -> None:
+        if self.height < 64 or self.width < 64 or self.spacing_mm <= 0:
+            raise ValueError(f"need height, width >= 64 and spacing_mm > 0, got {self}")
+        groups = [self.lesion_count_probs, self.shape_probs, self.echogenicity_probs]
+        for probs in groups + list(self.posterior_probs):
+            if min(probs) < 0 or abs(sum(probs) - 1) > 1e-6:
+                raise ValueError(f"probabilities {probs} must be >= 0 and sum to 1")
+        sizes = (len(self.shape_probs), len(self.echogenicity_probs), len(self.posterior_probs))
+        if sizes != (len(SHAPES), len(ECHOGENICITIES), len(ECHOGENICITIES)):
+            raise ValueError(f"probability tables have sizes {sizes}, expected 3, 4, 4")
+        if any(len(p) != len(POSTERIORS) for p in self.posterior_probs):
+            raise ValueError("each posterior_probs row needs 3 values (shadowing, enh., none)")
+        lo, hi = self.diameter_mm
+        if not 0 < lo <= hi or hi / self.spacing_mm > min(self.height, self.width) / 3:
+            raise ValueError(f"diameter_mm {self.diameter_mm} must be ordered and fit the image")
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (tuples become lists)."""
+        return _lists(asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PhantomConfig:
+        """Inverse of `to_dict`."""
+        return cls(**{k: _tuples(v) for k, v in data.items()})
+
+
+@dataclass(frozen=True)
+class Lesion:
+    """One lesion: its exact mask and the attributes a report states."""
+
+    mask: np.ndarray = field(repr=False)  # [H, W] bool
+    box: tuple[int, int, int, int]  # x1, y1, x2, y2; x2, y2 exclusive
+    shape: str  # SHAPES
+    echogenicity: str  # ECHOGENICITIES
+    margin: str  # MARGINS
+    location: str  # LOCATIONS
+    size_mm: int
+    posterior: str  # POSTERIORS
+
+    def to_dict(self) -> dict:
+        """Attributes without the mask, JSON-ready."""
+        data = {k: v for k, v in asdict(self).items() if k != "mask"}
+        data["box"] = list(self.box)
+        return data
+
+
+@dataclass(frozen=True)
+class Phantom:
+    """A grey B-mode image and its lesions (sorted left to right by box x1)."""
+
+    image: np.ndarray = field(repr=False)  # [H, W] uint8
+    lesions: tuple[Lesion, ...]
+    spacing_mm: float
+    seed: int
+    fov: np.ndarray | None = field(default=None, repr=False)  # [H, W] bool, the fan
+
+
+def generate_phantom(seed: int, config: PhantomConfig = PhantomConfig()) -> Phantom:
+    """Generate the phantom of `seed`; the same seed and config always give the same arrays."""
+    rng = np.random.default_rng(seed)
+    hw = (config.height, config.width)
+    sector = draw_sector(rng, config.height, config.width, config.apex_offset)
+    polar = polar_grid(sector, *hw)
+    echo = tissue_layers(rng, polar)  # [H, W]
+    n_lesions = int(rng.choice(len(config.lesion_count_probs), p=config.lesion_count_probs))
+    lesions, posteriors = [], []
+    for outline, shape in _place_outlines(rng, config, sector, n_lesions):
+        echogenicity = ECHOGENICITIES[rng.choice(4, p=config.echogenicity_probs)]
+        posterior = POSTERIORS[rng.choice(3, p=config.posterior_probs[ECHOGENICITIES.index(echogenicity)])]
+        halo = config.halo_px if echogenicity == "isoechoic" else 0.0
+        drawn = render(outline, hw, edge=2.0 if shape == "irregular" else 0.8, halo_px=halo)
+        echo = _apply_echogenicity(rng, echo, drawn.soft, drawn.halo, echogenicity)
+        posteriors.append((drawn.mask, posterior))
+        lesions.append(_describe(drawn.mask, shape, echogenicity, posterior, config.spacing_mm))
+    for mask, posterior in posteriors:
+        echo = echo * _posterior(rng, polar, sector, mask, posterior)
+    env = echo * speckle(rng, hw) * depth_gain(rng, polar)
+    image = log_compress(rng, env, polar.inside)
+    lesions.sort(key=lambda les: (les.box[0], les.box[1]))
+    return Phantom(image, tuple(lesions), config.spacing_mm, seed, polar.inside)
+
+
+def _place_outlines(
+    rng: np.random.Generator, config: PhantomConfig, sector: Sector, n_lesions: int
+) -> list[tuple[Outline, str]]:
+    """Draw and place up to `n_lesions` outlines; a lesion that does not fit shrinks, then is
+    dropped (logged), so a crowded draw can yield fewer lesions but never overlapping ones."""
+    placed: list[tuple[Outline, str]] = []
+    min_px = config.diameter_mm[0] / config.spacing_mm
+    for _ in range(n_lesions):
+        shape = SHAPES[rng.choice(3, p=config.shape_probs)]
+        diameter = rng.uniform(*config.diameter_mm) / config.spacing_mm
+        outline = draw_outline(rng, shape, diameter)
+        spot = None
+        for _attempt in range(4):
+            others = [o for o, _ in placed]
+            gap = config.gap_px + config.halo_px
+            spot = place(rng, outline, sector, others, (config.height, config.width), gap)
+            if spot is not None:
+                break
+            factor = max(0.85, min_px / diameter)
+            outline, diameter = outline.scaled(factor), diameter * factor
+        if spot is None:
+            log.debug("a %s lesion did not fit beside %d others; dropped", shape, len(placed))
+            continue
+        placed.append((spot, shape))
+    return placed
+
+
+def _apply_echogenicity(
+    rng: np.random.Generator, echo: np.ndarray, soft: np.ndarray, halo: np.ndarray, kind: str
+) -> np.ndarray:
+    """Blend the lesion's echo level into the tissue; isoechoic keeps it and darkens a halo."""
+    if kind == "isoechoic":
+        return echo * (1 - (1 - rng.uniform(0.15, 0.3)) * halo)
+    level = _REFERENCE_ECHO * rng.uniform(*_ECHO_LEVEL[kind])
+    return echo + soft * (level - echo)
+
+
+def _posterior(
+    rng: np.random.Generator, polar: Polar, sector: Sector, mask: np.ndarray, kind: str
+) -> np.ndarray | float:
+    if kind == "none":
+        return 1.0
+    gain, fade = rng.uniform(*_POSTERIOR_GAIN[kind]), rng.uniform(60, 150)
+    return posterior_factor(polar, sector, mask, gain, fade)
+
+
+def _describe(mask: np.ndarray, shape: str, echo: str, posterior: str, spacing: float) -> Lesion:
+    margin = "irregular" if shape == "irregular" else "circumscribed"
+    size = int(np.floor(longest_diameter_px(mask) * spacing + 0.5))
+    return Lesion(mask, box_of(mask), shape, echo, margin, location_of(mask), size, posterior)
+
+
+def box_of(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """(x1, y1, x2, y2) of a non-empty mask, x2/y2 exclusive."""
+    ys, xs = np.nonzero(mask)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def location_of(mask: np.ndarray) -> str:
+    """Quadrant of the mask centroid relative to the image centre."""
+    ys, xs = np.nonzero(mask)
+    height, width = mask.shape
+    vertical = "upper" if ys.mean() < (height - 1) / 2 else "lower"
+    horizontal = "left" if xs.mean() < (width - 1) / 2 else "right"
+    return f"{vertical} {horizontal}"
+
+
+def boundary(mask: np.ndarray) -> np.ndarray:
+    """Mask pixels with at least one 4-neighbour outside the mask. [H, W] bool."""
+    p = np.pad(mask, 1)
+    interior = p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    return mask & ~interior
+
+
+def longest_diameter_px(mask: np.ndarray) -> float:
+    """Largest distance between two boundary pixel centres of `mask`, in pixels."""
+    pts = np.argwhere(boundary(mask)).astype(np.float64)  # [N, 2]
+    diff = pts[:, None, :] - pts[None, :, :]  # [N, N, 2]
+    return float(np.sqrt((diff**2).sum(-1).max()))
+
+
+def _lists(value: object) -> object:
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_lists(v) for v in value]
+    return value
+
+
+def _tuples(value: object) -> object:
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value

@@ -1,0 +1,130 @@
+"""Building blocks of a procedural B-mode image: fan geometry, tissue layers, speckle, display.
+
+Everything is vectorised numpy over the whole [H, W] grid; randomness comes only from the
+`np.random.Generator` passed in, so a phantom is a pure function of its seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Sector:
+    """A curvilinear field of view: an annulus sector hanging from a virtual apex above row 0."""
+
+    apex_x: float  # column of the apex (pixels)
+    apex_y: float  # row of the apex, negative = above the image (pixels)
+    r0: float  # probe-face radius (pixels from the apex)
+    r1: float  # deepest radius (pixels from the apex)
+    half_angle: float  # radians either side of the vertical
+
+
+@dataclass(frozen=True)
+class Polar:
+    """Polar coordinates of every pixel centre about the sector apex."""
+
+    r: np.ndarray  # [H, W] float64 distance from the apex (pixels)
+    theta: np.ndarray  # [H, W] float64 angle from the vertical, positive to the right
+    depth: np.ndarray  # [H, W] float64 (r - r0) / (r1 - r0): 0 at the probe, 1 at the bottom
+    inside: np.ndarray  # [H, W] bool, pixel centre within the sector
+
+
+def draw_sector(
+    rng: np.random.Generator, height: int, width: int, apex_offset: tuple[float, float]
+) -> Sector:
+    """A fan whose depth spans the image and whose bottom corners nearly touch its sides."""
+    a = rng.uniform(*apex_offset) * height  # apex this many pixels above row 0
+    r0, r1 = a + 2.0, a + height - 3.0
+    half_max = np.arcsin(min(1.0, (width / 2 - 3.0) / r1))
+    half = rng.uniform(0.88, 1.0) * half_max
+    return Sector((width - 1) / 2, -a, r0, r1, float(half))
+
+
+def polar_grid(sector: Sector, height: int, width: int) -> Polar:
+    """Polar coordinates of the pixel grid and the sector mask."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)  # [H, W] each
+    dx, dy = x - sector.apex_x, y - sector.apex_y
+    r = np.hypot(dx, dy)
+    theta = np.arctan2(dx, dy)
+    depth = (r - sector.r0) / (sector.r1 - sector.r0)
+    inside = (r >= sector.r0) & (r <= sector.r1) & (np.abs(theta) <= sector.half_angle)
+    return Polar(r, theta, depth, inside)
+
+
+def inside_sector(sector: Sector, xs: np.ndarray, ys: np.ndarray, margin: float) -> bool:
+    """True when all points (pixel coordinates) lie at least `margin` pixels inside the fan."""
+    dx, dy = xs - sector.apex_x, ys - sector.apex_y
+    r = np.hypot(dx, dy)
+    lateral = r * np.sin(sector.half_angle - np.abs(np.arctan2(dx, dy)))  # distance to side edge
+    return bool(
+        np.all(r >= sector.r0 + margin) and np.all(r <= sector.r1 - margin) and np.all(lateral >= margin)
+    )
+
+
+def gaussian_blur(a: np.ndarray, sigma_y: float, sigma_x: float, wrap: bool = False) -> np.ndarray:
+    """Gaussian blur by FFT; reflect-padded unless `wrap` (fine for stationary noise)."""
+    pad = 0 if wrap else int(3 * max(sigma_y, sigma_x)) + 1
+    p = np.pad(a, pad, mode="reflect") if pad else a
+    fy = np.fft.fftfreq(p.shape[0])[:, None]  # [H, 1]
+    transfer = lambda f2: np.exp(-2 * np.pi**2 * f2)  # noqa: E731
+    if np.iscomplexobj(p):
+        fx = np.fft.fftfreq(p.shape[1])[None, :]
+        out = np.fft.ifft2(np.fft.fft2(p) * transfer(sigma_y**2 * fy**2 + sigma_x**2 * fx**2))
+    else:
+        fx = np.fft.rfftfreq(p.shape[1])[None, :]
+        spec = np.fft.rfft2(p) * transfer(sigma_y**2 * fy**2 + sigma_x**2 * fx**2)
+        out = np.fft.irfft2(spec, s=p.shape)
+    return out[pad : pad + a.shape[0], pad : pad + a.shape[1]] if pad else out
+
+
+def tissue_layers(rng: np.random.Generator, polar: Polar) -> np.ndarray:
+    """Mean echogenicity of skin, fat, gland/muscle and deep tissue following the fan's arcs.
+
+    Returns [H, W] float64 around 0.2..1 (linear amplitude, before speckle).
+    """
+    th, d = polar.theta, polar.depth
+    bounds = np.sort(rng.uniform([0.03, 0.15, 0.5], [0.05, 0.3, 0.75]))  # skin/fat/gland/deep
+    wobble = rng.uniform(0.005, 0.03, 3)[:, None, None]
+    freq = rng.uniform(1.5, 5.0, 3)[:, None, None]
+    phase = rng.uniform(0, 2 * np.pi, 3)[:, None, None]
+    edges = bounds[:, None, None] + wobble * np.sin(freq * th[None] * 6 + phase)  # [3, H, W]
+    layer = (d[None] > edges).sum(axis=0)  # [H, W] 0 skin .. 3 deep
+    levels = np.array([1.0, 0.3, 0.65, 0.45]) * rng.uniform(0.85, 1.15, 4)
+    echo = levels[layer]
+    fascia = np.exp(-(((d[None] - edges) / 0.008) ** 2)).sum(axis=0)  # bright boundary lines
+    stripes = 1 + 0.25 * np.sin(2 * np.pi * rng.uniform(12, 25) * d + rng.uniform(0, 6.3))
+    echo = echo * np.where(layer == 2, stripes, 1.0) + 0.6 * fascia
+    texture = gaussian_blur(rng.standard_normal(d.shape), 6.0, 10.0, wrap=True)
+    texture /= texture.std() + 1e-12
+    return echo * np.exp(0.25 * texture)
+
+
+def speckle(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    """Fully developed speckle: magnitude of blurred complex Gaussian noise, Rayleigh, mean 1.
+
+    The blur is wider laterally than axially, as the point spread function of a B-mode scan.
+    Returns [H, W] float64.
+    """
+    noise = rng.standard_normal(shape) + 1j * rng.standard_normal(shape)
+    env = np.abs(gaussian_blur(noise, 0.7, 1.4, wrap=True))
+    return env / env.mean()
+
+
+def depth_gain(rng: np.random.Generator, polar: Polar) -> np.ndarray:
+    """Attenuation with depth, partly undone by time-gain compensation. [H, W] float64."""
+    alpha = rng.uniform(0.8, 1.8)  # nepers over the full depth
+    tgc = rng.uniform(0.3, 0.7)  # fraction of the loss the operator compensated
+    d = np.clip(polar.depth, 0, 1)
+    return np.exp(-alpha * (1 - tgc) * d) * (1 + 0.3 * np.exp(-d / 0.05))
+
+
+def log_compress(rng: np.random.Generator, env: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """Log compression to a display dynamic range; black outside the fan. [H, W] uint8."""
+    db = 20 * np.log10(env + 1e-6)
+    top = np.percentile(db[inside], 99.7)
+    dynamic_range = rng.uniform(42, 55)
+    grey = np.clip((db - top + dynamic_range) / dynamic_range, 0, 1) * 255
+    return np.where(inside, np.rint(grey), 0).astype(np.uint8)

@@ -1,0 +1,301 @@
+"""Training loop for Citrus-V models: LM loss on answer tokens + mask loss on `[SEG]` masks.
+
+Used to train the shipped demo model from phantoms, and reused by distillation (which adds its
+own terms through `extra_loss`). Resumable: state is checkpointed every `ckpt_every` steps and a
+learning curve is appended to `curve.jsonl`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from citrus_edge.calib_data import tasks
+from citrus_edge.calib_data.phantom import PhantomConfig, generate_phantom
+from citrus_edge.config import CitrusVConfig
+from citrus_edge.model import CitrusV
+from citrus_edge.preprocess import qwen_pixels, sam_pixels
+from citrus_edge.prompts import chat_text, n_image_tokens
+
+log = logging.getLogger(__name__)
+
+TRAIN_CONFIG_VERSION = 1
+# Training phantoms use seeds from here on; the default phantom set uses seeds below 1e6.
+TRAIN_SEED_BASE = 50_000_000
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Serialised next to the checkpoints; resuming checks it is unchanged."""
+
+    steps: int = 6000
+    batch_size: int = 8
+    lr: float = 1e-3
+    min_lr: float = 2e-5
+    warmup: int = 200
+    weight_decay: float = 0.01
+    seed: int = 0
+    w_lm: float = 1.0
+    w_mask: float = 1.0
+    w_iou: float = 0.5
+    w_aux: float = 0.5
+    ckpt_every: int = 100
+    log_every: int = 20
+    threads: int = 1
+    version: int = TRAIN_CONFIG_VERSION
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up, then cosine decay to `min_lr`."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        t = min(1.0, (step - self.warmup) / max(1, self.steps - self.warmup))
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * t))
+
+
+@dataclass
+class Sample:
+    ids: np.ndarray  # [S] int64
+    labels: np.ndarray  # [S] int64, IGNORE outside the answer
+    pixel_values: np.ndarray  # [N_patches, C*T*P*P]
+    grid_thw: tuple[int, int, int]
+    sam_pixels: np.ndarray  # [3, S_sam, S_sam]
+    mask: np.ndarray  # [S_sam, S_sam] float32 union of lesion masks at SAM input size
+    occupancy: np.ndarray  # [n_visual_tokens] fraction of each merged patch covered by lesion
+
+
+def make_sample(model_cfg: CitrusVConfig, tokenizer, seed: int, phantom_cfg: PhantomConfig):
+    """One training example: a phantom, a task drawn from the seed, its prompt and answer."""
+    ph = generate_phantom(seed, phantom_cfg)
+    rgb = np.repeat(ph.image[..., None], 3, axis=2)
+    pp = model_cfg.preprocess
+    qp = qwen_pixels(rgb, pp)
+    task = tasks.TASKS[seed % len(tasks.TASKS)]
+    prompt, answer = task_text(task, ph, qp.resized_hw)
+    n_img = n_image_tokens(qp.grid_thw, model_cfg.vision.spatial_merge_size)
+    p_ids = tokenizer.encode(chat_text(prompt, n_img)).ids
+    a_ids = tokenizer.encode(answer).ids + [model_cfg.tokens.eos]
+    union = np.zeros(ph.image.shape, dtype=bool)
+    for les in ph.lesions:
+        union |= les.mask
+    s = pp.sam_image_size
+    from PIL import Image
+
+    mask_sam = np.asarray(Image.fromarray(union.astype(np.uint8) * 255).resize((s, s), 0)) > 127
+    m = pp.factor
+    occ_img = np.asarray(
+        Image.fromarray(union.astype(np.float32)).resize(qp.resized_hw[::-1], Image.BILINEAR)
+    )
+    gh, gw = qp.resized_hw[0] // m, qp.resized_hw[1] // m
+    occ = occ_img.reshape(gh, m, gw, m).mean(axis=(1, 3)).reshape(-1)
+    return Sample(
+        ids=np.asarray(p_ids + a_ids, dtype=np.int64),
+        labels=np.asarray([IGNORE] * len(p_ids) + a_ids, dtype=np.int64),
+        pixel_values=qp.pixel_values,
+        grid_thw=qp.grid_thw,
+        sam_pixels=sam_pixels(rgb, pp)[0],
+        mask=mask_sam.astype(np.float32),
+        occupancy=occ.astype(np.float32),
+    )
+
+
+def task_text(task: str, ph, resized_hw: tuple[int, int]) -> tuple[str, str]:
+    """Prompt and expected answer for a phantom, in the seed's conventions."""
+    if task == "segment":
+        return tasks.SEGMENT_PROMPT, tasks.segment_answer(len(ph.lesions))
+    if task == "detect":
+        hw = ph.image.shape[:2]
+        boxes = [tasks.resize_box(les.box, hw, resized_hw) for les in ph.lesions]
+        return tasks.DETECT_PROMPT, tasks.detect_answer(boxes)
+    return tasks.REPORT_PROMPT, tasks.report_answer(ph.lesions)
+
+
+class PhantomStream(IterableDataset):
+    """Endless training samples from fresh phantoms, deterministic from the start index."""
+
+    def __init__(self, model_cfg, tokenizer_path: Path, start: int, phantom_cfg=None):
+        self.model_cfg, self.tokenizer_path, self.start = model_cfg, tokenizer_path, start
+        self.phantom_cfg = phantom_cfg or PhantomConfig()
+
+    def __iter__(self) -> Iterator[Sample]:
+        from citrus_edge.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(self.tokenizer_path)
+        i = self.start
+        while True:
+            yield make_sample(self.model_cfg, tok, TRAIN_SEED_BASE + i, self.phantom_cfg)
+            i += 1
+
+
+def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad token sequences; concatenate patches; stack SAM inputs."""
+    n = max(len(s.ids) for s in samples)
+    ids = torch.full((len(samples), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), n), IGNORE, dtype=torch.long)
+    attn = torch.zeros((len(samples), n), dtype=torch.long)
+    for b, s in enumerate(samples):
+        ids[b, : len(s.ids)] = torch.from_numpy(s.ids)
+        labels[b, : len(s.ids)] = torch.from_numpy(s.labels)
+        attn[b, : len(s.ids)] = 1
+    return {
+        "ids": ids,
+        "labels": labels,
+        "attention_mask": attn,
+        "pixel_values": torch.from_numpy(np.concatenate([s.pixel_values for s in samples])),
+        "grid_thw": torch.tensor([s.grid_thw for s in samples]),
+        "sam_pixels": torch.from_numpy(np.stack([s.sam_pixels for s in samples])),
+        "mask": torch.from_numpy(np.stack([s.mask for s in samples])),
+        "occupancy": torch.from_numpy(np.concatenate([s.occupancy for s in samples])),
+    }
+
+
+class OccupancyHead(nn.Module):
+    """Training-only aid: predicts lesion coverage of each visual token. Not shipped."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.proj = nn.Linear(d, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).squeeze(-1)
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Soft Dice loss per mask: logits, target [..., H, W] -> [...]."""
+    p = logits.sigmoid().flatten(-2)
+    t = target.flatten(-2)
+    inter = (p * t).sum(-1)
+    return 1 - (2 * inter + 1) / (p.sum(-1) + t.sum(-1) + 1)
+
+
+def compute_losses(
+    model: CitrusV, aux: OccupancyHead, batch: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """LM loss on answer tokens, mask loss (best of 3 + IoU head) per `[SEG]`, occupancy aux."""
+    cfg = model.config
+    ids, attn = batch["ids"], batch["attention_mask"]
+    mm = (ids == cfg.tokens.image).int()
+    pos, _ = model.mllm.model.get_rope_index(
+        ids, mm, image_grid_thw=batch["grid_thw"], attention_mask=attn
+    )
+    visual = model.mllm.model.get_image_features(
+        batch["pixel_values"], batch["grid_thw"], return_dict=True
+    ).pooler_output
+    visual = torch.cat(visual, dim=0)  # [B * n_visual, H]
+    emb = model.mllm.model.get_input_embeddings()(ids)
+    emb = emb.masked_scatter((ids == cfg.tokens.image)[..., None], visual.to(emb.dtype))
+    out = model.mllm.model.language_model(
+        inputs_embeds=emb, attention_mask=attn, position_ids=pos, use_cache=False
+    )
+    hidden = out.last_hidden_state  # [B, S, H]
+    logits = model.mllm.lm_head(hidden[:, :-1])
+    lm = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE
+    )
+    losses = {"lm": lm, "aux": F.binary_cross_entropy_with_logits(aux(visual), batch["occupancy"])}
+    # The state that predicts [SEG] (position p where token p+1 is [SEG]) prompts SAM2.
+    is_seg = batch["labels"][:, 1:] == cfg.tokens.seg  # [B, S-1]
+    b_idx, p_idx = is_seg.nonzero(as_tuple=True)
+    if len(b_idx):
+        feats = model.encode_image_sam(batch["sam_pixels"][b_idx])
+        low, iou_pred = model.decode_masks(feats, hidden[b_idx, p_idx])
+        s = cfg.sam2.image_size
+        up = F.interpolate(low, size=(s, s), mode="bilinear", align_corners=False)  # [N,3,S,S]
+        target = batch["mask"][b_idx][:, None].expand_as(up)
+        per = F.binary_cross_entropy_with_logits(up, target, reduction="none").mean((-2, -1))
+        per = per + dice_loss(up, target)  # [N, 3]
+        losses["mask"] = per.min(dim=1).values.mean()
+        with torch.no_grad():
+            pred = up > 0
+            inter = (pred & (target > 0.5)).sum((-2, -1)).float()
+            union = (pred | (target > 0.5)).sum((-2, -1)).float()
+            iou_true = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+        losses["iou"] = F.mse_loss(iou_pred, iou_true)
+    return losses
+
+
+def _save_state(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def train(
+    model_cfg: CitrusVConfig,
+    cfg: TrainConfig,
+    out_dir: Path,
+    tokenizer_path: Path,
+    extra_loss: Callable[[CitrusV, dict], dict[str, torch.Tensor]] | None = None,
+) -> CitrusV:
+    """Train (or resume) into `out_dir`; returns the model. `extra_loss` adds named loss terms."""
+    from citrus_edge.model import build_model
+
+    torch.set_num_threads(cfg.threads)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    model = build_model(model_cfg, seed=cfg.seed)
+    aux = OccupancyHead(model_cfg.text.hidden_size)
+    params = list(model.parameters()) + list(aux.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step = 0
+    state_path = out_dir / "state.pt"
+    if state_path.exists():
+        st = torch.load(state_path, weights_only=False)
+        model.load_state_dict(st["model"])
+        aux.load_state_dict(st["aux"])
+        opt.load_state_dict(st["opt"])
+        step = st["step"]
+        log.info("resumed at step %d", step)
+    model.train()
+    stream = PhantomStream(model_cfg, tokenizer_path, start=step * cfg.batch_size)
+    loader = DataLoader(
+        stream,
+        batch_size=cfg.batch_size,
+        num_workers=1,
+        collate_fn=lambda s: collate(s, model_cfg.tokens.pad),
+        prefetch_factor=4,
+    )
+    weights = {"lm": cfg.w_lm, "mask": cfg.w_mask, "iou": cfg.w_iou, "aux": cfg.w_aux}
+    t0, acc = time.time(), {}
+    curve = (out_dir / "curve.jsonl").open("a")
+    for batch in loader:
+        if step >= cfg.steps:
+            break
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr_at(step)
+        losses = compute_losses(model, aux, batch)
+        if extra_loss is not None:
+            losses.update(extra_loss(model, batch))
+        total = sum(weights.get(k, 1.0) * v for k, v in losses.items())
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        for k, v in losses.items():
+            acc.setdefault(k, []).append(float(v))
+        if step % cfg.log_every == 0:
+            row = {"step": step, "lr": cfg.lr_at(step), "s_per_step": (time.time() - t0) / cfg.log_every}
+            row.update({k: float(np.mean(v)) for k, v in acc.items()})
+            curve.write(json.dumps(row) + "\n")
+            curve.flush()
+            log.info("%s", row)
+            t0, acc = time.time(), {}
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            st = {"model": model.state_dict(), "aux": aux.state_dict(), "opt": opt.state_dict()}
+            _save_state(state_path, {**st, "step": step})
+    curve.close()
+    return model.eval()

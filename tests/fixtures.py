@@ -1,0 +1,41 @@
+"""Tiny models and tokenizers built from configs, shared by the tests (no network, seconds)."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+CORPUS = [
+    "Please help segment the lesion in this scan.",
+    "Sure, it is [SEG].",
+    "No focal lesion is seen.",
+    "Locate the lesion, output its bbox coordinates using JSON format.",
+    '```json\n[{"bbox_2d": [12, 40, 80, 96], "label": "lesion"}]\n```',
+    "Describe the findings in this scan.",
+    "1 lesion. Lesion 1: hypoechoic, upper left, circumscribed, 12 mm, posterior shadowing.",
+    "You are a helpful assistant.",
+    "system user assistant",
+] * 4
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_tokenizer():
+    from citrus_edge.tokenizer import build_demo_tokenizer
+
+    return build_demo_tokenizer(CORPUS, vocab_size=400)
+
+
+def tiny_model(seed: int = 0, **replace):
+    """A random TINY Citrus-V (optionally with fields of the config replaced)."""
+    import dataclasses
+
+    from citrus_edge.config import TINY
+    from citrus_edge.model import build_model
+
+    cfg = dataclasses.replace(TINY, **replace) if replace else TINY
+    return build_model(cfg, seed=seed)
+
+
+def random_rgb(h: int = 200, w: int = 260, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
