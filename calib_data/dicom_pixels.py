@@ -2,7 +2,9 @@
 
 Display mapping by Photometric Interpretation:
 - MONOCHROME1/2: Modality LUT / Rescale, then the VOI LUT or window (first view) mapped from its
-  output range to 0..255; without a VOI the frame's own min..max is stretched to 0..255.
+  output range to 0..255. Without a VOI, integer data of at most 8 stored bits is shown over its
+  full stored range (8-bit unsigned stays as stored); anything else has the frame's own
+  min..max stretched to 0..255.
   MONOCHROME1 is inverted so that higher always means brighter.
 - PALETTE COLOR: pydicom's `apply_color_lut`; 16-bit LUT entries keep their high byte.
 - RGB, YBR_FULL, YBR_FULL_422 and the JPEG / JPEG 2000 colour spaces: pydicom's `pixel_array`
@@ -56,7 +58,8 @@ def check_dicom(ds: Dataset, path: str, max_pixels: int) -> int:
     if keyword is None:
         raise NoPixelDataError(
             f"{path}: DICOM file without Pixel Data (SOP class "
-            f"{ds.get('SOPClassUID', UID('')).name or 'unknown'}); pick an image object instead"
+            f"{ds.get('SOPClassUID', UID('')).name or 'unknown'}); it is not an image object, "
+            "or the file was cut short; pick an image object or copy the file again"
         )
     rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
     if rows <= 0 or cols <= 0:
@@ -96,6 +99,10 @@ def transfer_syntax(ds: Dataset) -> UID:
     return UID("1.2.840.10008.1.2.1" if little is not False else "1.2.840.10008.1.2.2")
 
 
+def _name(tsyntax: UID) -> str:
+    return f"{tsyntax} ({tsyntax.name})" if tsyntax.name != str(tsyntax) else f"{tsyntax}"
+
+
 def choose_plugins(ds: Dataset, path: str) -> tuple[str, ...]:
     """Decoder plugins to try for `ds`, best first (('',) for native data).
 
@@ -106,9 +113,9 @@ def choose_plugins(ds: Dataset, path: str) -> tuple[str, ...]:
         decoder = get_decoder(tsyntax)
     except NotImplementedError as e:
         raise UnsupportedTransferSyntaxError(
-            f"{path}: transfer syntax {tsyntax} ({tsyntax.name}) has no pixel data decoder in "
-            "pydicom; convert the file to Explicit VR Little Endian (e.g. dcmtk's dcmdjpeg or "
-            "gdcmconv --raw)"
+            f"{path}: transfer syntax {_name(tsyntax)} has no pixel data decoder in pydicom "
+            "(unknown, or a video syntax); convert the file to Explicit VR Little Endian "
+            "(e.g. dcmtk's dcmdjpeg or gdcmconv --raw)"
         ) from e
     if not tsyntax.is_compressed:
         return ("",)
@@ -124,7 +131,7 @@ def choose_plugins(ds: Dataset, path: str) -> tuple[str, ...]:
         "uncompressed transfer syntax (e.g. gdcmconv --raw)"
     )
     raise UnsupportedTransferSyntaxError(
-        f"{path}: transfer syntax {tsyntax} ({tsyntax.name}) cannot be decoded here; {fix}"
+        f"{path}: transfer syntax {_name(tsyntax)} cannot be decoded here; {fix}"
     )
 
 
@@ -159,7 +166,7 @@ def _decode(ds: Dataset, index: int, plugins: tuple[str, ...], path: str) -> np.
     tsyntax = transfer_syntax(ds)
     if all("does not support" in f for f in failures):
         raise UnsupportedTransferSyntaxError(
-            f"{path}: transfer syntax {tsyntax} ({tsyntax.name}) uses a variant that no permitted "
+            f"{path}: transfer syntax {_name(tsyntax)} uses a variant that no permitted "
             f"decoder supports ({'; '.join(failures)}); only pylibjpeg (GPL, not used by "
             "citrus-edge) might; convert the file to an uncompressed transfer syntax"
         )
@@ -227,6 +234,11 @@ def _apply_voi(values: np.ndarray, ds: Dataset) -> tuple[np.ndarray, float, floa
         probe = np.array([centre - 100 * abs(width) - 1, centre + 100 * abs(width) + 1])
         lo, hi = apply_windowing(probe, ds)
         return apply_voi_lut(values, ds, prefer_lut=False), float(lo), float(hi)
+    bits = int(ds.get("BitsStored", 16))
+    if values.dtype.kind in "iu" and bits <= 8:  # shown over the stored range, not stretched
+        signed = values.dtype.kind == "i"
+        lo = -(2 ** (bits - 1)) if signed else 0
+        return values, float(lo), float(lo + 2**bits - 1)
     return values, float(values.min()), float(values.max())
 
 

@@ -42,8 +42,8 @@ MARGINS = ("circumscribed", "irregular")
 LOCATIONS = ("upper left", "upper right", "lower left", "lower right")
 
 _REFERENCE_ECHO = 0.55  # linear echo level that lesion echogenicities are relative to
-_ECHO_LEVEL = {"anechoic": (0.01, 0.03), "hypoechoic": (0.15, 0.3), "hyperechoic": (1.7, 2.4)}
-_POSTERIOR_GAIN = {"shadowing": (0.2, 0.45), "enhancement": (1.5, 2.0)}
+_ECHO_LEVEL = {"anechoic": (0.01, 0.03), "hypoechoic": (0.15, 0.3), "hyperechoic": (2.0, 3.0)}
+_POSTERIOR_GAIN = {"shadowing": (0.15, 0.4), "enhancement": (1.8, 2.6)}
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class PhantomConfig:
         if any(len(p) != len(POSTERIORS) for p in self.posterior_probs):
             raise ValueError("each posterior_probs row needs 3 values (shadowing, enh., none)")
         lo, hi = self.diameter_mm
-        if not 0 < lo <= hi or hi / self.spacing_mm > min(self.height, self.width) / 3:
+        if not 0 < lo <= hi or hi / self.spacing_mm > min(self.height, self.width) / 2.5:
             raise ValueError(f"diameter_mm {self.diameter_mm} must be ordered and fit the image")
 
     def to_dict(self) -> dict:
@@ -126,7 +126,10 @@ class Phantom:
     fov: np.ndarray | None = field(default=None, repr=False)  # [H, W] bool, the fan
 
 
-def generate_phantom(seed: int, config: PhantomConfig = PhantomConfig()) -> Phantom:
+DEFAULT_CONFIG = PhantomConfig()
+
+
+def generate_phantom(seed: int, config: PhantomConfig = DEFAULT_CONFIG) -> Phantom:
     """Generate the phantom of `seed`; the same seed and config always give the same arrays."""
     rng = np.random.default_rng(seed)
     hw = (config.height, config.width)
@@ -137,7 +140,9 @@ def generate_phantom(seed: int, config: PhantomConfig = PhantomConfig()) -> Phan
     lesions, posteriors = [], []
     for outline, shape in _place_outlines(rng, config, sector, n_lesions):
         echogenicity = ECHOGENICITIES[rng.choice(4, p=config.echogenicity_probs)]
-        posterior = POSTERIORS[rng.choice(3, p=config.posterior_probs[ECHOGENICITIES.index(echogenicity)])]
+        posterior = POSTERIORS[
+            rng.choice(3, p=config.posterior_probs[ECHOGENICITIES.index(echogenicity)])
+        ]
         halo = config.halo_px if echogenicity == "isoechoic" else 0.0
         drawn = render(outline, hw, edge=2.0 if shape == "irregular" else 0.8, halo_px=halo)
         echo = _apply_echogenicity(rng, echo, drawn.soft, drawn.halo, echogenicity)
@@ -181,20 +186,29 @@ def _place_outlines(
 def _apply_echogenicity(
     rng: np.random.Generator, echo: np.ndarray, soft: np.ndarray, halo: np.ndarray, kind: str
 ) -> np.ndarray:
-    """Blend the lesion's echo level into the tissue; isoechoic keeps it and darkens a halo."""
+    """Blend the lesion's echo level into the tissue; isoechoic keeps it and darkens a halo.
+
+    Hypo- and hyperechoic levels are also bounded by the local tissue, so they stay darker or
+    brighter than their surroundings in any layer."""
     if kind == "isoechoic":
-        return echo * (1 - (1 - rng.uniform(0.15, 0.3)) * halo)
+        return echo * (1 - (1 - rng.uniform(0.08, 0.2)) * halo)
     level = _REFERENCE_ECHO * rng.uniform(*_ECHO_LEVEL[kind])
+    if kind == "hypoechoic":  # darker than wherever it sits
+        level = np.minimum(level, 0.45 * echo)
+    elif kind == "hyperechoic":  # brighter than wherever it sits
+        level = np.maximum(level, 2.2 * echo)
     return echo + soft * (level - echo)
 
 
 def _posterior(
     rng: np.random.Generator, polar: Polar, sector: Sector, mask: np.ndarray, kind: str
 ) -> np.ndarray | float:
+    # Draw for every kind, so the posterior choice never shifts the rest of the random stream.
+    strength, fade = rng.uniform(), rng.uniform(60, 150)
     if kind == "none":
         return 1.0
-    gain, fade = rng.uniform(*_POSTERIOR_GAIN[kind]), rng.uniform(60, 150)
-    return posterior_factor(polar, sector, mask, gain, fade)
+    lo, hi = _POSTERIOR_GAIN[kind]
+    return posterior_factor(polar, sector, mask, lo + strength * (hi - lo), fade)
 
 
 def _describe(mask: np.ndarray, shape: str, echo: str, posterior: str, spacing: float) -> Lesion:

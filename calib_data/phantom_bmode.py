@@ -26,9 +26,9 @@ class Sector:
 class Polar:
     """Polar coordinates of every pixel centre about the sector apex."""
 
-    r: np.ndarray  # [H, W] float64 distance from the apex (pixels)
-    theta: np.ndarray  # [H, W] float64 angle from the vertical, positive to the right
-    depth: np.ndarray  # [H, W] float64 (r - r0) / (r1 - r0): 0 at the probe, 1 at the bottom
+    r: np.ndarray  # [H, W] float32 distance from the apex (pixels)
+    theta: np.ndarray  # [H, W] float32 angle from the vertical, positive to the right
+    depth: np.ndarray  # [H, W] float32 (r - r0) / (r1 - r0): 0 at the probe, 1 at the bottom
     inside: np.ndarray  # [H, W] bool, pixel centre within the sector
 
 
@@ -45,11 +45,11 @@ def draw_sector(
 
 def polar_grid(sector: Sector, height: int, width: int) -> Polar:
     """Polar coordinates of the pixel grid and the sector mask."""
-    y, x = np.mgrid[0:height, 0:width].astype(np.float64)  # [H, W] each
-    dx, dy = x - sector.apex_x, y - sector.apex_y
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)  # [H, W] each
+    dx, dy = x - np.float32(sector.apex_x), y - np.float32(sector.apex_y)
     r = np.hypot(dx, dy)
     theta = np.arctan2(dx, dy)
-    depth = (r - sector.r0) / (sector.r1 - sector.r0)
+    depth = (r - np.float32(sector.r0)) / np.float32(sector.r1 - sector.r0)
     inside = (r >= sector.r0) & (r <= sector.r1) & (np.abs(theta) <= sector.half_angle)
     return Polar(r, theta, depth, inside)
 
@@ -60,7 +60,9 @@ def inside_sector(sector: Sector, xs: np.ndarray, ys: np.ndarray, margin: float)
     r = np.hypot(dx, dy)
     lateral = r * np.sin(sector.half_angle - np.abs(np.arctan2(dx, dy)))  # distance to side edge
     return bool(
-        np.all(r >= sector.r0 + margin) and np.all(r <= sector.r1 - margin) and np.all(lateral >= margin)
+        np.all(r >= sector.r0 + margin)
+        and np.all(r <= sector.r1 - margin)
+        and np.all(lateral >= margin)
     )
 
 
@@ -86,30 +88,35 @@ def tissue_layers(rng: np.random.Generator, polar: Polar) -> np.ndarray:
     Returns [H, W] float64 around 0.2..1 (linear amplitude, before speckle).
     """
     th, d = polar.theta, polar.depth
-    bounds = np.sort(rng.uniform([0.03, 0.15, 0.5], [0.05, 0.3, 0.75]))  # skin/fat/gland/deep
-    wobble = rng.uniform(0.005, 0.03, 3)[:, None, None]
-    freq = rng.uniform(1.5, 5.0, 3)[:, None, None]
-    phase = rng.uniform(0, 2 * np.pi, 3)[:, None, None]
-    edges = bounds[:, None, None] + wobble * np.sin(freq * th[None] * 6 + phase)  # [3, H, W]
+    f32 = lambda v: np.asarray(v, np.float32)[:, None, None]  # noqa: E731  per-layer [3, 1, 1]
+    bounds = f32(np.sort(rng.uniform([0.03, 0.15, 0.5], [0.05, 0.3, 0.75])))  # skin/fat/gland
+    wobble, freq = f32(rng.uniform(0.005, 0.03, 3)), f32(rng.uniform(9.0, 30.0, 3))
+    phase = f32(rng.uniform(0, 2 * np.pi, 3))
+    edges = bounds + wobble * np.sin(freq * th[None] + phase)  # [3, H, W]
     layer = (d[None] > edges).sum(axis=0)  # [H, W] 0 skin .. 3 deep
-    levels = np.array([1.0, 0.3, 0.65, 0.45]) * rng.uniform(0.85, 1.15, 4)
+    levels = (np.array([1.0, 0.3, 0.65, 0.45]) * rng.uniform(0.85, 1.15, 4)).astype(np.float32)
     echo = levels[layer]
-    fascia = np.exp(-(((d[None] - edges) / 0.008) ** 2)).sum(axis=0)  # bright boundary lines
-    stripes = 1 + 0.25 * np.sin(2 * np.pi * rng.uniform(12, 25) * d + rng.uniform(0, 6.3))
-    echo = echo * np.where(layer == 2, stripes, 1.0) + 0.6 * fascia
+    fascia = np.exp(-(((d[None] - edges) * np.float32(125.0)) ** 2)).sum(axis=0)  # bright lines
+    n_stripes, stripe_phase = rng.uniform(12, 25), rng.uniform(0, 6.3)
+    stripes = 1 + 0.25 * np.sin(d * np.float32(2 * np.pi * n_stripes) + np.float32(stripe_phase))
+    echo = echo * np.where(layer == 2, stripes, np.float32(1)) + np.float32(0.6) * fascia
     texture = gaussian_blur(rng.standard_normal(d.shape), 6.0, 10.0, wrap=True)
-    texture /= texture.std() + 1e-12
-    return echo * np.exp(0.25 * texture)
+    texture *= 0.25 / (texture.std() + 1e-12)
+    return echo.astype(np.float64) * np.exp(texture)
 
 
 def speckle(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
-    """Fully developed speckle: magnitude of blurred complex Gaussian noise, Rayleigh, mean 1.
+    """Fully developed speckle: magnitude of low-pass complex Gaussian noise, Rayleigh, mean 1.
 
-    The blur is wider laterally than axially, as the point spread function of a B-mode scan.
+    The point spread function is wider laterally than axially, as in a B-mode scan. White
+    complex Gaussian noise has white complex Gaussian Fourier coefficients, so the noise is drawn
+    directly in the frequency domain and only the inverse FFT is computed.
     Returns [H, W] float64.
     """
-    noise = rng.standard_normal(shape) + 1j * rng.standard_normal(shape)
-    env = np.abs(gaussian_blur(noise, 0.7, 1.4, wrap=True))
+    spectrum = rng.standard_normal(shape) + 1j * rng.standard_normal(shape)  # [H, W] complex
+    fy, fx = np.fft.fftfreq(shape[0])[:, None], np.fft.fftfreq(shape[1])[None, :]
+    psf = np.exp(-2 * np.pi**2 * (0.7**2 * fy**2 + 1.4**2 * fx**2))
+    env = np.abs(np.fft.ifft2(spectrum * psf))
     return env / env.mean()
 
 

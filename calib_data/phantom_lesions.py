@@ -52,11 +52,14 @@ class Outline:
 
 
 def draw_outline(rng: np.random.Generator, shape: str, diameter_px: float) -> Outline:
-    """An outline of `shape` ('round' | 'oval' | 'irregular') at the origin, long axis ~ diameter."""
+    """An outline of `shape` ('round' | 'oval' | 'irregular') at the origin; long axis about
+    `diameter_px` (spicules of irregular ones may reach a little further)."""
     a = diameter_px / 2
     no_harmonics, no_spikes = np.zeros((0, 3)), np.zeros((0, 2))
     if shape == "round":
-        return Outline(0, 0, a, a * rng.uniform(0.92, 1.0), rng.uniform(0, np.pi), no_harmonics, no_spikes)
+        return Outline(
+            0, 0, a, a * rng.uniform(0.92, 1.0), rng.uniform(0, np.pi), no_harmonics, no_spikes
+        )
     if shape == "oval":
         ratio, tilt = rng.uniform(0.5, 0.72), rng.uniform(-0.45, 0.45)  # mostly wider than tall
         return Outline(0, 0, a, a * ratio, tilt, no_harmonics, no_spikes)
@@ -64,12 +67,14 @@ def draw_outline(rng: np.random.Generator, shape: str, diameter_px: float) -> Ou
         raise ValueError(f"unknown lesion shape {shape!r}")
     orders = np.arange(2, 7, dtype=np.float64)
     harmonics = np.stack(
-        [orders, rng.uniform(0.0, 0.07, orders.size), rng.uniform(0, 2 * np.pi, orders.size)], 1
+        [orders, rng.uniform(0.0, 0.1, orders.size), rng.uniform(0, 2 * np.pi, orders.size)], 1
     )
     n_spikes = int(rng.integers(5, 11))
-    spikes = np.stack([rng.uniform(0, 2 * np.pi, n_spikes), rng.uniform(0.12, 0.3, n_spikes)], 1)
+    spikes = np.stack([rng.uniform(0, 2 * np.pi, n_spikes), rng.uniform(0.2, 0.45, n_spikes)], 1)
     core = 0.8 * a
-    return Outline(0, 0, core, core * rng.uniform(0.7, 1.0), rng.uniform(0, np.pi), harmonics, spikes)
+    return Outline(
+        0, 0, core, core * rng.uniform(0.7, 1.0), rng.uniform(0, np.pi), harmonics, spikes
+    )
 
 
 def place(
@@ -87,11 +92,12 @@ def place(
     lesion never touches another or the fan's edge. Returns None after `tries` misses.
     """
     height, width = shape_hw
-    reach = outline.max_radius()
     rho = outline.radius(_SAMPLES) + gap  # [720]
+    clear = np.array([rho.max() + o.max_radius() for o in placed])  # [P] centre distances
+    others = np.array([(o.cx, o.cy) for o in placed]).reshape(-1, 2)  # [P, 2]
     for _ in range(tries):
         cx, cy = rng.uniform(0, width - 1), rng.uniform(0, height - 1)
-        if any(np.hypot(cx - o.cx, cy - o.cy) < reach + o.max_radius() + gap for o in placed):
+        if np.any(np.hypot(cx - others[:, 0], cy - others[:, 1]) < clear):
             continue
         xs, ys = cx + rho * np.cos(_SAMPLES), cy + rho * np.sin(_SAMPLES)
         if inside_sector(sector, xs, ys, margin=1.0):
@@ -121,7 +127,8 @@ def render(outline: Outline, shape_hw: tuple[int, int], edge: float, halo_px: fl
     mask[y0:y1, x0:x1] = dist <= rho
     soft[y0:y1, x0:x1] = np.clip((rho - dist) / edge + 0.5, 0, 1)
     if halo_px > 0:
-        halo[y0:y1, x0:x1] = np.clip(1 - np.abs(dist - rho - halo_px / 2) / (halo_px / 2), 0, 1)
+        band = np.minimum(dist - rho, rho + halo_px - dist) + 0.5  # > 0 within the band
+        halo[y0:y1, x0:x1] = np.clip(band, 0, 1)
     return Rendered(mask, soft, halo)
 
 

@@ -94,7 +94,9 @@ class Sam2Dims:
         starts = [sum(self.blocks_per_stage[:i]) for i in range(4)]
         bad = [b for b in self.global_attention_blocks if b in starts]
         if bad:
-            raise ValueError(f"sam2: global-attention blocks {bad} open a Hiera stage (not allowed)")
+            raise ValueError(
+                f"sam2: global-attention blocks {bad} open a Hiera stage (not allowed)"
+            )
         if self.image_size % 32:
             raise ValueError(f"sam2: image_size {self.image_size} must be a multiple of 32")
 
@@ -291,12 +293,27 @@ DEMO = CitrusVConfig(
 TINY = dataclasses.replace(
     DEMO,
     name="citrus-v-tiny",
-    text=dataclasses.replace(DEMO.text, num_layers=2, hidden_size=64, intermediate_size=128,
-                             num_heads=2, num_kv_heads=1, mrope_section=(4, 6, 6)),
-    vision=dataclasses.replace(DEMO.vision, depth=2, hidden_size=32, intermediate_size=64,
-                               num_heads=2, out_hidden_size=64, fullatt_block_indexes=(1,)),
-    sam2=dataclasses.replace(DEMO.sam2, hidden_size=32, decoder_mlp_dim=64, decoder_heads=2,
-                             iou_head_hidden_dim=32),
+    text=dataclasses.replace(
+        DEMO.text,
+        num_layers=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_heads=2,
+        num_kv_heads=1,
+        mrope_section=(4, 6, 6),
+    ),
+    vision=dataclasses.replace(
+        DEMO.vision,
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=64,
+        fullatt_block_indexes=(1,),
+    ),
+    sam2=dataclasses.replace(
+        DEMO.sam2, hidden_size=32, decoder_mlp_dim=64, decoder_heads=2, iou_head_hidden_dim=32
+    ),
 )
 
 PRESETS: dict[str, CitrusVConfig] = {c.name: c for c in (CITRUS_V_8B, DEMO, TINY)}

@@ -92,7 +92,9 @@ def sam2_config(cfg: CitrusVConfig) -> Sam2Config:
         # The stability switch swaps masks at eval time; Citrus-V always takes multimask output.
         dynamic_multimask_via_stability=False,
     )
-    return Sam2Config(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
+    return Sam2Config(
+        vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder
+    )
 
 
 class ResidualSegProjector(nn.Module):

@@ -19,8 +19,7 @@ against `sam2/modeling/*`):
 The memory path (memory attention, memory encoder, object pointers, ...) has no place in Sam2Model;
 its keys are returned apart as "known unused", never dropped silently.
 
-torch is never imported here: the functions only index, slice, concatenate and compare the tensors
-they are given.
+Importing this module does not import torch; only the point-embedding concat does, when called.
 """
 
 from __future__ import annotations
@@ -92,7 +91,8 @@ _HF_COPIES = {
 # Placeholders in the templates below; each side of a rule uses the same ones.
 _PLACEHOLDERS = {
     "i": r"\d+",
-    "n": r"[1-4]",
+    "n": r"[1-4]",  # two-way transformer norms
+    "hn": r"[12]",  # Hiera block norms
     "p": r"weight|bias",
     "qkv": r"q|k|v",
     "attn": r"self_attn|cross_attn_token_to_image|cross_attn_image_to_token",
@@ -110,7 +110,7 @@ _RULES: tuple[tuple[str, str], ...] = (
     (f"{_TRUNK}.pos_embed", f"{_HF_TRUNK}.pos_embed"),  # [1, C, 7, 7] background, interpolated
     (f"{_TRUNK}.pos_embed_window", f"{_HF_TRUNK}.pos_embed_window"),  # [1, C, w0, w0] tiled
     (f"{_TRUNK}.patch_embed.proj.{{p}}", f"{_HF_TRUNK}.patch_embed.projection.{{p}}"),
-    (f"{_TRUNK}.blocks.{{i}}.norm{{n}}.{{p}}", f"{_HF_TRUNK}.blocks.{{i}}.layer_norm{{n}}.{{p}}"),
+    (f"{_TRUNK}.blocks.{{i}}.norm{{hn}}.{{p}}", f"{_HF_TRUNK}.blocks.{{i}}.layer_norm{{hn}}.{{p}}"),
     (f"{_TRUNK}.blocks.{{i}}.attn.qkv.{{p}}", f"{_HF_TRUNK}.blocks.{{i}}.attn.qkv.{{p}}"),
     (f"{_TRUNK}.blocks.{{i}}.attn.proj.{{p}}", f"{_HF_TRUNK}.blocks.{{i}}.attn.proj.{{p}}"),
     (f"{_TRUNK}.blocks.{{i}}.proj.{{p}}", f"{_HF_TRUNK}.blocks.{{i}}.proj.{{p}}"),  # stage change
@@ -317,7 +317,9 @@ def original_to_hf(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list
 def _check_copies(state: Mapping[str, Tensor]) -> None:
     """HF-only copies must equal their source, since only the source is written back."""
     for copy, source in _HF_COPIES.items():
-        if copy not in state or source not in state:
+        if copy in state and source not in state:
+            raise Sam2KeyError(f"{copy} is only a copy; its source is missing", [source])
+        if copy not in state:
             continue
         a, b = state[copy], state[source]
         same = a.shape == b.shape and (a.is_meta or b.is_meta or bool((a == b).all()))

@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from citrus_edge.calib_data import tasks
+from citrus_edge.calib_data.phantom import PhantomConfig, generate_phantom
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from citrus_edge.calib_data import tasks
-from citrus_edge.calib_data.phantom import PhantomConfig, generate_phantom
 from citrus_edge.config import CitrusVConfig
 from citrus_edge.model import CitrusV
 from citrus_edge.preprocess import qwen_pixels, sam_pixels
@@ -42,7 +42,7 @@ IGNORE = -100
 class TrainConfig:
     """One training run. Serialised next to the checkpoints; resuming checks it is unchanged."""
 
-    steps: int = 6000
+    steps: int = 4500
     batch_size: int = 8
     lr: float = 1e-3
     min_lr: float = 2e-5
@@ -203,7 +203,9 @@ def compute_losses(
     hidden = out.last_hidden_state  # [B, S, H]
     logits = model.mllm.lm_head(hidden[:, :-1])
     lm = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE
+        logits.reshape(-1, logits.shape[-1]),
+        batch["labels"][:, 1:].reshape(-1),
+        ignore_index=IGNORE,
     )
     losses = {"lm": lm, "aux": F.binary_cross_entropy_with_logits(aux(visual), batch["occupancy"])}
     # The state that predicts [SEG] (position p where token p+1 is [SEG]) prompts SAM2.
@@ -286,9 +288,13 @@ def train(
         opt.step()
         step += 1
         for k, v in losses.items():
-            acc.setdefault(k, []).append(float(v))
+            acc.setdefault(k, []).append(v.item())
         if step % cfg.log_every == 0:
-            row = {"step": step, "lr": cfg.lr_at(step), "s_per_step": (time.time() - t0) / cfg.log_every}
+            row = {
+                "step": step,
+                "lr": cfg.lr_at(step),
+                "s_per_step": (time.time() - t0) / cfg.log_every,
+            }
             row.update({k: float(np.mean(v)) for k, v in acc.items()})
             curve.write(json.dumps(row) + "\n")
             curve.flush()

@@ -1,1 +1,30 @@
-"""citrus_edge.export"""
+"""citrus_edge.export: Citrus-V as one validated ONNX graph per component.
+
+`export_all` writes the vision encoder, the LLM step, the SAM2 image encoder and the mask decoder
+(each `<name>.onnx` + `<name>.manifest.json`), the embedding table, `config.json` and
+`export_manifest.json`. Importing this package imports no torch: `export_all` and
+`export_component` load the exporters on first use, and `host_inputs` (numpy only) is what the
+runtime on a cart shares.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from citrus_edge.export.config import ExportConfig
+from citrus_edge.export.validate import ExportValidationError
+
+__all__ = ["ExportConfig", "ExportValidationError", "export_all", "export_component"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: the exporters import torch and transformers.
+    if name == "export_all":
+        from citrus_edge.export.pipeline import export_all
+
+        return export_all
+    if name == "export_component":
+        from citrus_edge.export.graph import export_component
+
+        return export_component
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

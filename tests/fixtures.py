@@ -19,7 +19,7 @@ CORPUS = [
 ] * 4
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_tokenizer():
     from citrus_edge.tokenizer import build_demo_tokenizer
 

@@ -62,7 +62,9 @@ def test_renamed_llm_key_is_named(tmp_path):
     save_checkpoint(tiny_model(), tmp_path / "ckpt")
     f = tmp_path / "ckpt" / "model.safetensors"
     state = load_file(str(f))
-    state["mllm.model.language_model.norm.weightx"] = state.pop("mllm.model.language_model.norm.weight")
+    state["mllm.model.language_model.norm.weightx"] = state.pop(
+        "mllm.model.language_model.norm.weight"
+    )
     save_file(state, str(f))
     with pytest.raises(CheckpointError, match=r"norm\.weight"):
         load_checkpoint(tmp_path / "ckpt")

@@ -57,7 +57,9 @@ def test_seg_state_equals_plain_forward_and_two_masks_one_encoder_run():
     cfg = model.config
     qp = qwen_pixels(rgb, cfg.preprocess)
     n_img = n_image_tokens(qp.grid_thw, cfg.vision.spatial_merge_size)
-    p = torch.from_numpy(prompt_ids(tiny_tokenizer(), "Please help segment the lesion in this scan.", n_img))
+    p = torch.from_numpy(
+        prompt_ids(tiny_tokenizer(), "Please help segment the lesion in this scan.", n_img)
+    )
     ids = torch.cat([p, torch.tensor(result.token_ids)])[None]
     grid = torch.tensor([qp.grid_thw])
     with torch.no_grad():

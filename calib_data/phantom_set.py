@@ -1,0 +1,230 @@
+"""Write a folder of phantoms as DICOM + masks + labels + a three-task manifest.
+
+Layout of a set (all paths in the manifest are relative to the folder):
+
+    images/phantom_00000.dcm       US DICOM, spacing in SequenceOfUltrasoundRegions
+    masks/phantom_00000_1.png      one 0/255 PNG per lesion, original resolution
+    labels/phantom_00000.json      seed, split, lesion attributes, boxes (original and resized)
+    phantom_set.json               the spec and the list of files this set consists of
+    manifest.jsonl                 3 records per image: segment, detect, report
+
+Phantom i uses seed `seed * 1_000_003 + i`. The set is built in a temporary folder next to
+`out_dir` and moved in only when complete. An existing non-empty `out_dir` is refused unless
+`overwrite=True` and it is itself a phantom set (its `phantom_set.json` lists the files it
+made, and only those are replaced); files this code did not create are never deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from citrus_edge.preprocess import smart_resize
+
+from .dicom_writer import write_us_dicom
+from .manifest import MANIFEST_NAME, Record, split_of, write_manifest
+from .phantom import DEFAULT_CONFIG, Phantom, PhantomConfig, generate_phantom
+from .tasks import (
+    PROMPTS,
+    TASKS,
+    detect_answer,
+    report_answer,
+    resize_box,
+    segment_answer,
+)
+
+log = logging.getLogger(__name__)
+
+SEED_STRIDE = 1_000_003
+SET_INFO_NAME = "phantom_set.json"
+SET_KIND = "citrus-edge phantom set"
+# The demo model's image processor: patch 14 x merge 2, pixels in [56*56, 224*224].
+DEMO_FACTOR, DEMO_MIN_PIXELS, DEMO_MAX_PIXELS = 28, 3136, 224 * 224
+_SUBDIRS = ("images", "masks", "labels")
+
+
+@dataclass(frozen=True)
+class PhantomSetSpec:
+    """What a phantom set is made of; `to_dict` is stored in the set's phantom_set.json."""
+
+    n: int
+    seed: int = 0
+    config: PhantomConfig = DEFAULT_CONFIG
+    resized_hw: tuple[int, int] | None = None  # None: the demo model's smart_resize
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if self.n < 0:
+            raise ValueError(f"n must be >= 0, got {self.n}")
+
+    def to_dict(self) -> dict:
+        resized = None if self.resized_hw is None else list(self.resized_hw)
+        return {
+            "version": self.version,
+            "n": self.n,
+            "seed": self.seed,
+            "config": self.config.to_dict(),
+            "resized_hw": resized,
+        }
+
+
+DEFAULT_SET = PhantomSetSpec(n=600, seed=0)
+
+
+def phantom_seed(seed: int, index: int) -> int:
+    """Seed of phantom `index` in a set with base `seed`."""
+    return seed * SEED_STRIDE + index
+
+
+def default_resized_hw(height: int, width: int) -> tuple[int, int]:
+    """The demo model's Qwen2.5-VL input size for an image of height x width."""
+    return smart_resize(height, width, DEMO_FACTOR, DEMO_MIN_PIXELS, DEMO_MAX_PIXELS)
+
+
+def write_phantom_set(
+    out_dir: str | os.PathLike,
+    n: int,
+    seed: int = 0,
+    config: PhantomConfig = DEFAULT_CONFIG,
+    resized_hw: tuple[int, int] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Generate `n` phantoms into `out_dir` (layout in the module docstring).
+
+    `resized_hw` is the model input size the detection boxes are scaled to; None means
+    `default_resized_hw(config.height, config.width)`. Returns the manifest path.
+    """
+    spec = PhantomSetSpec(n, seed, config, resized_hw)
+    out = Path(out_dir)
+    old_files = _check_target(out, overwrite)
+    hw = resized_hw or default_resized_hw(config.height, config.width)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(staging, 0o755)  # mkdtemp makes it owner-only; it becomes out_dir
+    try:
+        start = time.perf_counter()
+        files = _build(staging, spec, tuple(hw))
+        log.info("%d phantoms built in %.1f s", n, time.perf_counter() - start)
+        _commit(staging, out, old_files, files)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)  # only ever our own staging folder
+    return out / MANIFEST_NAME
+
+
+def _check_target(out: Path, overwrite: bool) -> list[str]:
+    """Files of a previous set to replace ([] for a new or empty folder), or refuse."""
+    if not out.exists():
+        return []
+    if not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder; choose another out_dir")
+    if not any(out.iterdir()):
+        return []
+    info = out / SET_INFO_NAME
+    if not overwrite:
+        raise FileExistsError(f"{out} is not empty; pass overwrite=True or choose another out_dir")
+    refusal = (
+        f"{out} is not empty and has no valid {SET_INFO_NAME}, so it was not made by "
+        "write_phantom_set; refusing to overwrite files it did not create"
+    )
+    try:
+        data = json.loads(info.read_text(encoding="utf-8"))
+        files = [str(f) for f in data["files"]] if data.get("kind") == SET_KIND else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise FileExistsError(refusal) from e
+    if files is None or any(Path(f).is_absolute() or ".." in Path(f).parts for f in files):
+        raise FileExistsError(refusal)
+    return files
+
+
+def _build(staging: Path, spec: PhantomSetSpec, resized_hw: tuple[int, int]) -> list[str]:
+    """Write every phantom into `staging`; return the relative paths written."""
+    for sub in _SUBDIRS:
+        (staging / sub).mkdir()
+    files, records = [], []
+    for index in range(spec.n):
+        phantom = generate_phantom(phantom_seed(spec.seed, index), spec.config)
+        written, new_records = _write_one(staging, index, phantom, resized_hw)
+        files += written
+        records += new_records
+    info = {
+        "schema": 1,
+        "kind": SET_KIND,
+        "spec": spec.to_dict(),
+        "resized_hw": list(resized_hw),
+        "files": files + [SET_INFO_NAME, MANIFEST_NAME],
+    }
+    (staging / SET_INFO_NAME).write_text(json.dumps(info, indent=1), encoding="utf-8")
+    write_manifest(staging / MANIFEST_NAME, records)
+    return files + [SET_INFO_NAME, MANIFEST_NAME]
+
+
+def _write_one(
+    root: Path, index: int, phantom: Phantom, resized_hw: tuple[int, int]
+) -> tuple[list[str], list[Record]]:
+    """DICOM, masks, label file and the three records of one phantom."""
+    name = f"phantom_{index:05d}"
+    image = f"images/{name}.dcm"
+    write_us_dicom(root / image, phantom.image, phantom.spacing_mm, seed=phantom.seed)
+    masks = [f"masks/{name}_{k}.png" for k in range(1, len(phantom.lesions) + 1)]
+    for rel, lesion in zip(masks, phantom.lesions, strict=True):
+        Image.fromarray(lesion.mask.astype(np.uint8) * 255).save(root / rel)
+    boxes = [lesion.box for lesion in phantom.lesions]
+    resized = [resize_box(b, phantom.image.shape, resized_hw) for b in boxes]
+    lesions = [lesion.to_dict() for lesion in phantom.lesions]
+    answers = {
+        "segment": segment_answer(len(lesions)),
+        "detect": detect_answer(resized),
+        "report": report_answer(phantom.lesions),
+    }
+    common = {
+        "image": image,
+        "frame": 0,
+        "masks": masks,
+        "boxes": boxes,
+        "lesions": lesions,
+        "split": split_of(index),
+        "spacing_mm": phantom.spacing_mm,
+    }
+    records = [
+        Record(id=f"{name}_{task}", task=task, prompt=PROMPTS[task], answer=answers[task], **common)
+        for task in TASKS
+    ]
+    label = {
+        "schema": 1,
+        "id": name,
+        "index": index,
+        "seed": phantom.seed,
+        **common,
+        "boxes": [list(b) for b in boxes],
+        "resized_hw": list(resized_hw),
+        "boxes_resized": [list(b) for b in resized],
+    }
+    label_path = f"labels/{name}.json"
+    (root / label_path).write_text(json.dumps(label) + "\n", encoding="utf-8")
+    return [image, *masks, label_path], records
+
+
+def _commit(staging: Path, out: Path, old_files: list[str], files: list[str]) -> None:
+    """Move the complete staging folder into place; the manifest arrives last."""
+    if not out.exists():
+        os.rename(staging, out)
+        return
+    # A previous set made these (its manifest goes first); nothing else is touched.
+    for rel in sorted(old_files, key=lambda r: r != MANIFEST_NAME):
+        (out / rel).unlink(missing_ok=True)
+    for sub in _SUBDIRS:
+        (out / sub).mkdir(exist_ok=True)
+    for rel in files:
+        if rel != MANIFEST_NAME:
+            os.replace(staging / rel, out / rel)
+    os.replace(staging / MANIFEST_NAME, out / MANIFEST_NAME)

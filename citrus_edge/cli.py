@@ -1,0 +1,114 @@
+"""The `citrus-edge` command line. Thin: parse, build a config, call one library function.
+
+Every stage is imported inside the command that needs it, so `citrus-edge --help` stays fast
+and never imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from citrus_edge import __version__
+
+app = typer.Typer(
+    name="citrus-edge",
+    help="Compress, export and run the Citrus-V grounding VLM at the edge.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Calibration and evaluation data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"citrus-edge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
+) -> None:
+    """citrus-edge: build, evaluate and run Citrus-V bundles for Jetson, x86 GPUs and CPU."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
+
+
+@data_app.command("phantoms")
+def data_phantoms(
+    out: Annotated[Path, typer.Option(help="Output directory (must be new or empty).")],
+    n: Annotated[int, typer.Option(help="Number of images.")] = 600,
+    seed: Annotated[int, typer.Option(help="Base seed; the same seed gives identical files.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace a set written here before.")] = False,
+) -> None:
+    """Write a phantom set: DICOM US images, masks, labels and manifest.jsonl."""
+    from citrus_edge.calib_data.phantom_set import write_phantom_set
+
+    with console.status(f"generating {n} phantoms"):
+        manifest = write_phantom_set(out, n, seed, overwrite=overwrite)
+    typer.echo(str(manifest))
+
+
+def _eval_table(summary: dict, title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [
+        ("samples", summary["n"]),
+        ("Dice (first mask)", summary["dice"]),
+        ("detection Precision@1", summary["precision_at_1"]),
+        ("lesion-count accuracy", summary["count_accuracy"]),
+        ("report-field accuracy", summary["report_field_accuracy"]),
+    ] + [(f"  {k}", v) for k, v in summary["field_accuracy"].items()]
+    for name, v in rows:
+        table.add_row(name, "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v)))
+    return table
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[
+        Path | None,
+        typer.Option(help="Citrus-V checkpoint directory (default: the demo model)."),
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Manifest (default: the default phantom set).")
+    ] = None,
+    split: Annotated[str, typer.Option(help="Manifest split to evaluate.")] = "eval",
+    out: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Evaluate only the first N records.")] = None,
+) -> None:
+    """Score a model with the PyTorch reference pipeline: Dice, Precision@1, count, fields."""
+    from rich.progress import Progress
+
+    from citrus_edge.calib_data.manifest import read_manifest
+    from citrus_edge.defaults import default_phantom_manifest, resolve_model
+    from citrus_edge.evaluate import evaluate
+    from citrus_edge.reference import ReferencePipeline
+
+    model_dir = resolve_model(model)
+    manifest = data or default_phantom_manifest()
+    records = read_manifest(manifest, split=split)[:limit]
+    pipe = ReferencePipeline.from_checkpoint(model_dir)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("evaluating", total=len(records))
+        report = evaluate(
+            pipe, records, manifest.parent, lambda i: progress.update(task, completed=i)
+        )
+    if out is not None:
+        report.save(out)
+    Console().print(_eval_table(report.summary(), f"{model_dir.name} on {manifest} [{split}]"))
+    typer.echo(json.dumps(report.summary()))

@@ -1,0 +1,34 @@
+"""Where the shipped demo model and the default phantom set live (torch-free)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
+
+
+def cache_dir() -> Path:
+    """`$CITRUS_EDGE_CACHE`, else `~/.cache/citrus-edge`."""
+    return Path(os.environ.get("CITRUS_EDGE_CACHE", Path.home() / ".cache" / "citrus-edge"))
+
+
+def resolve_model(path: str | os.PathLike | None) -> Path:
+    """A model directory given by the user, or the shipped demo model."""
+    p = Path(path) if path is not None else DEMO_MODEL_DIR
+    if not (p / "config.json").is_file():
+        what = "the shipped demo model" if path is None else str(p)
+        raise FileNotFoundError(f"{what}: no config.json in {p} (expected a Citrus-V checkpoint)")
+    return p
+
+
+def default_phantom_manifest() -> Path:
+    """The default phantom set (generated on first use into the cache, then reused)."""
+    from citrus_edge.calib_data.manifest import MANIFEST_NAME
+    from citrus_edge.calib_data.phantom_set import DEFAULT_SET, write_phantom_set
+
+    out = cache_dir() / f"phantoms-n{DEFAULT_SET.n}-seed{DEFAULT_SET.seed}"
+    manifest = out / MANIFEST_NAME
+    if not manifest.is_file():
+        write_phantom_set(out, DEFAULT_SET.n, DEFAULT_SET.seed, overwrite=out.exists())
+    return manifest

@@ -1,0 +1,659 @@
+"""Memory and speed plan of a Citrus-V config on a target at a recipe (torch-free).
+
+Everything is computed from the config's dimensions: no weights, no torch. Parameter counts
+are exact for the modules `citrus_edge.model.build_model` assembles (tests/test_plan.py checks
+them against built TINY and DEMO models); bytes, activations and speed are estimates and
+projections, labelled as such.
+
+Components, as the export splits the model:
+- `vision`: the Qwen2.5-VL vision transformer and patch merger (`mllm.model.visual`);
+- `llm`: the Qwen2.5 decoder and its untied `lm_head` (`mllm.model.language_model`, `lm_head`);
+- `sam_encoder`: SAM2's Hiera trunk and FPN neck (`vision_encoder`) plus `no_memory_embedding`,
+  which the encoder graph adds to its lowest-resolution output for a lone image;
+- `mask_decoder`: SAM2's prompt encoder and mask decoder plus the `seg_projector`.
+Their sum is every parameter of the built model. Buffers (rotary frequencies, SAM2's random
+Fourier matrix) are not parameters and are not counted.
+
+Bytes: a low-bit precision (int8, fp8, int4, nvfp4) applies to the weights of linear and
+convolution layers ("quantizable"); the rest (norms, biases, embedding tables, positional
+embeddings, learned tokens) stays in the target's carrier format: fp16 where the target runs
+fp16, fp32 on the CPU. The LLM's token-embedding table and its `lm_head` are never low-bit (an
+embedding is a gather; modelopt's INT4-AWQ / INT8 / FP8 presets leave `*lm_head*` unquantized).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from citrus_edge.preprocess import smart_resize
+from citrus_edge.recipes import COMPONENTS, Recipe, get_precision
+from citrus_edge.targets import Target, check_recipe
+
+if TYPE_CHECKING:
+    from citrus_edge.config import CitrusVConfig, Sam2Dims, TextDims, VisionDims
+
+GB = 1e9  # data-sheet gigabyte, as in citrus_edge.targets
+
+# transformers' SAM2 defaults the model is built with (Sam2*Config), not carried by Sam2Dims.
+HIERA_MLP_RATIO = 4  # Sam2HieraDetConfig.mlp_ratio
+PATCH_KERNEL = 7  # Hiera patch embedding: 7x7 conv, stride 4
+MASK_INPUT_CHANNELS = 16  # Sam2PromptEncoderConfig.mask_input_channels
+NUM_POINT_EMBEDDINGS = 4  # Sam2PromptEncoderConfig.num_point_embeddings
+NUM_MASK_TOKENS = 4  # Sam2MaskDecoderConfig.num_multimask_outputs + 1
+TWO_WAY_DEPTH = 2  # Sam2MaskDecoderConfig.num_hidden_layers
+ATTN_DOWNSAMPLE = 2  # Sam2MaskDecoderConfig.attention_downsample_rate
+# Decoder tokens: iou + 4 mask + object-score tokens, then 2 not-a-point + 1 projected [SEG].
+DECODER_TOKENS = 1 + NUM_MASK_TOKENS + 1 + 3
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    """Parameters of one component.
+
+    `quantizable`: weights of linear and convolution layers a low-bit format stores (for the LLM,
+    without `lm_head`). `table`: the LLM's token-embedding table when untied (one row is read per
+    token, so it is not part of the bytes a decode step streams).
+    """
+
+    total: int
+    quantizable: int
+    table: int = 0
+
+    def __add__(self, other: ParamCount) -> ParamCount:
+        return ParamCount(
+            self.total + other.total,
+            self.quantizable + other.quantizable,
+            self.table + other.table,
+        )
+
+
+def _linear(d_in: int, d_out: int, bias: bool = True, quantizable: bool = True) -> ParamCount:
+    weight = d_in * d_out
+    return ParamCount(weight + (d_out if bias else 0), weight if quantizable else 0)
+
+
+def _conv(c_in: int, c_out: int, kernel: int, bias: bool = True) -> ParamCount:
+    return _linear(c_in * kernel, c_out, bias)  # kernel = product of the kernel's sides
+
+
+def _plain(n: int) -> ParamCount:
+    """Norm weights and biases, learned tokens, positional embeddings: never low-bit."""
+    return ParamCount(n, 0)
+
+
+def _mlp(d_in: int, hidden: int, d_out: int, layers: int) -> ParamCount:
+    """SAM2's `Sam2FeedForward`: proj_in, (layers - 2) hidden linears, proj_out, all biased."""
+    count = _linear(d_in, hidden) + _linear(hidden, d_out)
+    for _ in range(layers - 2):
+        count += _linear(hidden, hidden)
+    return count
+
+
+def vision_params(v: VisionDims) -> ParamCount:
+    """Qwen2.5-VL vision tower: patch embed + blocks (RMSNorms, qkv, proj, SwiGLU) + merger."""
+    h, i = v.hidden_size, v.intermediate_size
+    patch = _conv(3, h, v.temporal_patch_size * v.patch_size**2, bias=False)  # Conv3d
+    block = (
+        _plain(2 * h)  # norm1, norm2 (RMSNorm)
+        + _linear(h, 3 * h)  # attn.qkv
+        + _linear(h, h)  # attn.proj
+        + _linear(h, i)  # mlp.gate_proj
+        + _linear(h, i)  # mlp.up_proj
+        + _linear(i, h)  # mlp.down_proj
+    )
+    merged = h * v.spatial_merge_size**2
+    merger = _plain(h) + _linear(merged, merged) + _linear(merged, v.out_hidden_size)
+    count = patch + merger
+    for _ in range(v.depth):
+        count += block
+    return count
+
+
+def llm_params(t: TextDims) -> ParamCount:
+    """Qwen2.5 decoder: embeddings + layers (q/k/v with biases, o, RMSNorms, SwiGLU) + head."""
+    h, i = t.hidden_size, t.intermediate_size
+    q_dim, kv_dim = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
+    layer = (
+        _linear(h, q_dim)  # q_proj
+        + _linear(h, kv_dim)  # k_proj
+        + _linear(h, kv_dim)  # v_proj
+        + _linear(q_dim, h, bias=False)  # o_proj
+        + _linear(h, i, bias=False)  # gate_proj
+        + _linear(h, i, bias=False)  # up_proj
+        + _linear(i, h, bias=False)  # down_proj
+        + _plain(2 * h)  # input_layernorm, post_attention_layernorm
+    )
+    table = t.vocab_size * h
+    count = ParamCount(table, 0, 0 if t.tie_word_embeddings else table) + _plain(h)  # final norm
+    if not t.tie_word_embeddings:
+        count += _linear(h, t.vocab_size, bias=False, quantizable=False)  # lm_head
+    for _ in range(t.num_layers):
+        count += layer
+    return count
+
+
+def sam_encoder_params(s: Sam2Dims) -> ParamCount:
+    """Hiera trunk (patch embed, positional embeddings, blocks with stage transitions), FPN neck
+    and `no_memory_embedding`."""
+    dims = s.embed_dim_per_stage
+    c0, (bh, bw) = dims[0], s.window_pos_embed_bkg
+    w0 = s.window_size_per_stage[0]
+    count = _conv(3, c0, PATCH_KERNEL**2) + _plain(c0 * bh * bw + c0 * w0 * w0)
+    for stage, blocks in enumerate(s.blocks_per_stage):
+        for j in range(blocks):
+            d_in = dims[stage - 1] if stage > 0 and j == 0 else dims[stage]
+            d = dims[stage]
+            hidden = HIERA_MLP_RATIO * d
+            count += (
+                _plain(2 * d_in + 2 * d)  # layer_norm1 (on the input), layer_norm2
+                + _linear(d_in, 3 * d)  # attn.qkv
+                + _linear(d, d)  # attn.proj
+                + _linear(d, hidden)  # mlp.proj_in
+                + _linear(hidden, d)  # mlp.proj_out
+            )
+            if d_in != d:
+                count += _linear(d_in, d)  # proj: the stage transition's skip projection
+    for c in dims:
+        count += _conv(c, s.hidden_size, 1)  # FPN neck lateral 1x1 convs
+    return count + _plain(s.hidden_size)  # no_memory_embedding
+
+
+def _attention(d: int, internal: int) -> ParamCount:
+    """SAM2 decoder attention: q, k, v (d -> internal) and o (internal -> d), all biased."""
+    return _linear(d, internal) + _linear(d, internal) + _linear(d, internal) + _linear(internal, d)
+
+
+def mask_decoder_params(s: Sam2Dims, text_hidden: int, projector: str) -> ParamCount:
+    """Prompt encoder + two-way transformer, upscaling, hypernetwork MLPs, IoU and object-score
+    heads + the seg projector (LLM hidden state at `[SEG]` -> SAM2 prompt token)."""
+    d, mi = s.hidden_size, MASK_INPUT_CHANNELS
+    prompt = (
+        _conv(1, mi // 4, 4)  # mask_embed.conv1 (2x2)
+        + _conv(mi // 4, mi, 4)  # mask_embed.conv2 (2x2)
+        + _conv(mi, d, 1)  # mask_embed.conv3 (1x1)
+        + _plain(2 * (mi // 4) + 2 * mi)  # mask_embed layer norms
+        + _plain(d + NUM_POINT_EMBEDDINGS * d + d)  # no_mask, point, not_a_point embeddings
+    )
+    cross = _attention(d, d // ATTN_DOWNSAMPLE)
+    layer = (
+        _attention(d, d)  # self_attn
+        + cross  # cross_attn_token_to_image
+        + cross  # cross_attn_image_to_token
+        + _linear(d, s.decoder_mlp_dim)  # mlp.proj_in
+        + _linear(s.decoder_mlp_dim, d)  # mlp.proj_out
+        + _plain(4 * 2 * d)  # layer_norm1..4
+    )
+    decoder = (
+        _plain((1 + NUM_MASK_TOKENS + 1) * d)  # iou, mask and object-score tokens
+        + cross  # final_attn_token_to_image
+        + _plain(2 * d)  # layer_norm_final_attn
+        + _conv(d, d // 4, 4)  # upscale_conv1 (transposed 2x2)
+        + _conv(d // 4, d // 8, 4)  # upscale_conv2 (transposed 2x2)
+        + _plain(2 * (d // 4))  # upscale_layer_norm
+        + _mlp(d, s.iou_head_hidden_dim, NUM_MASK_TOKENS, 3)  # iou_prediction_head
+        + _conv(d, d // 8, 1)  # conv_s0
+        + _conv(d, d // 4, 1)  # conv_s1
+        + _mlp(d, d, 1, 3)  # pred_obj_score_head
+    )
+    for _ in range(TWO_WAY_DEPTH):
+        decoder += layer
+    for _ in range(NUM_MASK_TOKENS):
+        decoder += _mlp(d, d, d // 8, 3)  # output_hypernetworks_mlps
+    seg = _linear(text_hidden, text_hidden) + _linear(text_hidden, d)
+    if projector == "residual":
+        seg += _linear(text_hidden, d, bias=False)  # skip
+    return prompt + decoder + seg
+
+
+def param_counts(cfg: CitrusVConfig) -> dict[str, ParamCount]:
+    """Exact parameter counts per component, from the config's dimensions only."""
+    return {
+        "vision": vision_params(cfg.vision),
+        "llm": llm_params(cfg.text),
+        "sam_encoder": sam_encoder_params(cfg.sam2),
+        "mask_decoder": mask_decoder_params(cfg.sam2, cfg.text.hidden_size, cfg.projector),
+    }
+
+
+# -- bytes ---------------------------------------------------------------------------------
+def carrier_precision(target: Target, precision: str) -> str:
+    """The format of the parameters a precision leaves alone.
+
+    A float format (fp32/fp16/bf16) holds everything itself; a low-bit format leaves norms,
+    biases and tables in fp16 where the target runs fp16, in fp32 otherwise (the CPU).
+    """
+    if not get_precision(precision).low_bit:
+        return precision
+    return "fp16" if target.supports("fp16") else "fp32"
+
+
+def weight_bytes(count: ParamCount, precision: str, carrier: str) -> float:
+    """Bytes of a component's weights: quantizable weights in `precision`, the rest in `carrier`.
+
+    int4 costs 0.5 + 2/128 bytes per weight (an fp16 scale per group of 128), nvfp4
+    0.5 + 1/16 (an fp8 scale per block of 16); see `citrus_edge.recipes.PRECISIONS`.
+    """
+    low, rest = get_precision(precision), get_precision(carrier)
+    return (
+        count.quantizable * low.weight_bytes + (count.total - count.quantizable) * rest.weight_bytes
+    )
+
+
+def kv_cache_dtype(target: Target, recipe: Recipe) -> str:
+    """KV-cache format: fp32 on the CPU or for an fp32 LLM, bf16 for a bf16 LLM, else fp16."""
+    if target.kind == "cpu" or recipe.llm == "fp32":
+        return "fp32"
+    return "bf16" if recipe.llm == "bf16" else "fp16"
+
+
+def kv_cache_bytes(t: TextDims, context_tokens: int, dtype: str) -> float:
+    """K and V for every layer: 2 x layers x kv_heads x head_dim x context x bytes."""
+    elem = get_precision(dtype).weight_bytes
+    return 2 * t.num_layers * t.num_kv_heads * t.head_dim * context_tokens * elem
+
+
+# -- activations (estimate) ----------------------------------------------------------------
+# A deliberately simple estimate of the peak live activations of one component, batch 1:
+#   layer  = tokens x (3 x width + mlp_hidden + 2 x width)   q/k/v, MLP hidden, input + residual
+#   scores = heads x query_tokens x key_tokens                an unfused attention matrix
+# Encoders count the score matrix of their largest attention (exported as plain ONNX attention,
+# which TensorRT may or may not fuse); the LLM runs fused GQA / FMHA kernels, so it counts none
+# but adds fp32 logits over the vocabulary. Components run one after another, so the plan adds
+# the largest component's activations to the resident weights and KV cache.
+def _layer(tokens: int, width: int, mlp_hidden: int) -> int:
+    return tokens * (5 * width + mlp_hidden)
+
+
+def vision_activations(v: VisionDims, patches: int) -> int:
+    """Elements live in the vision tower's largest layer for `patches` 14x14 patches."""
+    full = patches if v.fullatt_block_indexes else (v.window_size // v.patch_size) ** 2
+    return _layer(patches, v.hidden_size, 2 * v.intermediate_size) + v.num_heads * patches * full
+
+
+def llm_activations(t: TextDims, tokens: int) -> int:
+    """Elements live in one decoder layer during a prefill of `tokens` (fused attention)."""
+    return _layer(tokens, t.hidden_size, 2 * t.intermediate_size)
+
+
+def sam_encoder_activations(s: Sam2Dims) -> int:
+    """Elements live in the largest Hiera block plus the three FPN maps kept for the decoder."""
+    side0 = s.image_size // 4  # tokens per side after the stride-4 patch embedding
+    starts = [sum(s.blocks_per_stage[:i]) for i in range(4)]
+    peak = 0
+    for stage, (d, heads, win) in enumerate(
+        zip(s.embed_dim_per_stage, s.heads_per_stage, s.window_size_per_stage, strict=True)
+    ):
+        tokens = (side0 >> stage) ** 2
+        blocks = range(starts[stage], starts[stage] + s.blocks_per_stage[stage])
+        keys = tokens if any(b in s.global_attention_blocks for b in blocks) else win * win
+        peak = max(peak, _layer(tokens, d, HIERA_MLP_RATIO * d) + heads * tokens * keys)
+    fpn = s.hidden_size * sum((side0 >> i) ** 2 for i in range(3))
+    return peak + fpn
+
+
+def mask_decoder_activations(s: Sam2Dims) -> int:
+    """Elements live in the two-way transformer for one query, plus the upscaled masks."""
+    image_tokens = (s.image_size // 16) ** 2
+    attention = 4 * s.hidden_size * image_tokens + s.decoder_heads * DECODER_TOKENS * image_tokens
+    upscaled = (s.hidden_size // 8 + NUM_MASK_TOKENS) * (s.image_size // 4) ** 2
+    return attention + upscaled
+
+
+def activation_bytes_per_elem(target: Target, precision: str) -> int:
+    """fp32 activations on the CPU or in an fp32 component, 16-bit ones otherwise."""
+    return 4 if target.kind == "cpu" or precision == "fp32" else 2
+
+
+# -- the plan ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ComponentPlan:
+    """One component's row: parameters, the bytes they take, its activation estimate."""
+
+    component: str
+    precision: str
+    carrier: str
+    params: int
+    quantizable_params: int
+    weight_bytes: float
+    activation_bytes: float  # estimate
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Memory and decode-speed plan of one model on one target at one recipe.
+
+    `decode_tokens_per_s` is a projection (upper bound): bandwidth / bytes streamed per decode
+    step, i.e. perfect bandwidth use and no compute time; None when the target's bandwidth is
+    unknown. Activations are estimates (see the formulas above `vision_activations`).
+    """
+
+    model: str
+    target: str
+    target_family: str
+    recipe: Recipe
+    context_tokens: int
+    image_hw: tuple[int, int]
+    resized_hw: tuple[int, int]
+    vision_patches: int
+    image_tokens: int
+    sam_image_size: int
+    components: tuple[ComponentPlan, ...]
+    kv_dtype: str
+    kv_cache_bytes: float
+    memory_gb: float
+    os_reserve_gb: float
+    bandwidth_gbs: float | None
+    decode_bytes_per_token: float
+    decode_tokens_per_s: float | None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def weight_bytes(self) -> float:
+        return sum(c.weight_bytes for c in self.components)
+
+    @property
+    def activation_bytes(self) -> float:
+        """Peak activation estimate: the largest component's (they run one after another)."""
+        return max(c.activation_bytes for c in self.components)
+
+    @property
+    def total_bytes(self) -> float:
+        """Resident weights + KV cache at `context_tokens` + peak activations."""
+        return self.weight_bytes + self.kv_cache_bytes + self.activation_bytes
+
+    @property
+    def usable_bytes(self) -> float:
+        return (self.memory_gb - self.os_reserve_gb) * GB
+
+    @property
+    def headroom_bytes(self) -> float:
+        """Usable memory left over; negative when the plan does not fit."""
+        return self.usable_bytes - self.total_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.headroom_bytes >= 0
+
+    def component(self, name: str) -> ComponentPlan:
+        for c in self.components:
+            if c.component == name:
+                return c
+        raise ValueError(f"no component {name!r}; choose one of {COMPONENTS}")
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Table rows with raw numbers: one per component, then KV cache and total."""
+        rows = [
+            {
+                "item": c.component,
+                "precision": c.precision
+                if c.precision == c.carrier
+                else f"{c.precision}+{c.carrier}",
+                "params": c.params,
+                "weight_bytes": c.weight_bytes,
+                "activation_bytes": c.activation_bytes,
+            }
+            for c in self.components
+        ]
+        rows.append(
+            {
+                "item": f"kv cache ({self.context_tokens} tokens)",
+                "precision": self.kv_dtype,
+                "params": None,
+                "weight_bytes": self.kv_cache_bytes,
+                "activation_bytes": None,
+            }
+        )
+        rows.append(
+            {
+                "item": "total (peak activations)",
+                "precision": self.recipe.name,
+                "params": sum(c.params for c in self.components),
+                "weight_bytes": self.weight_bytes + self.kv_cache_bytes,
+                "activation_bytes": self.activation_bytes,
+            }
+        )
+        return rows
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, with the derived totals."""
+        return {
+            "model": self.model,
+            "target": self.target,
+            "target_family": self.target_family,
+            "recipe": self.recipe.to_dict(),
+            "context_tokens": self.context_tokens,
+            "image_hw": list(self.image_hw),
+            "resized_hw": list(self.resized_hw),
+            "vision_patches": self.vision_patches,
+            "image_tokens": self.image_tokens,
+            "sam_image_size": self.sam_image_size,
+            "components": [c.to_dict() for c in self.components],
+            "kv_dtype": self.kv_dtype,
+            "kv_cache_bytes": self.kv_cache_bytes,
+            "weight_bytes": self.weight_bytes,
+            "activation_bytes_estimate": self.activation_bytes,
+            "total_bytes": self.total_bytes,
+            "memory_gb": self.memory_gb,
+            "os_reserve_gb": self.os_reserve_gb,
+            "usable_bytes": self.usable_bytes,
+            "headroom_bytes": self.headroom_bytes,
+            "fits": self.fits,
+            "bandwidth_gbs": self.bandwidth_gbs,
+            "decode_bytes_per_token": self.decode_bytes_per_token,
+            "decode_tokens_per_s_upper_bound": self.decode_tokens_per_s,
+            "notes": list(self.notes),
+        }
+
+
+def _vision_input(
+    cfg: CitrusVConfig, target: Target, image_hw: tuple[int, int] | None
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(requested, resized) image sizes; the target's largest profile size by default."""
+    h, w = (int(x) for x in image_hw) if image_hw is not None else target.resolution.max_hw
+    pp = cfg.preprocess
+    resized = smart_resize(h, w, pp.factor, pp.min_pixels, pp.max_pixels)
+    hw = (h, w)
+    top = target.resolution.max_hw
+    if resized[0] > top[0] or resized[1] > top[1]:
+        raise ValueError(
+            f"image {hw[0]}x{hw[1]} resizes to {resized[0]}x{resized[1]}, beyond {target.name}'s "
+            f"engine profile max {top[0]}x{top[1]}; pass an image_hw that resizes within it"
+        )
+    if cfg.sam2.image_size > target.resolution.sam_max_side:
+        raise ValueError(
+            f"SAM2 input {cfg.sam2.image_size} exceeds {target.name}'s engine profile "
+            f"({target.resolution.sam_max_side}); this model cannot be planned on this target"
+        )
+    return hw, resized
+
+
+def _component_rows(
+    cfg: CitrusVConfig, target: Target, recipe: Recipe, patches: int, context_tokens: int
+) -> tuple[ComponentPlan, ...]:
+    """One `ComponentPlan` per component, in pipeline order."""
+    elements = {
+        "vision": vision_activations(cfg.vision, patches),
+        "llm": llm_activations(cfg.text, context_tokens),
+        "sam_encoder": sam_encoder_activations(cfg.sam2),
+        "mask_decoder": mask_decoder_activations(cfg.sam2),
+    }
+    rows = []
+    for name, count in param_counts(cfg).items():
+        precision = recipe.precision(name)
+        carrier = carrier_precision(target, precision)
+        act = elements[name] * activation_bytes_per_elem(target, precision)
+        if name == "llm":
+            act += cfg.text.vocab_size * 4  # fp32 logits of the last position
+        weights = weight_bytes(count, precision, carrier)
+        act = float(act)
+        rows.append(
+            ComponentPlan(name, precision, carrier, count.total, count.quantizable, weights, act)
+        )
+    return tuple(rows)
+
+
+def _notes(
+    cfg: CitrusVConfig, target: Target, hw: tuple[int, int], resized: tuple[int, int]
+) -> tuple[str, ...]:
+    """Caveats printed under the plan."""
+    notes = [
+        "activations are estimates; decode tok/s is a projection (upper bound): "
+        "bandwidth / bytes streamed per token, no compute time"
+    ]
+    if target.bandwidth_gbs is None:
+        notes.append(f"{target.name}: memory bandwidth unknown, so no decode projection")
+    if target.notes:
+        notes.append(f"{target.name}: {target.notes}")
+    if resized != hw:
+        pp = cfg.preprocess
+        notes.append(
+            f"image {hw[0]}x{hw[1]} resized to {resized[0]}x{resized[1]} by the model's "
+            f"pixel budget ({pp.min_pixels}..{pp.max_pixels})"
+        )
+    return tuple(notes)
+
+
+def plan(
+    model_cfg: CitrusVConfig,
+    target: Target,
+    recipe: Recipe,
+    context_tokens: int = 2048,
+    image_hw: tuple[int, int] | None = None,
+) -> Plan:
+    """Plan `model_cfg` on `target` at `recipe`, from the config's dimensions only.
+
+    `context_tokens` is the KV-cache length (image tokens included); `image_hw` the input image
+    (height, width) before the model's `smart_resize`, by default the target's largest profile
+    size. Bytes streamed per decode step = LLM weights without the untied embedding table (a
+    gather reads one row) + the whole KV cache at `context_tokens`. Raises
+    `UnsupportedPrecisionError` when the target cannot run the recipe, ValueError when the image
+    or context does not fit the model or the target's engine profiles.
+    """
+    check_recipe(target, recipe)
+    hw, resized = _vision_input(model_cfg, target, image_hw)
+    v, t = model_cfg.vision, model_cfg.text
+    patches = (resized[0] // v.patch_size) * (resized[1] // v.patch_size)
+    image_tokens = patches // v.spatial_merge_size**2
+    if not image_tokens < context_tokens <= t.max_position_embeddings:
+        raise ValueError(
+            f"context_tokens {context_tokens} must exceed the {image_tokens} image tokens and "
+            f"stay within max_position_embeddings {t.max_position_embeddings}; "
+            "pass a context_tokens in that range"
+        )
+    rows = _component_rows(model_cfg, target, recipe, patches, context_tokens)
+    kv_dtype = kv_cache_dtype(target, recipe)
+    kv = kv_cache_bytes(t, context_tokens, kv_dtype)
+    llm = rows[COMPONENTS.index("llm")]
+    per_token = llm.weight_bytes - llm_params(t).table * get_precision(llm.carrier).weight_bytes
+    per_token += kv
+    bw = target.bandwidth_gbs
+    return Plan(
+        model=model_cfg.name,
+        target=target.name,
+        target_family=target.family,
+        recipe=recipe,
+        context_tokens=context_tokens,
+        image_hw=hw,
+        resized_hw=resized,
+        vision_patches=patches,
+        image_tokens=image_tokens,
+        sam_image_size=model_cfg.sam2.image_size,
+        components=rows,
+        kv_dtype=kv_dtype,
+        kv_cache_bytes=kv,
+        memory_gb=target.memory_gb,
+        os_reserve_gb=target.os_reserve_gb,
+        bandwidth_gbs=bw,
+        decode_bytes_per_token=per_token,
+        decode_tokens_per_s=bw * GB / per_token if bw is not None else None,
+        notes=_notes(model_cfg, target, hw, resized),
+    )
+
+
+# -- text ----------------------------------------------------------------------------------
+def _count(n: float | None) -> str:
+    if n is None:
+        return ""
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n:.0f}"
+
+
+def _bytes(n: float | None) -> str:
+    if n is None:
+        return ""
+    for div, unit in ((GB, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+TABLE_HEADERS = ("item", "precision", "params", "weights / cache", "activations (est.)")
+
+
+def plan_table(p: Plan) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    """(headers, rows of strings) of `Plan.rows()`, for the CLI's rich table and `format_plan`."""
+    body = [
+        (
+            r["item"],
+            r["precision"],
+            _count(r["params"]),
+            _bytes(r["weight_bytes"]),
+            _bytes(r["activation_bytes"]),
+        )
+        for r in p.rows()
+    ]
+    return TABLE_HEADERS, body
+
+
+def plan_summary(p: Plan) -> list[str]:
+    """The lines under the table: memory verdict and the decode projection."""
+    usable = p.memory_gb - p.os_reserve_gb
+    verdict = (
+        f"fits, {_bytes(p.headroom_bytes)} headroom"
+        if p.fits
+        else f"DOES NOT FIT, short by {_bytes(-p.headroom_bytes)}"
+    )
+    lines = [
+        f"memory: {_bytes(p.total_bytes)} needed of {usable:.1f} GB usable "
+        f"({p.memory_gb:.0f} GB - {p.os_reserve_gb:.1f} GB kept for OS and cart software): "
+        + verdict
+    ]
+    if p.decode_tokens_per_s is None:
+        lines.append(
+            f"decode: unknown (bandwidth not confirmed); {_bytes(p.decode_bytes_per_token)} "
+            "streamed per token"
+        )
+    else:
+        lines.append(
+            f"decode: <= {p.decode_tokens_per_s:.1f} tok/s, projection (upper bound) = "
+            f"{p.bandwidth_gbs:g} GB/s / {_bytes(p.decode_bytes_per_token)} per token"
+        )
+    return lines
+
+
+def format_plan(p: Plan) -> str:
+    """The plan as a plain-text table with a header line, the verdict and the notes."""
+    headers, body = plan_table(p)
+    widths = [max(len(row[i]) for row in (headers, *body)) for i in range(len(headers))]
+
+    def line(cells: tuple[str, ...]) -> str:
+        first = cells[0].ljust(widths[0])
+        rest = [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)]
+        return "  ".join([first, *rest]).rstrip()
+
+    title = (
+        f"{p.model} on {p.target} [{p.target_family}], recipe {p.recipe.name}; "
+        f"image {p.resized_hw[0]}x{p.resized_hw[1]} -> {p.image_tokens} tokens, "
+        f"SAM2 {p.sam_image_size}x{p.sam_image_size}, context {p.context_tokens}"
+    )
+    rule = "-" * len(line(headers))
+    out = [title, line(headers), rule, *(line(r) for r in body[:-1]), rule, line(body[-1])]
+    out += plan_summary(p)
+    out += [f"note: {n}" for n in p.notes]
+    return "\n".join(out)

@@ -1,0 +1,165 @@
+"""Export every component of a Citrus-V model into one folder, atomically.
+
+The folder holds `<component>.onnx` + `<component>.manifest.json` for each registered component,
+`embeddings.npy` + `embeddings.manifest.json`, `config.json`, `tokenizer.json` (when given) and
+`export_manifest.json` listing every file with its sha256. It is written into a temporary folder
+beside `out_dir` and renamed into place once every graph has been validated.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from citrus_edge.export.config import ExportConfig
+from citrus_edge.export.graph import GraphResult, export_component
+from citrus_edge.export.llm import write_embeddings
+from citrus_edge.export.manifest import (
+    MANIFEST_SCHEMA,
+    library_versions,
+    read_manifest,
+    sha256_file,
+    umask_mode,
+    write_json_atomic,
+)
+from citrus_edge.export.spec import REGISTRY
+from citrus_edge.model import CitrusV
+
+log = logging.getLogger(__name__)
+
+BUNDLE_MANIFEST = "export_manifest.json"
+DEFAULT_IMAGE_SIZES = ((224, 224), (168, 280), (280, 196))
+
+
+def export_all(
+    model: CitrusV,
+    out_dir: Path,
+    image_sizes: Sequence[tuple[int, int]] = DEFAULT_IMAGE_SIZES,
+    *,
+    source_hash: str,
+    tokenizer_json: Path | None = None,
+    opset: int = 17,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Export, validate and describe every component of `model` into `out_dir`.
+
+    Args:
+        model: the Citrus-V to export (float32; put in eval mode here).
+        out_dir: the folder to create. An existing folder is an error unless `overwrite`, and
+            even then only a previous export holding nothing but its listed files is replaced.
+        image_sizes: (height, width) pixels, multiples of 28, at whose grids the one vision
+            graph is validated.
+        source_hash: `manifest.checkpoint_source_hash(checkpoint_dir)` of the weights, or
+            `manifest.random_source_hash(config_name)` for a random model.
+        tokenizer_json: copied beside the graphs when given.
+        opset: ONNX opset (>= 17).
+
+    Returns the content of `export_manifest.json`. Raises `ExportValidationError` when a graph
+    disagrees with PyTorch; nothing is left at `out_dir` then.
+    """
+    t0 = time.perf_counter()
+    export_cfg = ExportConfig(image_sizes=tuple(image_sizes), opset=opset)
+    out_dir = Path(out_dir)
+    _check_target(out_dir, overwrite)
+    if tokenizer_json is not None and not Path(tokenizer_json).is_file():
+        raise FileNotFoundError(f"tokenizer_json {tokenizer_json} is not a file")
+    import citrus_edge.export.components  # noqa: F401  (registers every component)
+
+    model.eval()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    os.chmod(staging, umask_mode(0o777))  # mkdtemp makes it 0700
+    try:
+        results = [
+            export_component(name, model, staging, source_hash=source_hash, export_cfg=export_cfg)
+            for name in REGISTRY
+        ]
+        embeddings = write_embeddings(model, staging, source_hash)
+        model.config.save(staging / "config.json")
+        if tokenizer_json is not None:
+            shutil.copyfile(tokenizer_json, staging / "tokenizer.json")
+        seconds = time.perf_counter() - t0
+        manifest = _bundle_manifest(model, staging, results, embeddings, export_cfg, source_hash)
+        manifest["total_seconds"] = round(seconds, 2)
+        write_json_atomic(staging / BUNDLE_MANIFEST, manifest)
+        _move_into_place(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _log_summary(results, out_dir, seconds)
+    return manifest
+
+
+def _check_target(out_dir: Path, overwrite: bool) -> None:
+    if not out_dir.exists():
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace a previous export")
+    listed = out_dir / BUNDLE_MANIFEST
+    if not listed.is_file():
+        raise FileExistsError(f"refusing to replace {out_dir}: it holds no {BUNDLE_MANIFEST}")
+    known = set(read_manifest(listed)["files"]) | {BUNDLE_MANIFEST}
+    stray = sorted(p.name for p in out_dir.iterdir() if p.name not in known)
+    if stray:
+        raise FileExistsError(
+            f"refusing to replace {out_dir}: it holds files the export did not write: {stray}"
+        )
+
+
+def _move_into_place(staging: Path, out_dir: Path) -> None:
+    if not out_dir.exists():
+        os.replace(staging, out_dir)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+    os.replace(out_dir, old / out_dir.name)
+    os.replace(staging, out_dir)
+    shutil.rmtree(old)  # the previous export, checked to hold only its own files
+
+
+def _bundle_manifest(
+    model: CitrusV,
+    folder: Path,
+    results: list[GraphResult],
+    embeddings: dict[str, Any],
+    export_cfg: ExportConfig,
+    source_hash: str,
+) -> dict[str, Any]:
+    graphs = {
+        r.component: {
+            "file": r.onnx_path.name,
+            "manifest": r.manifest_path.name,
+            "max_abs_error": r.max_abs,
+            "max_rel_error": r.max_rel,
+            "seconds": round(r.seconds, 2),
+        }
+        for r in results
+    }
+    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
+    return {
+        "schema": MANIFEST_SCHEMA,
+        "kind": "export_bundle",
+        "model_config": model.config.name,
+        "model_config_version": model.config.version,
+        "source": source_hash,
+        "precision": "float32",
+        "export_config": export_cfg.to_dict(),
+        "versions": library_versions(),
+        "graphs": graphs,
+        "embeddings": {"file": embeddings["file"], "shape": embeddings["shape"]},
+        "files": files,
+    }
+
+
+def _log_summary(results: list[GraphResult], out_dir: Path, seconds: float) -> None:
+    for r in results:
+        log.info(
+            "  %-13s max abs %.2e  max rel %.2e  %6.1f s",
+            r.component, r.max_abs, r.max_rel, r.seconds,
+        )
+    log.info("exported %d graphs to %s in %.1f s", len(results), out_dir, seconds)

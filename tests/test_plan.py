@@ -1,0 +1,192 @@
+"""The planner: exact parameter counts against built models, and hand-checked arithmetic."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+
+import pytest
+
+from citrus_edge.config import CITRUS_V_8B, DEMO, TINY
+from citrus_edge.plan import format_plan, param_counts, plan, plan_table
+from citrus_edge.recipes import FP8, FP16_W4, INT8, get_recipe
+from citrus_edge.targets import UnsupportedPrecisionError, get_target
+
+CONFIGS = {
+    "tiny": TINY,
+    "demo": DEMO,
+    "tiny-residual": dataclasses.replace(TINY, projector="residual"),
+    "tiny-tied": dataclasses.replace(
+        TINY, text=dataclasses.replace(TINY.text, tie_word_embeddings=True)
+    ),
+}
+
+
+@functools.cache
+def built_counts(key: str) -> tuple[dict[str, tuple[int, int]], int]:
+    """Per component (total, quantizable) params of a built model, and the model's total.
+
+    quantizable = weights of Linear / Conv / ConvTranspose modules, `lm_head` excluded.
+    """
+    from torch import nn
+
+    from citrus_edge.model import build_model
+
+    model = build_model(CONFIGS[key])
+    sam = model.sam2
+    groups = {
+        "vision": [model.mllm.model.visual],
+        "llm": [model.mllm.model.language_model, model.mllm.lm_head],
+        "sam_encoder": [sam.vision_encoder, sam.no_memory_embedding],
+        "mask_decoder": [sam.prompt_encoder, sam.mask_decoder, model.seg_projector],
+    }
+    layers = (nn.Linear, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)
+    out = {}
+    for name, parts in groups.items():
+        params, quantizable = {}, 0
+        for part in parts:
+            if isinstance(part, nn.Parameter):
+                params[id(part)] = part.numel()
+                continue
+            params.update({id(p): p.numel() for p in part.parameters()})
+            for m in part.modules():
+                if isinstance(m, layers) and m is not model.mllm.lm_head:
+                    quantizable += m.weight.numel()
+        out[name] = (sum(params.values()), quantizable)
+    return out, sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("key", list(CONFIGS))
+def test_param_counts_match_built_model_exactly(key):
+    built, model_total = built_counts(key)
+    counted = param_counts(CONFIGS[key])
+    for name, (total, quantizable) in built.items():
+        assert (counted[name].total, counted[name].quantizable) == (total, quantizable), name
+    assert sum(c.total for c in counted.values()) == model_total  # nothing left out
+    llm = counted["llm"]
+    text = CONFIGS[key].text
+    assert llm.table == (0 if text.tie_word_embeddings else text.vocab_size * text.hidden_size)
+
+
+def test_8b_sizes_match_published_models():
+    counts = param_counts(CITRUS_V_8B)
+    # Qwen2.5-VL-7B: ~7.6e9 language model, ~0.67e9 vision tower; SAM2 Hiera-L trunk ~0.21e9.
+    assert counts["llm"].total == pytest.approx(7.6e9, rel=0.01)
+    assert counts["vision"].total == pytest.approx(0.67e9, rel=0.015)
+    assert 0.21e9 <= counts["sam_encoder"].total <= 0.22e9
+    assert counts["mask_decoder"].total < 0.02e9  # 4.1 M SAM2 decoder + 12.8 M seg projector
+
+
+def test_8b_on_orin_nano_by_hand():
+    p = plan(CITRUS_V_8B, get_target("orin-nano-8"), FP16_W4, context_tokens=2048)
+    # LLM: int4 (+ fp16 scale per 128) for the decoder layers' linear weights; embedding table,
+    # lm_head, biases and norms in fp16.
+    h, i, v, layers, kv = 3584, 18944, 151_668, 28, 4 * 128
+    linear = layers * (h * h + 2 * h * kv + h * h + 3 * h * i)  # q, k, v, o, gate/up/down
+    other = layers * (h + 2 * kv + 2 * h) + h + 2 * v * h  # biases, norms, final norm, tables
+    assert linear == 6_525_288_448 and linear + other == 7_612_777_984
+    llm_bytes = linear * (0.5 + 2 / 128) + other * 2
+    assert p.component("llm").weight_bytes == pytest.approx(llm_bytes, rel=1e-12)
+    assert llm_bytes == pytest.approx(5.539e9, rel=1e-3)
+    # Vision tower in fp16: 2 bytes for every parameter.
+    vh, vi, m = 1280, 3420, 1280 * 4
+    vision = 3 * 2 * 14 * 14 * vh + 32 * (
+        2 * vh + 3 * vh * vh + 3 * vh + vh * vh + vh + 2 * (vh * vi + vi) + vi * vh + vh
+    )
+    vision += vh + m * m + m + m * 3584 + 3584  # merger
+    assert p.component("vision").params == vision == 676_550_144
+    assert p.component("vision").weight_bytes == 2 * vision
+    # KV cache: 2 x 28 layers x 4 kv heads x 128 x 2048 tokens x 2 bytes (fp16).
+    kv_bytes = 2 * 28 * 4 * 128 * 2048 * 2
+    assert p.kv_cache_bytes == kv_bytes == 117_440_512
+    # Decode streams the LLM without the embedding table (one row per token) + the KV cache.
+    per_token = llm_bytes - v * h * 2 + kv_bytes
+    assert p.decode_bytes_per_token == pytest.approx(per_token, rel=1e-12)
+    assert p.decode_tokens_per_s == pytest.approx(68e9 / per_token, rel=1e-12)
+    assert p.decode_tokens_per_s == pytest.approx(14.88, abs=0.01)
+    # Memory: ~7.5 GB of weights + KV does not fit the 8 - 2.5 GB left on an Orin Nano 8GB.
+    assert p.usable_bytes == 5.5e9
+    assert p.weight_bytes + p.kv_cache_bytes == pytest.approx(7.47e9, rel=1e-3)
+    assert not p.fits and p.headroom_bytes < -2e9
+    # The image: the 8B pixel budget (65535) turns the 448x448 profile max into 252x252.
+    assert p.resized_hw == (252, 252) and p.vision_patches == 324 and p.image_tokens == 81
+
+
+def test_8b_on_agx_orin_fits_and_bound_is_above_published_decode():
+    p = plan(CITRUS_V_8B, get_target("orin-agx-64"), FP16_W4)
+    assert p.fits
+    # Edge-LLM measured 32.3 tok/s for Qwen3-VL-8B (no draft) on AGX Orin: below our bound.
+    assert 32.3 < p.decode_tokens_per_s == pytest.approx(204.8e9 / p.decode_bytes_per_token)
+
+
+def test_fp8_plan_refused_on_orin():
+    with pytest.raises(UnsupportedPrecisionError, match="thor, x86-ada, x86-hopper"):
+        plan(CITRUS_V_8B, get_target("orin-agx-64"), FP8)
+    assert plan(CITRUS_V_8B, get_target("x86-ada"), FP8).component("llm").precision == "fp8"
+
+
+def test_unknown_bandwidth_is_unknown_not_invented():
+    p = plan(CITRUS_V_8B, get_target("thor"), FP16_W4)
+    assert p.bandwidth_gbs is None and p.decode_tokens_per_s is None
+    assert p.decode_bytes_per_token > 0
+    assert "decode: unknown" in format_plan(p)
+    assert p.to_dict()["decode_tokens_per_s_upper_bound"] is None
+
+
+def test_cpu_keeps_fp32_carrier_and_kv():
+    cpu, gpu = get_target("cpu"), get_target("x86-ampere")
+    p_cpu, p_gpu = plan(DEMO, cpu, INT8, context_tokens=512), plan(DEMO, gpu, INT8, 512)
+    assert p_cpu.kv_dtype == "fp32" and p_gpu.kv_dtype == "fp16"
+    assert p_cpu.kv_cache_bytes == 2 * p_gpu.kv_cache_bytes == 2 * 4 * 2 * 32 * 512 * 4
+    vision = param_counts(DEMO)["vision"]
+    assert p_cpu.component("vision").weight_bytes == (
+        vision.quantizable * 1 + (vision.total - vision.quantizable) * 4
+    )
+    assert p_cpu.fits
+
+
+def test_int4_on_cpu_and_fp32_recipe():
+    counts = param_counts(DEMO)
+    p = plan(DEMO, get_target("cpu"), get_recipe("int8-w4"), context_tokens=256)
+    llm = counts["llm"]
+    assert p.component("llm").weight_bytes == (
+        llm.quantizable * (0.5 + 2 / 128) + (llm.total - llm.quantizable) * 4
+    )
+    p32 = plan(DEMO, get_target("x86-hopper"), get_recipe("fp32"), context_tokens=256)
+    assert p32.weight_bytes == 4 * sum(c.total for c in counts.values())
+    assert p32.kv_dtype == "fp32"
+
+
+def test_input_validation():
+    nano = get_target("orin-nano-8")
+    with pytest.raises(ValueError, match="max_position_embeddings 1024"):
+        plan(DEMO, nano, FP16_W4)  # the demo model's context is 1024
+    with pytest.raises(ValueError, match="must exceed the 64 image tokens"):
+        plan(DEMO, nano, FP16_W4, context_tokens=64)
+    big = dataclasses.replace(
+        CITRUS_V_8B, preprocess=dataclasses.replace(CITRUS_V_8B.preprocess, max_pixels=1 << 20)
+    )
+    with pytest.raises(ValueError, match="beyond orin-nano-8's engine profile max 448x448"):
+        plan(big, nano, FP16_W4, image_hw=(1024, 1024))
+
+
+def test_outputs_render_and_serialise():
+    p = plan(CITRUS_V_8B, get_target("orin-nano-8"), FP16_W4)
+    text = format_plan(p)
+    assert "projection (upper bound)" in text and "DOES NOT FIT" in text
+    assert "102 GB/s" in text  # the Super-mode note travels with the plan
+    headers, body = plan_table(p)
+    assert len(headers) == 5 and [r[0] for r in body[:4]] == [
+        "vision",
+        "llm",
+        "sam_encoder",
+        "mask_decoder",
+    ]
+    assert body[1][1] == "int4+fp16"
+    rows = p.rows()
+    assert rows[-1]["weight_bytes"] == pytest.approx(p.weight_bytes + p.kv_cache_bytes)
+    assert rows[-1]["activation_bytes"] == max(c.activation_bytes for c in p.components)
+    d = json.loads(json.dumps(p.to_dict()))
+    assert d["fits"] is False and d["recipe"]["name"] == "fp16-w4"
+    assert d["total_bytes"] == pytest.approx(p.weight_bytes + p.kv_cache_bytes + p.activation_bytes)
