@@ -112,3 +112,58 @@ def eval_cmd(
         report.save(out)
     Console().print(_eval_table(report.summary(), f"{model_dir.name} on {manifest} [{split}]"))
     typer.echo(json.dumps(report.summary()))
+
+
+@app.command("plan")
+def plan_cmd(
+    target: Annotated[str, typer.Option(help="Target name, e.g. orin-nano-8 (see `targets`).")],
+    model: Annotated[
+        str, typer.Option(help="Preset name (citrus-v-8b, citrus-v-demo) or checkpoint directory.")
+    ] = "citrus-v-8b",
+    precision: Annotated[
+        str | None, typer.Option(help="Recipe name (default: the target's default recipe).")
+    ] = None,
+    context: Annotated[int, typer.Option(help="KV-cache length in tokens.")] = 2048,
+) -> None:
+    """Memory table and decode-speed bound of a model on a target, from dimensions only."""
+    from citrus_edge.config import PRESETS, CitrusVConfig
+    from citrus_edge.plan import plan, plan_summary, plan_table
+    from citrus_edge.recipes import get_recipe
+    from citrus_edge.targets import get_target
+
+    cfg = PRESETS[model] if model in PRESETS else CitrusVConfig.load(Path(model) / "config.json")
+    tgt = get_target(target)
+    p = plan(cfg, tgt, get_recipe(precision or tgt.default_recipe), context_tokens=context)
+    headers, rows = plan_table(p)
+    table = Table(title=f"{cfg.name} on {tgt.name} ({precision or tgt.default_recipe})")
+    for h in headers:
+        table.add_column(h, justify="left" if h == headers[0] else "right")
+    for r in rows:
+        table.add_row(*r)
+    out = Console()
+    out.print(table)
+    for line in plan_summary(p):
+        out.print(line)
+
+
+@app.command("targets")
+def targets_cmd() -> None:
+    """The targets table: GPU, memory, bandwidth, precisions, DLA, default recipe."""
+    from citrus_edge.targets import TARGETS
+
+    table = Table(title="targets")
+    for col in ("name", "gpu", "SM", "memory GB", "GB/s", "precisions", "DLA", "default recipe"):
+        table.add_column(col)
+    for t in TARGETS.values():
+        bw = "unknown" if t.bandwidth_gbs is None else f"{t.bandwidth_gbs:g}"
+        table.add_row(
+            t.name,
+            t.gpu,
+            t.sm or "-",
+            f"{t.memory_gb:g}",
+            bw,
+            ",".join(sorted(t.precisions)),
+            str(t.dla_cores),
+            t.default_recipe,
+        )
+    Console().print(table)
