@@ -167,3 +167,57 @@ def targets_cmd() -> None:
             t.default_recipe,
         )
     Console().print(table)
+
+
+def _parse_hw(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError as e:
+        raise typer.BadParameter(f"{text!r}: expected HEIGHTxWIDTH, e.g. 224x224") from e
+    return h, w
+
+
+@app.command("export")
+def export_cmd(
+    out: Annotated[Path, typer.Option(help="Directory to create with the ONNX graphs.")],
+    model: Annotated[
+        Path | None, typer.Option(help="Citrus-V checkpoint directory (default: the demo model).")
+    ] = None,
+    image_size: Annotated[
+        list[str] | None,
+        typer.Option(help="HEIGHTxWIDTH the vision graph is validated at (repeatable)."),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier export at --out.")] = False,
+) -> None:
+    """Export the four ONNX graphs (vision, LLM step, SAM2 encoder, mask decoder), validated."""
+    import time
+
+    from citrus_edge.checkpoint import load_checkpoint
+    from citrus_edge.defaults import resolve_model
+    from citrus_edge.export.manifest import checkpoint_source_hash
+    from citrus_edge.export.pipeline import DEFAULT_IMAGE_SIZES, export_all
+
+    model_dir = resolve_model(model)
+    sizes = [_parse_hw(s) for s in image_size] if image_size else list(DEFAULT_IMAGE_SIZES)
+    t0 = time.perf_counter()
+    with console.status(f"exporting {model_dir.name}"):
+        manifest = export_all(
+            load_checkpoint(model_dir),
+            out,
+            sizes,
+            source_hash=checkpoint_source_hash(model_dir),
+            tokenizer_json=model_dir / "tokenizer.json",
+            overwrite=overwrite,
+        )
+    table = Table(title=f"export of {model_dir.name} -> {out} ({time.perf_counter() - t0:.1f} s)")
+    for col in ("graph", "file", "max abs error vs PyTorch", "max rel error", "seconds"):
+        table.add_column(col)
+    for name, g in manifest["graphs"].items():
+        table.add_row(
+            name,
+            g["file"],
+            f"{g['max_abs_error']:.2e}",
+            f"{g['max_rel_error']:.2e}",
+            f"{g['seconds']}",
+        )
+    Console().print(table)

@@ -42,7 +42,7 @@ IGNORE = -100
 class TrainConfig:
     """One training run. Serialised next to the checkpoints; resuming checks it is unchanged."""
 
-    steps: int = 4500
+    steps: int = 5000
     batch_size: int = 8
     lr: float = 1e-3
     min_lr: float = 2e-5

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from citrus_edge.export.config import ExportConfig
-from citrus_edge.export.validate import ExportValidationError
+from .config import ExportConfig
+from .validate import ExportValidationError
 
 __all__ = ["ExportConfig", "ExportValidationError", "export_all", "export_component"]
 
@@ -20,11 +20,11 @@ __all__ = ["ExportConfig", "ExportValidationError", "export_all", "export_compon
 def __getattr__(name: str) -> Any:
     # Lazy: the exporters import torch and transformers.
     if name == "export_all":
-        from citrus_edge.export.pipeline import export_all
+        from .pipeline import export_all
 
         return export_all
     if name == "export_component":
-        from citrus_edge.export.graph import export_component
+        from .graph import export_component
 
         return export_component
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,4 +3,4 @@
 Importing this pulls in torch and transformers; the pipeline and `graph.get_component` do.
 """
 
-from citrus_edge.export import llm, mask_decoder, sam_encoder, vision  # noqa: F401
+from . import llm, mask_decoder, sam_encoder, vision  # noqa: F401

@@ -19,20 +19,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 
-from citrus_edge.export.config import ExportConfig
-from citrus_edge.export.manifest import (
+from citrus_edge.model import CitrusV
+
+from .config import ExportConfig
+from .manifest import (
     MANIFEST_SCHEMA,
     library_versions,
     manifest_path,
     sha256_file,
     write_json_atomic,
 )
-from citrus_edge.export.spec import REGISTRY, Component, GraphSpec, Sample
-from citrus_edge.export.validate import OutputError, validate_graph
-from citrus_edge.model import CitrusV
+from .spec import REGISTRY, Component, GraphSpec, Sample
+from .validate import OutputError, validate_graph
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,7 @@ class GraphResult:
 
 def get_component(name: str) -> Component:
     """The registered component `name` (the component modules register on import)."""
-    import citrus_edge.export.components  # noqa: F401  (registers every component)
+    from . import components  # noqa: F401  (registers every component)
 
     if name not in REGISTRY:
         raise ValueError(f"unknown component {name!r}; registered: {sorted(REGISTRY)}")
@@ -78,17 +80,53 @@ def export_component(
     """Export component `name` of `model` to `out_dir/<name>.onnx` (+ manifest), validated.
 
     Raises `ExportValidationError` when ONNX Runtime and PyTorch disagree beyond the spec's
-    tolerance on the validation samples.
+    tolerance on the validation samples; nothing is written then.
     """
     t0 = time.perf_counter()
+    _check_float32_cpu(model)
     export_cfg = export_cfg or ExportConfig()
     component = get_component(name)
     spec = component.spec(model.config, export_cfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir))
+    files, errors = _export_validated(component, model, spec, out_dir, export_cfg)
+    seconds = time.perf_counter() - t0
+    manifest = _manifest(spec, model, files, errors, export_cfg, source_hash, seconds)
+    write_json_atomic(manifest_path(files[0]), manifest)
+    result = GraphResult(name, files[0], manifest_path(files[0]), tuple(errors), seconds)
+    log.info(
+        "%s: exported in %.1f s, max abs error %.2e (max rel %.2e)",
+        name,
+        seconds,
+        result.max_abs,
+        result.max_rel,
+    )
+    return result
+
+
+def _check_float32_cpu(model: CitrusV) -> None:
+    kinds = {f"{p.dtype} on {p.device.type}" for p in model.parameters()}
+    if kinds != {"torch.float32 on cpu"}:
+        raise ValueError(
+            f"export takes a float32 model on the CPU, got {sorted(kinds)}; load it with "
+            "dtype=torch.float32 (engines/ chooses lower precisions)"
+        )
+
+
+def _export_validated(
+    component: Component, model: CitrusV, spec: GraphSpec, out_dir: Path, cfg: ExportConfig
+) -> tuple[list[Path], list[OutputError]]:
+    """Trace into a staging folder, validate there, then move the files into `out_dir`."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{spec.component}.", dir=out_dir))
     try:
-        staged = _trace(component.wrapper(model).eval(), spec, staging, export_cfg)
+        wrapper = component.wrapper(model).eval()
+        proto = _torch_export(wrapper, spec, staging / "raw", cfg.opset)
+        _declare_shapes(proto.graph, spec)
+        staged = _save_graph(
+            proto,
+            staging / f"{spec.component}.onnx",
+            external=_weight_bytes(wrapper) > cfg.external_data_bytes,
+        )
         samples = [spec.make_sample(c, seed) for seed, c in enumerate(spec.validation_cases, 1)]
         reference = functools.partial(component.reference, model)
         errors = validate_graph(staged[0], spec, samples, reference)
@@ -96,16 +134,7 @@ def export_component(
             os.replace(f, out_dir / f.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    onnx_path = out_dir / staged[0].name
-    seconds = time.perf_counter() - t0
-    manifest = _manifest(spec, model, onnx_path, errors, export_cfg, source_hash, seconds)
-    write_json_atomic(manifest_path(onnx_path), manifest)
-    result = GraphResult(name, onnx_path, manifest_path(onnx_path), tuple(errors), seconds)
-    log.info(
-        "%s: exported in %.1f s, max abs error %.2e (max rel %.2e) over %d samples",
-        name, seconds, result.max_abs, result.max_rel, len(samples),
-    )
-    return result
+    return [out_dir / f.name for f in staged], errors
 
 
 def _weight_bytes(module: torch.nn.Module) -> int:
@@ -113,15 +142,14 @@ def _weight_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _trace(
-    wrapper: torch.nn.Module, spec: GraphSpec, staging: Path, export_cfg: ExportConfig
-) -> list[Path]:
-    """Trace `wrapper` on the spec's export sample; returns the staged files, graph first."""
+def _torch_export(
+    wrapper: torch.nn.Module, spec: GraphSpec, raw_dir: Path, opset: int
+) -> onnx.ModelProto:
+    """Trace `wrapper` on the spec's export sample; returns the graph with its weights loaded."""
     sample: Sample = spec.make_sample(spec.export_case, 0)
     spec.check_feeds(sample.feeds)
     args = tuple(torch.from_numpy(sample.feeds[n]) for n in spec.input_names)
-    raw_dir = staging / "raw"  # the exporter may write one file per tensor here
-    raw_dir.mkdir()
+    raw_dir.mkdir()  # over 2 GiB the exporter writes one file per tensor here
     raw = raw_dir / f"{spec.component}.onnx"
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -132,42 +160,68 @@ def _trace(
             input_names=spec.input_names,
             output_names=spec.output_names,
             dynamic_axes=spec.dynamic_axes(),
-            opset_version=export_cfg.opset,
+            opset_version=opset,
             do_constant_folding=True,
             dynamo=False,
         )
     for w in caught:  # tracer warnings; frozen sizes are caught by validation instead
         log.debug("%s export: %s", spec.component, w.message)
-    graph = staging / raw.name
-    if _weight_bytes(wrapper) > export_cfg.external_data_bytes:
-        data = staging / f"{raw.name}.data"
-        model = onnx.load(str(raw), load_external_data=True)
-        onnx.save_model(
-            model, str(graph), save_as_external_data=True, all_tensors_to_one_file=True,
-            location=data.name, size_threshold=1024,
-        )
-        files = [graph, data]
-    else:
-        os.replace(raw, graph)
-        files = [graph]
+    proto = onnx.load(str(raw), load_external_data=True)
     shutil.rmtree(raw_dir)
-    onnx.checker.check_model(str(graph))
+    return proto
+
+
+def _save_graph(proto: onnx.ModelProto, path: Path, external: bool) -> list[Path]:
+    """Save (weights in one `<name>.onnx.data` file when `external`) and check the graph."""
+    files = [path]
+    if external:
+        files.append(path.with_name(path.name + ".data"))
+        onnx.save_model(
+            proto,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=files[1].name,
+            size_threshold=1024,
+        )
+    else:
+        onnx.save_model(proto, str(path))
+    onnx.checker.check_model(str(path))
     return files
+
+
+def _declare_shapes(graph: onnx.GraphProto, spec: GraphSpec) -> None:
+    """Write the spec's shapes (named dynamic axes, fixed sizes) on the graph's inputs/outputs.
+
+    The tracer leaves made-up names where its shape inference gives up; the graph should
+    declare what its manifest says. A dtype that differs from the spec is an internal error.
+    """
+    values = {v.name: v for v in (*graph.input, *graph.output)}
+    for t in spec.inputs + spec.outputs:
+        tensor = values[t.name].type.tensor_type
+        expected = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype))
+        if tensor.elem_type != expected:
+            raise RuntimeError(f"{spec.component}: {t.name} exported as type {tensor.elem_type}")
+        tensor.shape.ClearField("dim")
+        for d in t.shape:
+            dim = tensor.shape.dim.add()
+            if isinstance(d, str):
+                dim.dim_param = d
+            else:
+                dim.dim_value = d
 
 
 def _manifest(
     spec: GraphSpec,
     model: CitrusV,
-    onnx_path: Path,
+    files: list[Path],
     errors: list[OutputError],
     export_cfg: ExportConfig,
     source_hash: str,
     seconds: float,
 ) -> dict[str, Any]:
-    data_file = onnx_path.with_name(onnx_path.name + ".data")
-    external = None
-    if data_file.exists():
-        external = {"file": data_file.name, "sha256": sha256_file(data_file)}
+    onnx_path, *data = files
+    external = {"file": data[0].name, "sha256": sha256_file(data[0])} if data else None
     return {
         "schema": MANIFEST_SCHEMA,
         "kind": "onnx",

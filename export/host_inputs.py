@@ -82,7 +82,9 @@ def vision_inputs(
         raise ValueError(f"the vision graph takes one image per call (grid t == 1), got t = {t}")
     pixels = np.ascontiguousarray(pixel_values, dtype=np.float32)
     if pixels.ndim != 2 or pixels.shape[0] != h * w:
-        raise ValueError(f"pixel_values {pixels.shape} do not hold {h * w} patches of grid {grid_thw}")
+        raise ValueError(
+            f"pixel_values {pixels.shape} do not hold {h * w} patches of grid {grid_thw}"
+        )
     grid = (t, h, w)
     args = (vision.window_size, vision.patch_size, vision.spatial_merge_size)
     order, _ = positions.window_index(grid, *args)
@@ -109,12 +111,17 @@ def embed(input_ids: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
     """Token embedding lookup: `[B, S]` ids -> `[B, S, H]` float32."""
     ids = np.asarray(input_ids, dtype=np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= len(embeddings)):
-        raise ValueError(f"token ids must lie in [0, {len(embeddings)}), got {ids.min()}..{ids.max()}")
+        raise ValueError(
+            f"token ids must lie in [0, {len(embeddings)}), got {ids.min()}..{ids.max()}"
+        )
     return embeddings[ids].astype(np.float32)
 
 
 def splice_image_features(
-    inputs_embeds: np.ndarray, input_ids: np.ndarray, image_features: np.ndarray, image_token_id: int
+    inputs_embeds: np.ndarray,
+    input_ids: np.ndarray,
+    image_features: np.ndarray,
+    image_token_id: int,
 ) -> np.ndarray:
     """Put the vision features in place of the image placeholder tokens (row-major order).
 
@@ -141,7 +148,9 @@ def empty_past(batch: int, text: TextDims, dtype: type = np.float32) -> dict[str
 
 def next_past(outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The cache of the next step: `present_*` outputs renamed `past_*`."""
-    return {k.replace("present_", "past_", 1): v for k, v in outputs.items() if k.startswith("present_")}
+    return {
+        k.replace("present_", "past_", 1): v for k, v in outputs.items() if k.startswith("present_")
+    }
 
 
 def llm_prefill_inputs(
@@ -170,8 +179,12 @@ def llm_prefill_inputs(
     elif (ids == tok.image).any():
         raise ValueError("input_ids hold image tokens but no image_features were given")
     pos, rope_deltas = positions.mrope_position_ids(
-        ids, [tuple(g) for g in image_grid_thw], tok.image, tok.vision_start,
-        cfg.vision.spatial_merge_size, attention_mask=mask,
+        ids,
+        [tuple(g) for g in image_grid_thw],
+        tok.image,
+        tok.vision_start,
+        cfg.vision.spatial_merge_size,
+        attention_mask=mask,
     )
     feeds = {"inputs_embeds": embeds, "position_ids": pos, "attention_mask": mask}
     feeds.update(empty_past(len(ids), cfg.text))

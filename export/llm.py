@@ -25,18 +25,19 @@ from transformers import DynamicCache
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb, repeat_kv
 
 from citrus_edge.config import CitrusVConfig
-from citrus_edge.export.attention import attend, masked_bias
-from citrus_edge.export.config import ExportConfig
-from citrus_edge.export.host_inputs import past_names, present_names
-from citrus_edge.export.manifest import (
+from citrus_edge.model import CitrusV
+
+from .attention import attend, masked_bias
+from .config import ExportConfig
+from .host_inputs import past_names, present_names
+from .manifest import (
     MANIFEST_SCHEMA,
     library_versions,
     manifest_path,
     sha256_file,
     write_json_atomic,
 )
-from citrus_edge.export.spec import Case, Component, GraphSpec, Sample, TensorSpec, register
-from citrus_edge.model import CitrusV
+from .spec import Case, Component, GraphSpec, Sample, TensorSpec, register
 
 log = logging.getLogger(__name__)
 

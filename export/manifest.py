@@ -9,30 +9,33 @@ place with `os.replace`, so a reader never sees half a manifest.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from citrus_edge.bundle import sha256_file, tool_versions
+
+__all__ = [
+    "MANIFEST_SCHEMA",
+    "checkpoint_source_hash",
+    "library_versions",
+    "manifest_path",
+    "random_source_hash",
+    "read_manifest",
+    "sha256_file",
+    "umask_mode",
+    "write_json_atomic",
+]
+
 MANIFEST_SCHEMA = 1
 MANIFEST_SUFFIX = ".manifest.json"
-_CHUNK = 1 << 20
 
 
 def manifest_path(artifact: Path) -> Path:
     """`dir/vision.onnx` -> `dir/vision.manifest.json`."""
     return artifact.with_name(artifact.name.split(".")[0] + MANIFEST_SUFFIX)
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def checkpoint_source_hash(checkpoint_dir: Path) -> str:
@@ -51,25 +54,9 @@ def random_source_hash(config_name: str) -> str:
     return f"random:{config_name}"
 
 
-def _version(*names: str) -> str | None:
-    for name in names:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
-
-
-def library_versions() -> dict[str, str | None]:
-    """Versions of the libraries an export depends on (None where one is not installed)."""
-    return {
-        "citrus_edge": _version("citrus-edge"),
-        "torch": _version("torch"),
-        "transformers": _version("transformers"),
-        "onnx": _version("onnx"),
-        "onnxruntime": _version("onnxruntime", "onnxruntime-gpu"),
-        "numpy": _version("numpy"),
-    }
+def library_versions() -> dict[str, str]:
+    """Versions of the tools an export depends on, as bundles record them (package names)."""
+    return tool_versions(("transformers",))
 
 
 def umask_mode(mode: int) -> int:

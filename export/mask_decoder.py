@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from citrus_edge.config import CitrusVConfig
-from citrus_edge.export.config import ExportConfig
-from citrus_edge.export.sam_encoder import feature_shapes
-from citrus_edge.export.spec import Case, Component, GraphSpec, Sample, TensorSpec, register
 from citrus_edge.model import CitrusV
+
+from .config import ExportConfig
+from .sam_encoder import feature_shapes
+from .spec import Case, Component, GraphSpec, Sample, TensorSpec, register
 
 NAME = "mask_decoder"
 N_MASKS = 3  # multimask outputs
@@ -101,7 +102,9 @@ def mask_decoder_spec(cfg: CitrusVConfig, export_cfg: ExportConfig) -> GraphSpec
 def mask_decoder_reference(model: CitrusV, sample: Sample) -> dict[str, np.ndarray]:
     """The stock path: `model.decode_masks([feat_s0, feat_s1, image_embeddings], seg_hidden)`."""
     f = {k: torch.from_numpy(v) for k, v in sample.feeds.items()}
-    low, iou = model.decode_masks([f["feat_s0"], f["feat_s1"], f["image_embeddings"]], f["seg_hidden"])
+    low, iou = model.decode_masks(
+        [f["feat_s0"], f["feat_s1"], f["image_embeddings"]], f["seg_hidden"]
+    )
     return {"mask_logits": low.numpy(), "iou_predictions": iou.numpy()}
 
 

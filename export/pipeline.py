@@ -17,10 +17,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from citrus_edge.export.config import ExportConfig
-from citrus_edge.export.graph import GraphResult, export_component
-from citrus_edge.export.llm import write_embeddings
-from citrus_edge.export.manifest import (
+from citrus_edge.model import CitrusV
+
+from .config import ExportConfig
+from .graph import GraphResult, export_component
+from .llm import write_embeddings
+from .manifest import (
     MANIFEST_SCHEMA,
     library_versions,
     read_manifest,
@@ -28,8 +30,7 @@ from citrus_edge.export.manifest import (
     umask_mode,
     write_json_atomic,
 )
-from citrus_edge.export.spec import REGISTRY
-from citrus_edge.model import CitrusV
+from .spec import REGISTRY
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def export_all(
     _check_target(out_dir, overwrite)
     if tokenizer_json is not None and not Path(tokenizer_json).is_file():
         raise FileNotFoundError(f"tokenizer_json {tokenizer_json} is not a file")
-    import citrus_edge.export.components  # noqa: F401  (registers every component)
+    from . import components  # noqa: F401  (registers every component)
 
     model.eval()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -160,6 +161,9 @@ def _log_summary(results: list[GraphResult], out_dir: Path, seconds: float) -> N
     for r in results:
         log.info(
             "  %-13s max abs %.2e  max rel %.2e  %6.1f s",
-            r.component, r.max_abs, r.max_rel, r.seconds,
+            r.component,
+            r.max_abs,
+            r.max_rel,
+            r.seconds,
         )
     log.info("exported %d graphs to %s in %.1f s", len(results), out_dir, seconds)

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from citrus_edge.config import CitrusVConfig
-from citrus_edge.export.config import ExportConfig
-from citrus_edge.export.spec import Case, Component, GraphSpec, Sample, TensorSpec, register
 from citrus_edge.model import CitrusV
+
+from .config import ExportConfig
+from .spec import Case, Component, GraphSpec, Sample, TensorSpec, register
 
 NAME = "sam_encoder"
 OUTPUTS = ("image_embeddings", "feat_s0", "feat_s1")

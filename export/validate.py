@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from citrus_edge.export.spec import GraphSpec, Sample
+from .spec import GraphSpec, Sample
 
 log = logging.getLogger(__name__)
 

@@ -17,11 +17,12 @@ from torch import nn
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 
 from citrus_edge.config import CitrusVConfig
-from citrus_edge.export.attention import attend, masked_bias
-from citrus_edge.export.config import ExportConfig
-from citrus_edge.export.host_inputs import VISION_INPUTS, vision_inputs, window_tokens
-from citrus_edge.export.spec import Case, Component, GraphSpec, Sample, TensorSpec, register
 from citrus_edge.model import CitrusV
+
+from .attention import attend, masked_bias
+from .config import ExportConfig
+from .host_inputs import VISION_INPUTS, vision_inputs, window_tokens
+from .spec import Case, Component, GraphSpec, Sample, TensorSpec, register
 
 NAME = "vision"
 EXPORT_GRID = (8, 12)  # (h, w) patches of the traced sample: 2 windows, unlike any image size

@@ -17,6 +17,7 @@ from citrus_edge.export.config import ExportConfig  # noqa: E402
 from citrus_edge.export.graph import export_component  # noqa: E402
 from citrus_edge.export.llm import llm_reference, llm_spec, write_embeddings  # noqa: E402
 from citrus_edge.export.manifest import sha256_file  # noqa: E402
+
 from citrus_edge.preprocess import qwen_pixels  # noqa: E402
 from citrus_edge.prompts import n_image_tokens, prompt_ids  # noqa: E402
 from citrus_edge.reference import ReferencePipeline  # noqa: E402
@@ -77,7 +78,10 @@ def test_graph_io_names(exported):
     n = model.config.text.num_layers
     graph = onnx.load(str(result.onnx_path)).graph
     assert [i.name for i in graph.input] == [
-        "inputs_embeds", "position_ids", "attention_mask", *H.past_names(n)
+        "inputs_embeds",
+        "position_ids",
+        "attention_mask",
+        *H.past_names(n),
     ]
     assert [o.name for o in graph.output] == ["logits", "last_hidden_state", *H.present_names(n)]
 
@@ -96,7 +100,9 @@ def ort_greedy(model, sessions, table, rgb, prompt):
     """Reference-equivalent greedy decoding with ONNX Runtime and numpy only."""
     cfg = model.config
     qp = qwen_pixels(rgb, cfg.preprocess)
-    (features,) = sessions["vision"].run(None, H.vision_inputs(qp.pixel_values, qp.grid_thw, cfg.vision))
+    (features,) = sessions["vision"].run(
+        None, H.vision_inputs(qp.pixel_values, qp.grid_thw, cfg.vision)
+    )
     n_img = n_image_tokens(qp.grid_thw, cfg.vision.spatial_merge_size)
     ids = prompt_ids(tiny_tokenizer(), prompt, n_img)[None]  # [1, S]
     feeds, deltas = H.llm_prefill_inputs(ids, table, cfg, features, [qp.grid_thw])
@@ -134,7 +140,9 @@ def test_ort_greedy_matches_reference_pipeline(exported, case):
     err = float(np.abs(hidden - want).max())
     seg = [i for i, t in enumerate(tokens) if t == model.config.tokens.seg]
     seg_err = float(np.abs(hidden[seg] - want[seg]).max()) if seg else 0.0
-    print(f"case {case}: {len(tokens)} tokens, {len(seg)} [SEG], hidden {err:.2e}, seg {seg_err:.2e}")
+    print(
+        f"case {case}: {len(tokens)} tokens, {len(seg)} [SEG], hidden {err:.2e}, seg {seg_err:.2e}"
+    )
     assert err <= ATOL
     if case == 0:
         assert seg, "the boosted model must emit [SEG] on the first case"
@@ -174,7 +182,9 @@ def test_external_data_path(tmp_path):
     assert manifest["external_data"] == {"file": data.name, "sha256": sha256_file(data)}
     assert result.max_abs <= ATOL
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "llm.manifest.json", "llm.onnx", "llm.onnx.data"
+        "llm.manifest.json",
+        "llm.onnx",
+        "llm.onnx.data",
     ]
 
 

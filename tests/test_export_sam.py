@@ -12,6 +12,7 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 from citrus_edge.export.graph import export_component  # noqa: E402
+
 from citrus_edge.preprocess import sam_pixels  # noqa: E402
 
 ATOL = 1e-4
@@ -68,7 +69,9 @@ def test_graph_io(exported):
 def test_graphs_hold_no_control_flow(exported):
     """The constant position embeddings leave no If (encoder) or ScatterND (decoder) behind."""
     _, results, _ = exported
-    ops = {n: {x.op_type for x in onnx.load(str(r.onnx_path)).graph.node} for n, r in results.items()}
+    ops = {
+        n: {x.op_type for x in onnx.load(str(r.onnx_path)).graph.node} for n, r in results.items()
+    }
     assert "If" not in ops["sam_encoder"] and "LayerNormalization" in ops["sam_encoder"]
     assert not {"If", "ScatterND", "Sin"} & ops["mask_decoder"]
 
@@ -77,7 +80,9 @@ def test_image_to_masks_matches_pytorch(exported):
     """A real image through both graphs equals encode_image_sam + decode_masks, all 3 masks."""
     model, _, sessions = exported
     pixels = sam_pixels(random_rgb(180, 240, seed=4), model.config.preprocess)  # [1, 3, S, S]
-    emb, s0, s1 = sessions["sam_encoder"].run(["image_embeddings", "feat_s0", "feat_s1"], {"pixels": pixels})
+    emb, s0, s1 = sessions["sam_encoder"].run(
+        ["image_embeddings", "feat_s0", "feat_s1"], {"pixels": pixels}
+    )
     seg = np.random.default_rng(0).standard_normal((2, model.config.text.hidden_size))
     seg = seg.astype(np.float32)
     feeds = {"seg_hidden": seg, "image_embeddings": emb, "feat_s0": s0, "feat_s1": s1}

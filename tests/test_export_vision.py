@@ -15,6 +15,7 @@ ort = pytest.importorskip("onnxruntime")
 from citrus_edge.export.graph import export_component  # noqa: E402
 from citrus_edge.export.host_inputs import VISION_INPUTS, vision_inputs  # noqa: E402
 from citrus_edge.export.manifest import library_versions, sha256_file  # noqa: E402
+
 from citrus_edge.preprocess import qwen_pixels  # noqa: E402
 
 ATOL = 1e-4
@@ -66,7 +67,10 @@ def test_graph_inputs_are_symbolic(exported):
     graph = onnx.load(str(result.onnx_path)).graph
     assert [i.name for i in graph.input] == list(VISION_INPUTS)
     assert [o.name for o in graph.output] == ["image_features"]
-    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    dims = {
+        i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+        for i in graph.input
+    }
     assert dims["pixel_values"] == ["n_patches", 3 * 2 * 14 * 14]
     assert dims["gather_index"] == ["n_windows", 64] and dims["window_index"] == ["n_units"]
 
@@ -78,7 +82,11 @@ def test_manifest_describes_the_graph(exported):
     assert m["sha256"] == sha256_file(result.onnx_path)
     assert m["source"] == "random:citrus-v-tiny" and m["opset"] >= 17
     assert set(m["versions"]) == set(library_versions())
-    assert m["inputs"][0] == {"name": "pixel_values", "shape": ["n_patches", 1176], "dtype": "float32"}
+    assert m["inputs"][0] == {
+        "name": "pixel_values",
+        "shape": ["n_patches", 1176],
+        "dtype": "float32",
+    }
     assert m["validation"]["max_abs"] <= ATOL and len(m["validation"]["errors"]) == 3
 
 
@@ -96,6 +104,9 @@ def test_bad_image_size_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="multiple of 28"):
         export_component(
-            "vision", tiny_model(), tmp_path, source_hash="random:x",
+            "vision",
+            tiny_model(),
+            tmp_path,
+            source_hash="random:x",
             export_cfg=ExportConfig(image_sizes=((224, 230),)),
         )
