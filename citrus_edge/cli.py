@@ -25,6 +25,10 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Calibration and evaluation data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+engines_app = typer.Typer(
+    help="TensorRT engines, compiled on the target device.", no_args_is_help=True
+)
+app.add_typer(engines_app, name="engines")
 console = Console(stderr=True)
 
 
@@ -221,3 +225,23 @@ def export_cmd(
             f"{g['seconds']}",
         )
     Console().print(table)
+
+
+@engines_app.command("build")
+def engines_build(
+    bundle: Annotated[Path, typer.Argument(help="A portable bundle from `citrus-edge build`.")],
+    target: Annotated[
+        str | None, typer.Option(help="Target to compile for (default: the bundle's plan).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Engine directory (default: <bundle>-engines/<target>).")
+    ] = None,
+    recipe: Annotated[str | None, typer.Option(help="Recipe, if the bundle has no plan.")] = None,
+) -> None:
+    """Compile a bundle's engine plan with TensorRT on this device (needs the target's GPU)."""
+    from citrus_edge.engines import build_bundle_engines
+
+    with console.status("building TensorRT engines"):
+        built = build_bundle_engines(bundle, target, out, recipe=recipe)
+    for name, path in built.engines.items():
+        typer.echo(f"{name}: {path}")
