@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from citrus_edge.calib_data import tasks
-from citrus_edge.calib_data.phantom import PhantomConfig, generate_phantom
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
+from citrus_edge.calib_data import tasks
+from citrus_edge.calib_data.phantom import PhantomConfig, generate_phantom
 from citrus_edge.config import CitrusVConfig
 from citrus_edge.model import CitrusV
 from citrus_edge.preprocess import qwen_pixels, sam_pixels
@@ -42,7 +42,7 @@ IGNORE = -100
 class TrainConfig:
     """One training run. Serialised next to the checkpoints; resuming checks it is unchanged."""
 
-    steps: int = 5000
+    steps: int = 3000
     batch_size: int = 8
     lr: float = 1e-3
     min_lr: float = 2e-5
@@ -53,9 +53,11 @@ class TrainConfig:
     w_mask: float = 1.0
     w_iou: float = 0.5
     w_aux: float = 0.5
+    w_mask_aux: float = 0.5
     ckpt_every: int = 100
     log_every: int = 20
     threads: int = 1
+    init_from: str | None = None  # Citrus-V checkpoint dir to start from (e.g. continue the demo)
     version: int = TRAIN_CONFIG_VERSION
 
     def lr_at(self, step: int) -> float:
@@ -211,22 +213,41 @@ def compute_losses(
     # The state that predicts [SEG] (position p where token p+1 is [SEG]) prompts SAM2.
     is_seg = batch["labels"][:, 1:] == cfg.tokens.seg  # [B, S-1]
     b_idx, p_idx = is_seg.nonzero(as_tuple=True)
-    if len(b_idx):
-        feats = model.encode_image_sam(batch["sam_pixels"][b_idx])
-        low, iou_pred = model.decode_masks(feats, hidden[b_idx, p_idx])
-        s = cfg.sam2.image_size
-        up = F.interpolate(low, size=(s, s), mode="bilinear", align_corners=False)  # [N,3,S,S]
-        target = batch["mask"][b_idx][:, None].expand_as(up)
-        per = F.binary_cross_entropy_with_logits(up, target, reduction="none").mean((-2, -1))
-        per = per + dice_loss(up, target)  # [N, 3]
-        losses["mask"] = per.min(dim=1).values.mean()
-        with torch.no_grad():
-            pred = up > 0
-            inter = (pred & (target > 0.5)).sum((-2, -1)).float()
-            union = (pred | (target > 0.5)).sum((-2, -1)).float()
-            iou_true = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
-        losses["iou"] = F.mse_loss(iou_pred, iou_true)
+    # Training aid (discarded after training): the state at the last prompt position, which
+    # decides the answer's first token, also prompts SAM2 for every image with a lesion, so the
+    # decoder and projector see every lesion image and that state must look at the image.
+    answer_start = (batch["labels"] != IGNORE).float().argmax(dim=1) - 1  # [B]
+    lesion_b = (batch["mask"].flatten(1).amax(1) > 0).nonzero(as_tuple=True)[0]
+    n_seg = len(b_idx)
+    b_all = torch.cat([b_idx, lesion_b])
+    p_all = torch.cat([p_idx, answer_start[lesion_b]])
+    if len(b_all):
+        per, iou_loss = _mask_losses(model, batch, b_all, hidden[b_all, p_all])
+        if n_seg:
+            losses["mask"] = per[:n_seg].mean()
+        if len(lesion_b):
+            losses["mask_aux"] = per[n_seg:].mean()
+        losses["iou"] = iou_loss
     return losses
+
+
+def _mask_losses(
+    model: CitrusV, batch: dict[str, torch.Tensor], b_idx: torch.Tensor, states: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best-of-3 BCE + Dice per prompt [N], and the IoU head's MSE to the masks' real IoU."""
+    s = model.config.sam2.image_size
+    feats = model.encode_image_sam(batch["sam_pixels"][b_idx])
+    low, iou_pred = model.decode_masks(feats, states)
+    up = F.interpolate(low, size=(s, s), mode="bilinear", align_corners=False)  # [N,3,S,S]
+    target = batch["mask"][b_idx][:, None].expand_as(up)
+    per = F.binary_cross_entropy_with_logits(up, target, reduction="none").mean((-2, -1))
+    per = per + dice_loss(up, target)  # [N, 3]
+    with torch.no_grad():
+        pred = up > 0
+        inter = (pred & (target > 0.5)).sum((-2, -1)).float()
+        union = (pred | (target > 0.5)).sum((-2, -1)).float()
+        iou_true = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+    return per.min(dim=1).values, F.mse_loss(iou_pred, iou_true)
 
 
 def _save_state(path: Path, state: dict) -> None:
@@ -248,7 +269,14 @@ def train(
     torch.set_num_threads(cfg.threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    model = build_model(model_cfg, seed=cfg.seed)
+    if cfg.init_from is not None:
+        from citrus_edge.checkpoint import load_checkpoint
+
+        model = load_checkpoint(Path(cfg.init_from))
+        if model.config != model_cfg:
+            raise ValueError(f"{cfg.init_from}: its config differs from {model_cfg.name}")
+    else:
+        model = build_model(model_cfg, seed=cfg.seed)
     aux = OccupancyHead(model_cfg.text.hidden_size)
     params = list(model.parameters()) + list(aux.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -271,6 +299,7 @@ def train(
         prefetch_factor=4,
     )
     weights = {"lm": cfg.w_lm, "mask": cfg.w_mask, "iou": cfg.w_iou, "aux": cfg.w_aux}
+    weights["mask_aux"] = cfg.w_mask_aux
     t0, acc = time.time(), {}
     curve = (out_dir / "curve.jsonl").open("a")
     for batch in loader:

@@ -1,0 +1,81 @@
+"""Greedy decoding over the LLM step graph, capturing `[SEG]` states in the same pass.
+
+Same loop as the PyTorch reference (`citrus_edge.reference.greedy_generate`): one prefill with
+the prompt's 3-D mRoPE positions, then one-token steps at position `max + 1`, `max + 2`, ... on
+all three axes; the token is the argmax of the last logits; EOS stops (and is not kept);
+`max_new_tokens` caps the answer. The `[SEG]` state is the final-norm hidden state of the step
+whose logits produced `[SEG]`. The KV cache stays inside the backend's runner between steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from citrus_edge import positions
+from citrus_edge.config import TokenIds
+from citrus_edge.export.host_inputs import embed
+
+from .backends import STEP_INPUTS, KvStepRunner
+from .timing import StageTimer
+
+
+@dataclass(frozen=True)
+class Generation:
+    """Greedy tokens, the captured `[SEG]` states and how decoding ended."""
+
+    tokens: list[int]
+    seg_hidden: np.ndarray  # [N_seg, H] float32
+    stopped_by: str  # "eos" or "max_new_tokens"
+    steps: int  # one-token steps run after the prefill
+
+
+def step_feeds(
+    token: int, embeddings: np.ndarray, rope_deltas: np.ndarray, cache_len: int
+) -> dict[str, np.ndarray]:
+    """Feeds of one decode step for batch 1 without padding (`host_inputs.llm_decode_inputs`
+    without the cache, which the runner holds)."""
+    ids = np.array([[token]], dtype=np.int64)  # [1, 1]
+    return {
+        "inputs_embeds": embed(ids, embeddings),  # [1, 1, H]
+        "position_ids": positions.decode_position_ids(rope_deltas, cache_len),  # [3, 1, 1]
+        "attention_mask": np.ones((1, cache_len + 1), dtype=np.int64),  # [1, P+1]
+    }
+
+
+def greedy_generate(
+    runner: KvStepRunner,
+    prefill: dict[str, np.ndarray],
+    rope_deltas: np.ndarray,
+    embeddings: np.ndarray,
+    tokens: TokenIds,
+    max_new_tokens: int,
+    timer: StageTimer,
+) -> Generation:
+    """Prefill with `prefill` (the `host_inputs.llm_prefill_inputs` feeds; its empty `past_*`
+    are the runner's business and ignored) and decode greedily."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    runner.reset()
+    with timer.stage("prefill"):
+        logits, hidden = runner({k: prefill[k] for k in STEP_INPUTS})  # [V], [H]
+    out: list[int] = []
+    seg: list[np.ndarray] = []
+    stopped_by, steps = "max_new_tokens", 0
+    with timer.stage("decode"):
+        while True:
+            token = int(np.argmax(logits))
+            if token == tokens.eos:
+                stopped_by = "eos"
+                break
+            out.append(token)
+            if token == tokens.seg:
+                seg.append(hidden.copy())
+            if len(out) == max_new_tokens:
+                break
+            feeds = step_feeds(token, embeddings, rope_deltas, runner.cache_len)
+            logits, hidden = runner(feeds)
+            steps += 1
+    seg_hidden = np.stack(seg) if seg else np.zeros((0, len(hidden)), np.float32)
+    return Generation(out, seg_hidden.astype(np.float32), stopped_by, steps)

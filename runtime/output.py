@@ -1,0 +1,128 @@
+"""Result files: JSON (masks as COCO-style uncompressed RLE) and a PNG overlay, written atomically.
+
+RLE follows COCO's uncompressed form: `{"size": [H, W], "counts": [...]}`, run lengths over the
+mask read in column-major (Fortran) order, starting with a run of zeros (0 when the first pixel is
+set). `decode_rle(encode_rle(m))` gives `m` back exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from citrus_edge.result import RESULT_SCHEMA, GroundingResult
+
+OVERLAY_ALPHA = 0.45
+PALETTE = (  # RGB, one per mask / box in order
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+)
+
+
+def encode_rle(mask: np.ndarray) -> dict[str, Any]:
+    """COCO uncompressed RLE of a [H, W] bool mask (column-major runs, zeros first)."""
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 2:
+        raise ValueError(f"a mask must be [H, W], got shape {mask.shape}")
+    flat = mask.ravel(order="F")  # [H*W] column-major
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    counts = np.diff(bounds).tolist() if flat.size else []
+    if flat.size and flat[0]:
+        counts = [0, *counts]
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": counts}
+
+
+def decode_rle(rle: dict[str, Any]) -> np.ndarray:
+    """The [H, W] bool mask of a COCO uncompressed RLE; raises ValueError on a malformed one."""
+    h, w = (int(v) for v in rle["size"])
+    counts = np.asarray(rle["counts"], dtype=np.int64)
+    if (counts < 0).any() or counts.sum() != h * w:
+        raise ValueError(f"RLE counts sum to {counts.sum()}, the size {h}x{w} needs {h * w}")
+    values = np.arange(len(counts)) % 2 == 1  # zeros, ones, zeros, ...
+    return np.repeat(values, counts).reshape((h, w), order="F")
+
+
+def result_to_dict(result: GroundingResult) -> dict[str, Any]:
+    """JSON-ready content of a result. Measurements are present only where the image had a
+    pixel spacing; otherwise the list is empty and no mm value appears anywhere."""
+    return {
+        "schema": RESULT_SCHEMA,
+        "bundle_id": result.bundle_id,
+        "backend": result.backend,
+        "image_hw": list(result.image_hw),
+        "text": result.text,
+        "token_ids": list(result.token_ids),
+        "stopped_by": result.stopped_by,
+        "boxes": [{"bbox": [b.x1, b.y1, b.x2, b.y2], "label": b.label} for b in result.boxes],
+        "masks": [
+            {**encode_rle(m), "score": float(s), "area_px": int(np.count_nonzero(m))}
+            for m, s in zip(result.masks, result.mask_scores, strict=True)
+        ],
+        "measurements": [
+            {
+                "mask": i,
+                "area_mm2": m.area_mm2,
+                "longest_diameter_mm": m.longest_diameter_mm,
+                "spacing_source": m.spacing_source,
+            }
+            for i, m in enumerate(result.measurements)
+        ],
+        "timings_ms": {k: round(v, 3) for k, v in result.timings_ms.items()},
+    }
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp)` on a temporary file beside `path`, then move it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(result: GroundingResult, path: str | os.PathLike) -> Path:
+    """Write `result_to_dict(result)` as JSON at `path`, atomically."""
+    text = json.dumps(result_to_dict(result), indent=1) + "\n"
+    return _atomic_write(Path(path), lambda tmp: tmp.write_text(text))
+
+
+def render_overlay(rgb: np.ndarray, result: GroundingResult) -> Image.Image:
+    """The image with each mask tinted (translucent colour) and each box outlined + labelled."""
+    base = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).convert("RGBA")
+    layer = np.zeros((*rgb.shape[:2], 4), dtype=np.uint8)  # [H, W, RGBA]
+    for i, mask in enumerate(result.masks):
+        layer[mask] = (*PALETTE[i % len(PALETTE)], round(255 * OVERLAY_ALPHA))
+    image = Image.alpha_composite(base, Image.fromarray(layer, "RGBA")).convert("RGB")
+    draw = ImageDraw.Draw(image)
+    for i, box in enumerate(result.boxes):
+        colour = PALETTE[i % len(PALETTE)]
+        x2, y2 = max(box.x1, box.x2 - 1), max(box.y1, box.y2 - 1)  # x2, y2 are exclusive
+        draw.rectangle([box.x1, box.y1, x2, y2], outline=colour, width=2)
+        if box.label:
+            draw.text((box.x1 + 2, box.y1 + 2), box.label, fill=colour)
+    return image
+
+
+def write_overlay(rgb: np.ndarray, result: GroundingResult, path: str | os.PathLike) -> Path:
+    """Write `render_overlay(rgb, result)` as a PNG at `path`, atomically."""
+    image = render_overlay(rgb, result)
+    return _atomic_write(Path(path), lambda tmp: image.save(tmp, format="PNG"))

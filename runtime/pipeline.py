@@ -1,0 +1,259 @@
+"""The grounding pipeline on the cart: image + prompt -> text, boxes, masks, measurements.
+
+Torch-free. Every step is the reference's own host code (`preprocess`, `prompts`, `positions`
+through `export.host_inputs`, `postprocess`, `boxes`) around the bundle's four graphs:
+
+    image ─ qwen_pixels ─ vision ─┐
+    prompt ─ prompt_ids ─ embed ──┴ llm prefill ─ greedy steps (KV cache on the device)
+                                        │ tokens ─ text ─ boxes (original pixels)
+                                        └ [SEG] states ─ mask_decoder (all at once) ─ masks
+    image ─ sam_pixels ─ sam_encoder (once, only if any [SEG]) ─┘          └ measurements (mm)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from citrus_edge.boxes import parse_boxes
+from citrus_edge.calib_data.load import LoadedImage
+from citrus_edge.export.host_inputs import llm_prefill_inputs, vision_inputs
+from citrus_edge.preprocess import qwen_pixels
+from citrus_edge.prompts import n_image_tokens, prompt_ids
+from citrus_edge.result import GroundingResult
+
+from .artifacts import GRAPHS, BundleArtifacts, open_bundle
+from .backends import Backend, create_backend
+from .decode import Generation, greedy_generate
+from .engine_folder import EngineFolder, default_engine_folder, open_engine_folder
+from .inputs import ImageInput, load_input
+from .measure import measure_masks
+from .segment import Segmenter
+from .timing import StageTimer
+
+log = logging.getLogger(__name__)
+
+RUNTIME_CONFIG_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How a bundle is run. `providers` apply to the onnxruntime backend only."""
+
+    backend: str = "onnxruntime"
+    providers: tuple[str, ...] | None = None
+    max_new_tokens: int = 96
+    engines: str | None = None  # engines folder (`citrus-edge engines build`); see from_bundle
+    verify_bundle: bool = True  # sha256 of every file on load; refuse an altered bundle
+    version: int = RUNTIME_CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        if self.providers is not None:
+            object.__setattr__(self, "providers", tuple(self.providers))
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.version != RUNTIME_CONFIG_VERSION:
+            raise ValueError(
+                f"runtime config version {self.version} is not {RUNTIME_CONFIG_VERSION}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _engines(
+    artifacts: BundleArtifacts, backend: Backend, config: RuntimeConfig
+) -> EngineFolder | None:
+    """The engines folder to run, checked against the bundle and this machine, or None."""
+    folder = config.engines
+    if folder is None and not backend.requires_engines:
+        return None
+    if folder is None:
+        folder = default_engine_folder(artifacts.bundle.path, backend.engine_backend)
+    engines = open_engine_folder(
+        Path(folder), artifacts, backend.engine_backend, verify=config.verify_bundle
+    )
+    for component, sidecar in engines.sidecars.items():
+        backend.check_engine(sidecar, engines.files[component])
+    return engines
+
+
+@dataclass
+class Grounding:
+    """A result plus what video mode and benchmarks reuse: the `[SEG]` states and the image."""
+
+    result: GroundingResult
+    seg_hidden: np.ndarray  # [N_seg, H] float32
+    image: LoadedImage
+    generation: Generation
+
+
+class Pipeline:
+    """A bundle opened on one backend; call it with an image and a prompt."""
+
+    def __init__(
+        self,
+        artifacts: BundleArtifacts,
+        backend: Backend,
+        config: RuntimeConfig,
+        engines: EngineFolder | None = None,
+    ):
+        self.artifacts, self.backend, self.config = artifacts, backend, config
+        self.engines = engines
+        self.model_config = artifacts.config
+        self.tokenizer = artifacts.tokenizer
+        files = engines.files if engines else {g: artifacts.graph_file(g) for g in GRAPHS}
+        self.vision = backend.open_graph(files["vision"], "vision")
+        self.llm = backend.open_kv_step(files["llm"], "llm")
+        self.segmenter = Segmenter(
+            backend.open_graph(files["sam_encoder"], "sam_encoder"),
+            backend.open_graph(files["mask_decoder"], "mask_decoder"),
+            artifacts.config,
+        )
+        self.load_ms: dict[str, float] = {}
+
+    @classmethod
+    def from_bundle(
+        cls,
+        path: str | Path,
+        backend: str = "onnxruntime",
+        providers: list[str] | tuple[str, ...] | None = None,
+        max_new_tokens: int = 96,
+        engines: str | Path | None = None,
+    ) -> Pipeline:
+        """Verify the bundle at `path` and open its graphs on `backend`.
+
+        `engines` is a folder from `citrus-edge engines build`: required by `tensorrt` (default:
+        the one `<bundle>-engines/<target>/` holding TensorRT engines), optional for
+        `onnxruntime` (the `cpu` target's optimized graphs; default: the bundle's ONNX graphs).
+
+        Raises `BundleError` naming an altered or missing file (bundle or engines folder),
+        `UnknownBackendError`, `OnnxRuntimeSetupError` / `TensorRTSetupError` when the backend
+        cannot run as asked (a requested provider is never silently replaced by another), and
+        `EngineMismatchError` for an engine built for another GPU or TensorRT.
+        """
+        cfg = RuntimeConfig(
+            backend=backend,
+            providers=providers,
+            max_new_tokens=max_new_tokens,
+            engines=None if engines is None else str(engines),
+        )
+        return cls.from_config(path, cfg)
+
+    @classmethod
+    def from_config(cls, path: str | Path, config: RuntimeConfig) -> Pipeline:
+        """`from_bundle` with a `RuntimeConfig`; `load_ms` records the load stages."""
+        timer = StageTimer()
+        with timer.stage("open_bundle"):
+            artifacts = open_bundle(Path(path), verify=config.verify_bundle)
+        with timer.stage("create_backend"):
+            backend = create_backend(config.backend, config.providers)
+        with timer.stage("open_engines"):
+            engines = _engines(artifacts, backend, config)
+        with timer.stage("open_graphs"):
+            pipeline = cls(artifacts, backend, config, engines)
+        pipeline.load_ms = timer.ms
+        log.info(
+            "bundle %s (%s) on %s loaded in %.0f ms",
+            artifacts.bundle_id,
+            artifacts.config.name,
+            backend.label,
+            sum(timer.ms.values()),
+        )
+        return pipeline
+
+    @property
+    def bundle_id(self) -> str:
+        return self.artifacts.bundle_id
+
+    def __call__(self, image: ImageInput, prompt: str, frame: int = 0) -> GroundingResult:
+        """Ground `prompt` in `image`: an RGB uint8 [H, W, 3] array, a DICOM/PNG/JPEG path (frame
+        `frame`; a DICOM's pixel spacing gives measurements in mm) or a `LoadedImage`."""
+        return self.ground(image, prompt, frame).result
+
+    def ground(self, image: ImageInput, prompt: str, frame: int = 0) -> Grounding:
+        """`__call__` keeping the `[SEG]` states and the loaded image (for video mode)."""
+        t0 = time.perf_counter()
+        timer = StageTimer()
+        with timer.stage("load"):
+            loaded = load_input(image, frame)
+        gen, resized_hw = self._generate(loaded.pixels, prompt, timer)
+        with timer.stage("detokenize"):
+            text = self.tokenizer.decode(gen.tokens, skip_special_tokens=False)
+            boxes = parse_boxes(text, resized_hw, loaded.pixels.shape[:2])
+        masks, scores = self.segmenter.segment(loaded.pixels, gen.seg_hidden, timer)
+        with timer.stage("measure"):
+            measurements = measure_masks(masks, loaded.spacing)
+        timer.ms["total"] = (time.perf_counter() - t0) * 1e3
+        result = GroundingResult(
+            text=text,
+            token_ids=gen.tokens,
+            boxes=boxes,
+            masks=masks,
+            mask_scores=scores,
+            measurements=measurements,
+            timings_ms=timer.ms,
+            image_hw=tuple(loaded.pixels.shape[:2]),
+            stopped_by=gen.stopped_by,
+            backend=self.backend.label,
+            bundle_id=self.bundle_id,
+        )
+        return Grounding(result, gen.seg_hidden, loaded, gen)
+
+    def _generate(
+        self, rgb: np.ndarray, prompt: str, timer: StageTimer
+    ) -> tuple[Generation, tuple[int, int]]:
+        cfg = self.model_config
+        with timer.stage("preprocess"):
+            qp = qwen_pixels(rgb, cfg.preprocess)
+            n_img = n_image_tokens(qp.grid_thw, cfg.vision.spatial_merge_size)
+            ids = prompt_ids(self.tokenizer, prompt, n_img)  # [S]
+            feeds = vision_inputs(qp.pixel_values, qp.grid_thw, cfg.vision)
+        with timer.stage("vision_encoder"):
+            features = self.vision.run(feeds)["image_features"]  # [n_img, H]
+        with timer.stage("llm_inputs"):
+            prefill, rope_deltas = llm_prefill_inputs(
+                ids[None], self.artifacts.embeddings, cfg, features, [qp.grid_thw]
+            )
+        gen = greedy_generate(
+            self.llm,
+            prefill,
+            rope_deltas,
+            self.artifacts.embeddings,
+            cfg.tokens,
+            self.config.max_new_tokens,
+            timer,
+        )
+        return gen, qp.resized_hw
+
+    def track(self, image: ImageInput, key: Grounding, frame: int = 0) -> GroundingResult:
+        """Masks of `key`'s `[SEG]` states on a new image, running only SAM2 (encoder + decoder).
+
+        The text and tokens are the key frame's; boxes are not carried over (they were read from
+        the key frame's text and are not re-located), so `boxes` is empty.
+        """
+        t0 = time.perf_counter()
+        timer = StageTimer()
+        with timer.stage("load"):
+            loaded = load_input(image, frame)
+        masks, scores = self.segmenter.segment(loaded.pixels, key.seg_hidden, timer)
+        with timer.stage("measure"):
+            measurements = measure_masks(masks, loaded.spacing)
+        timer.ms["total"] = (time.perf_counter() - t0) * 1e3
+        return GroundingResult(
+            text=key.result.text,
+            token_ids=list(key.result.token_ids),
+            masks=masks,
+            mask_scores=scores,
+            measurements=measurements,
+            timings_ms=timer.ms,
+            image_hw=tuple(loaded.pixels.shape[:2]),
+            stopped_by=key.result.stopped_by,
+            backend=self.backend.label,
+            bundle_id=self.bundle_id,
+        )
