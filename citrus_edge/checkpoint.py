@@ -101,6 +101,7 @@ def save_checkpoint(model: CitrusV, path: Path, tokenizer_json: Path | None = No
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp is owner-only; this directory is shipped
     model.config.save(tmp / "config.json")
     save_file(state_dict_official(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer_json is not None:

@@ -245,3 +245,146 @@ def engines_build(
         built = build_bundle_engines(bundle, target, out, recipe=recipe)
     for name, path in built.engines.items():
         typer.echo(f"{name}: {path}")
+
+
+@app.command("run")
+def run_cmd(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory from `citrus-edge build`.")],
+    input: Annotated[Path, typer.Argument(help="DICOM, PNG or JPEG image (or multi-frame DICOM).")],
+    prompt: Annotated[
+        str, typer.Option(help="Question for the model.")
+    ] = "Please help segment the lesion in this scan.",
+    frame: Annotated[
+        int, typer.Option(help="Frame of a multi-frame input (key frame in --video).")
+    ] = 0,
+    video: Annotated[
+        bool, typer.Option(help="Full model on --frame, then SAM2 only on each following frame.")
+    ] = False,
+    out: Annotated[Path, typer.Option(help="Directory for JSON results and overlays.")] = Path(
+        "out/run"
+    ),
+    backend: Annotated[str, typer.Option(help="onnxruntime or tensorrt.")] = "onnxruntime",
+    provider: Annotated[
+        list[str] | None,
+        typer.Option(help="ONNX Runtime execution provider (repeatable; default CPU)."),
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Generation limit.")] = 96,
+) -> None:
+    """Run a bundle on an image: report text, boxes, masks (RLE JSON + PNG overlay), sizes in mm."""
+    from citrus_edge.runtime.output import write_json, write_overlay
+    from citrus_edge.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.from_bundle(
+        bundle, backend=backend, providers=provider, max_new_tokens=max_new_tokens
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    stem = input.stem
+    if not video:
+        g = pipe.ground(input, prompt, frame=frame)
+        j = write_json(g.result, out / f"{stem}.json")
+        o = write_overlay(g.image.pixels, g.result, out / f"{stem}.overlay.png")
+        Console().print(_result_table(g.result))
+        typer.echo(f"wrote {j}\nwrote {o}")
+        return
+    _run_video(pipe, input, prompt, frame, out / stem)
+
+
+def _result_table(result) -> Table:
+    table = Table(title=f"bundle {result.bundle_id}", show_header=False)
+    table.add_row("text", result.text)
+    table.add_row("masks", str(len(result.masks)))
+    for i, m in enumerate(result.measurements):
+        table.add_row(f"lesion {i + 1}", f"{m.area_mm2:.1f} mm², {m.longest_diameter_mm:.1f} mm")
+    table.add_row("boxes", "; ".join(f"{[round(v) for v in b.as_list()]}" for b in result.boxes))
+    table.add_row("total ms", f"{sum(result.timings_ms.values()):.1f}")
+    return table
+
+
+def _run_video(pipe, input: Path, prompt: str, key_frame: int, out: Path) -> None:
+    import statistics
+
+    from rich.progress import Progress
+
+    from citrus_edge.calib_data.load import load_image
+    from citrus_edge.runtime.output import write_json, write_overlay
+    from citrus_edge.runtime.video import run_video
+
+    n = load_image(input, frame=key_frame).n_frames
+    out.mkdir(parents=True, exist_ok=True)
+    latencies = []
+    with Progress(console=console) as progress:
+        task = progress.add_task("frames", total=n - key_frame)
+        for fr in run_video(pipe, input, prompt, key_frame=key_frame):
+            write_json(fr.result, out / f"frame_{fr.frame:04d}.json")
+            if fr.key_frame:
+                rgb = load_image(input, frame=fr.frame).pixels
+                write_overlay(rgb, fr.result, out / f"frame_{fr.frame:04d}.overlay.png")
+            else:
+                latencies.append(fr.latency_ms)
+            progress.advance(task)
+    if latencies:
+        typer.echo(
+            f"tracked {len(latencies)} frames: median {statistics.median(latencies):.1f} ms/frame"
+        )
+    typer.echo(f"wrote {out}")
+
+
+@app.command("build")
+def build_cmd(
+    target: Annotated[str, typer.Option(help="Target name (see `citrus-edge targets`).")],
+    out: Annotated[Path, typer.Option(help="Bundle directory to write (replaced atomically).")],
+    model: Annotated[
+        Path | None, typer.Option(help="Citrus-V checkpoint directory (default: the demo model).")
+    ] = None,
+    precision: Annotated[
+        str | None, typer.Option(help="Recipe name (default: the target's default).")
+    ] = None,
+    calib: Annotated[Path | None, typer.Option(help="Calibration manifest.")] = None,
+    eval_data: Annotated[Path | None, typer.Option("--eval", help="Evaluation manifest.")] = None,
+    eval_limit: Annotated[int, typer.Option(help="Eval records measured at build time.")] = 90,
+    budget: Annotated[
+        str | None, typer.Option(help="Accuracy budget vs FP32, e.g. 'dice=1,tokens=99'.")
+    ] = None,
+) -> None:
+    """Build a deployable bundle: export -> quantize -> engine plan -> validate -> manifest."""
+    from citrus_edge.build import BuildConfig, build
+    from citrus_edge.defaults import resolve_model
+
+    cfg = BuildConfig(
+        target=target,
+        model_dir=resolve_model(model),
+        recipe=precision,
+        calib=calib,
+        eval_data=eval_data,
+        eval_limit=eval_limit,
+        budget=budget,
+    )
+    cfg.resolved()  # refuse an impossible precision before any work
+    with console.status("building") as status:
+        manifest = build(cfg, out, progress=lambda stage: status.update(f"build: {stage}"))
+    Console().print(_build_table(manifest, out))
+
+
+def _build_table(manifest: dict, out: Path) -> Table:
+    table = Table(title=f"bundle {manifest['bundle_id']} for {manifest['target']['name']} -> {out}")
+    for col in ("component", "precision", "file", "MB"):
+        table.add_column(col)
+    files = manifest["files"]
+    for name, comp in manifest["components"].items():
+        size = files.get(comp["file"], {}).get("bytes", 0) / 1e6
+        table.add_row(name, comp.get("precision", "-"), comp["file"], f"{size:.2f}")
+    total = sum(f["bytes"] for f in files.values()) / 1e6
+    table.add_row("total", "", f"{len(files)} files", f"{total:.2f}")
+    acc = manifest.get("accuracy", {})
+    if acc.get("measured"):
+        m, v = acc["metrics"], acc["vs_fp32"]
+        table.caption = (
+            f"eval ({acc['records']} records): Dice {m['dice']:.3f}, count acc "
+            f"{m['count_accuracy']:.3f}; vs FP32: token agreement {v['token_agreement']:.4f}, "
+            f"Dice drop {v['dice_drop']:+.4f}"
+        )
+    else:
+        table.caption = f"accuracy not measured here: {acc.get('reason')}"
+    if "engine_plan" in manifest:
+        table.caption += " | portable bundle: run `citrus-edge engines build` on the device"
+    return table

@@ -1,0 +1,213 @@
+"""`citrus-edge build`: export -> quantize -> (engine plan | engines) -> validate -> bundle.
+
+Only chains the stage functions. The bundle is assembled in a temporary sibling directory and
+renamed at the end (`bundle.staged_directory`): an interrupted build leaves no half bundle and
+does not damage the previous one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from citrus_edge.bundle import staged_directory, tool_versions, write_manifest
+from citrus_edge.recipes import Recipe, get_recipe
+from citrus_edge.targets import Target, check_recipe, get_target
+
+log = logging.getLogger(__name__)
+
+BUILD_CONFIG_VERSION = 1
+# Precisions that need a quantization pass; fp32/fp16/bf16 graphs stay float in ONNX (TensorRT
+# applies fp16 through builder flags).
+LOW_BIT = frozenset({"int8", "fp8", "int4", "nvfp4"})
+# Precisions whose graphs only TensorRT executes faithfully (modelopt custom ops / FP8 types).
+TENSORRT_ONLY = frozenset({"fp8", "int4", "nvfp4"})
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """One build. `recipe=None` takes the target's default recipe."""
+
+    target: str
+    model_dir: Path
+    recipe: str | None = None
+    calib: Path | None = None  # manifest; None: the default phantom set's calib split
+    eval_data: Path | None = None  # manifest; None: the default phantom set's eval split
+    eval_limit: int = 90  # records of the eval split measured at build time
+    budget: str | None = None  # e.g. "dice=1,tokens=99" (see compress.budget)
+    version: int = BUILD_CONFIG_VERSION
+
+    def resolved(self) -> tuple[Target, Recipe]:
+        """Target and recipe, refusing a precision the target cannot run."""
+        target = get_target(self.target)
+        recipe = get_recipe(self.recipe or target.default_recipe)
+        check_recipe(target, recipe)
+        return target, recipe
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()
+        }
+
+
+Progress = Callable[[str], None]
+
+
+def build(cfg: BuildConfig, out: Path, progress: Progress = lambda stage: None) -> dict:
+    """Build a bundle for `cfg.target` at `out`; returns the bundle manifest."""
+    from citrus_edge.checkpoint import load_checkpoint
+    from citrus_edge.export.manifest import checkpoint_source_hash
+    from citrus_edge.export.pipeline import export_all
+
+    target, recipe = cfg.resolved()
+    out = Path(out)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.scratch-", dir=out.parent))
+    try:
+        progress("export")
+        fp32_dir = scratch / "fp32"
+        model = load_checkpoint(cfg.model_dir)
+        export_all(
+            model,
+            fp32_dir,
+            source_hash=checkpoint_source_hash(cfg.model_dir),
+            tokenizer_json=cfg.model_dir / "tokenizer.json",
+        )
+        graphs_dir, quant = fp32_dir, None
+        if any(p in LOW_BIT for _, p in recipe.items()):
+            progress("quantize")
+            graphs_dir, quant = _quantize(cfg, fp32_dir, recipe, target, scratch / "quantized")
+        with staged_directory(out) as tmp:
+            _copy_tree(graphs_dir, tmp)
+            info = _describe(cfg, target, recipe, quant)
+            info["components"] = _components(tmp, recipe)
+            if target.tensorrt:
+                progress("engine plan")
+                info["engine_plan"] = _engine_plan(tmp, target, recipe)
+            write_manifest(tmp, info)  # hashes first, so the runtime can verify what it measures
+            progress("validate")
+            info["accuracy"] = measure_accuracy(cfg, tmp, target, recipe)
+            manifest = write_manifest(tmp, info)
+        return manifest
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    for p in sorted(src.rglob("*")):
+        if p.is_file():
+            rel = p.relative_to(src)
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(p, dst / rel)
+
+
+def _describe(cfg: BuildConfig, target: Target, recipe: Recipe, quant: Any) -> dict:
+
+    return {
+        "target": target.to_dict(),
+        "recipe": recipe.to_dict(),
+        "build_config": cfg.to_dict(),
+        "model": {"dir_name": cfg.model_dir.name},
+        "versions": tool_versions(("transformers", "nvidia-modelopt", "tensorrt")),
+        "quantization": None if quant is None else quant.to_dict(),
+    }
+
+
+def _components(bundle_dir: Path, recipe: Recipe) -> dict:
+    """Component -> files and precision, as the runtime reads them."""
+    from citrus_edge.runtime.artifacts import bundle_components
+
+    comps = bundle_components(bundle_dir)
+    for name, entry in comps.items():
+        if name in dict(recipe.items()):
+            entry["precision"] = recipe.precision(name)
+    return comps
+
+
+def _quantize(cfg: BuildConfig, fp32_dir: Path, recipe: Recipe, target: Target, out: Path):
+    from citrus_edge.compress.quantize import quantize
+
+    report = quantize(
+        fp32_dir, recipe, target, calib_manifest=cfg.calib, budget=cfg.budget, out_dir=out
+    )
+    return out, report
+
+
+def _engine_plan(bundle_dir: Path, target: Target, recipe: Recipe) -> dict:
+    """The portable bundle's plan for `citrus-edge engines build` on the device (also a file)."""
+    from citrus_edge.engines.plan import make_engine_plan
+
+    plan = make_engine_plan(bundle_dir, target, recipe)
+    plan.save(bundle_dir / "engine_plan.json")
+    return plan.to_dict()
+
+
+class _Recording:
+    """Wraps a pipeline and keeps every result, so one run feeds two comparisons."""
+
+    def __init__(self, pipeline: Any) -> None:
+        self.pipeline, self.results = pipeline, []
+
+    def __call__(self, rgb: Any, prompt: str) -> Any:
+        self.results.append(self.pipeline(rgb, prompt))
+        return self.results[-1]
+
+
+def measure_accuracy(cfg: BuildConfig, bundle_dir: Path, target: Target, recipe: Recipe) -> dict:
+    """Eval-split metrics of the bundle and its agreement with the FP32 PyTorch reference.
+
+    Measured with ONNX Runtime on this machine, where it executes the bundle's graphs faithfully
+    (fp32 and INT8 Q/DQ graphs). FP8/INT4 TensorRT graphs are not scored here (ORT CPU cannot run
+    modelopt's TensorRT ops, and a wrong run must never be reported); their accuracy is measured
+    on the device. For a TensorRT target the figures are those of the bundle's ONNX graphs, not
+    of the fp16 engines TensorRT will build from them.
+    """
+    trt_only = sorted({p for _, p in recipe.items()} & TENSORRT_ONLY)
+    if trt_only:
+        return {"measured": False, "reason": f"{trt_only} graphs run only in TensorRT"}
+    from citrus_edge.calib_data.manifest import read_manifest
+    from citrus_edge.defaults import default_phantom_manifest
+    from citrus_edge.evaluate import evaluate
+    from citrus_edge.metrics import mask_iou, token_agreement
+    from citrus_edge.reference import ReferencePipeline
+    from citrus_edge.runtime.pipeline import Pipeline
+
+    manifest = cfg.eval_data or default_phantom_manifest()
+    records = read_manifest(manifest, split="eval")[: cfg.eval_limit]
+    ref = _Recording(ReferencePipeline.from_checkpoint(cfg.model_dir))
+    run = _Recording(Pipeline.from_bundle(bundle_dir))
+    ref_report = evaluate(ref, records, manifest.parent)
+    report = evaluate(run, records, manifest.parent)
+    agree = [
+        token_agreement(a.token_ids, b.token_ids)
+        for a, b in zip(ref.results, run.results, strict=True)
+    ]
+    ious = [
+        mask_iou(ma, mb)
+        for a, b in zip(ref.results, run.results, strict=True)
+        for ma, mb in zip(a.masks, b.masks, strict=False)  # counts may differ
+    ]
+    return {
+        "measured": True,
+        "engine": "onnxruntime CPU on the bundle's ONNX graphs",
+        "data": str(manifest),
+        "split": "eval",
+        "records": len(records),
+        "metrics": report.summary(),
+        "fp32_reference_metrics": ref_report.summary(),
+        "vs_fp32": {
+            "token_agreement": sum(agree) / len(agree) if agree else None,
+            "exact_sequences": sum(a == 1.0 for a in agree) / len(agree) if agree else None,
+            "mean_mask_iou": sum(ious) / len(ious) if ious else None,
+            "dice_drop": _drop(ref_report.dice, report.dice),
+        },
+    }
+
+
+def _drop(ref: float | None, new: float | None) -> float | None:
+    return None if ref is None or new is None else ref - new
