@@ -349,7 +349,11 @@ def build_cmd(
     """Build a deployable bundle: export -> quantize -> engine plan -> validate -> manifest."""
     from citrus_edge.build import BuildConfig, build
     from citrus_edge.defaults import resolve_model
+    from citrus_edge.recipes import get_recipe
+    from citrus_edge.targets import check_recipe, get_target
 
+    tgt = get_target(target)
+    check_recipe(tgt, get_recipe(precision or tgt.default_recipe))  # refuse before any work
     cfg = BuildConfig(
         target=target,
         model_dir=resolve_model(model),
@@ -359,7 +363,6 @@ def build_cmd(
         eval_limit=eval_limit,
         budget=budget,
     )
-    cfg.resolved()  # refuse an impossible precision before any work
     with console.status("building") as status:
         manifest = build(cfg, out, progress=lambda stage: status.update(f"build: {stage}"))
     Console().print(_build_table(manifest, out))
@@ -388,3 +391,7 @@ def _build_table(manifest: dict, out: Path) -> Table:
     if "engine_plan" in manifest:
         table.caption += " | portable bundle: run `citrus-edge engines build` on the device"
     return table
+
+
+if __name__ == "__main__":
+    app()

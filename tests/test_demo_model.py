@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(
 N = 24  # eval-split images used here (the README reports the full split)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _setup():
     from citrus_edge.calib_data.manifest import read_manifest
     from citrus_edge.defaults import default_phantom_manifest

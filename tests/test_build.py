@@ -1,0 +1,127 @@
+"""`citrus-edge build`: refusals, portable bundles, atomic replacement, tamper detection."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from fixtures import tiny_model, tiny_tokenizer
+from typer.testing import CliRunner
+
+from citrus_edge.bundle import BundleError, load_bundle
+from citrus_edge.cli import app
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    from citrus_edge.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("ckpt")
+    tok = root / "tokenizer.json"
+    tiny_tokenizer().save(str(tok))
+    save_checkpoint(tiny_model(), root / "tiny", tokenizer_json=tok)
+    return root / "tiny"
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    from citrus_edge.calib_data.phantom_set import write_phantom_set
+
+    return write_phantom_set(tmp_path_factory.mktemp("ph") / "set", n=10, seed=3)
+
+
+def _build(ckpt, out, data, *extra):
+    args = ["build", "--model", str(ckpt), "--out", str(out), "--eval", str(data), *extra]
+    return CliRunner().invoke(app, args, catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def cpu_bundle(tiny_ckpt, phantoms, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("b") / "bundle"
+    res = _build(tiny_ckpt, out, phantoms, "--target", "cpu", "--precision", "fp32")
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_fp8_on_orin_is_refused_naming_capable_targets(tiny_ckpt, phantoms, tmp_path):
+    res = CliRunner().invoke(
+        app,
+        ["build", "--target", "orin-nano-8", "--precision", "fp8", "--out", str(tmp_path / "b")],
+    )
+    assert res.exit_code != 0
+    msg = str(res.exception)
+    assert "fp8" in msg and all(t in msg for t in ("thor", "x86-ada", "x86-hopper"))
+    assert not (tmp_path / "b").exists()
+
+
+def test_cpu_bundle_manifest_and_accuracy(cpu_bundle):
+    b = load_bundle(cpu_bundle)
+    m = b.manifest
+    assert m["target"]["name"] == "cpu" and m["recipe"]["name"] == "fp32"
+    assert set(m["components"]) >= {"vision", "llm", "sam_encoder", "mask_decoder", "embeddings"}
+    acc = m["accuracy"]
+    assert acc["measured"] and acc["records"] == 3
+    assert acc["vs_fp32"]["token_agreement"] == 1.0  # fp32 ORT vs PyTorch: same greedy tokens
+    assert abs(acc["vs_fp32"]["dice_drop"]) < 1e-6
+    assert "torch" in m["versions"] and "onnx" in m["versions"]
+
+
+def test_run_uses_the_bundle_and_altered_byte_is_refused(cpu_bundle, phantoms, tmp_path):
+    import shutil
+
+    image = next((phantoms.parent / "images").glob("*.dcm"))
+    res = CliRunner().invoke(app, ["run", str(cpu_bundle), str(image), "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    out = json.loads((tmp_path / f"{image.stem}.json").read_text())
+    assert out["bundle_id"] == load_bundle(cpu_bundle).bundle_id
+    bad = tmp_path / "altered"
+    shutil.copytree(cpu_bundle, bad)
+    f = bad / "mask_decoder.onnx"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="mask_decoder.onnx"):
+        from citrus_edge.runtime.pipeline import Pipeline
+
+        Pipeline.from_bundle(bad)
+
+
+def test_orin_portable_bundle_has_engine_plan(tiny_ckpt, phantoms, tmp_path):
+    out = tmp_path / "orin"
+    res = _build(tiny_ckpt, out, phantoms, "--target", "orin-agx-64", "--precision", "fp16")
+    assert res.exit_code == 0, res.output
+    m = load_bundle(out).manifest
+    plan = json.loads((out / "engine_plan.json").read_text())
+    assert plan == m["engine_plan"] and plan["target"] == "orin-agx-64"
+    comps = {c["component"]: c for c in plan["components"]}
+    assert set(comps) == {"vision", "llm", "sam_encoder", "mask_decoder"}
+    for c in comps.values():
+        assert c["onnx"].endswith(".onnx") and c["precision"] == "fp16"
+        assert c["profiles"] and "FP16" in c["builder_flags"]
+    assert m["accuracy"]["measured"]  # fp32 ONNX graphs, scored with ORT
+
+
+def test_killed_build_leaves_previous_bundle_intact(cpu_bundle, tiny_ckpt, phantoms, tmp_path):
+    import shutil
+
+    out = tmp_path / "bundle"
+    shutil.copytree(cpu_bundle, out)
+    before = load_bundle(out).bundle_id
+    cmd = [sys.executable, "-m", "citrus_edge.cli", "build", "--target", "cpu", "--precision"]
+    cmd += ["fp32", "--model", str(tiny_ckpt), "--out", str(out), "--eval", str(phantoms)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, writing = time.time() + 120, False
+    while time.time() < deadline and not writing:  # kill once the export is writing graphs
+        writing = any(p.suffix == ".onnx" for p in tmp_path.glob(".bundle.*/**/*"))
+        time.sleep(0.1)
+    assert writing and proc.poll() is None, "the build was not caught halfway"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert load_bundle(out).bundle_id == before  # verified, unchanged
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["bundle"]
