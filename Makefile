@@ -35,6 +35,18 @@ format: install
 data: install
 	$(BIN)/citrus-edge data phantoms --out data/phantoms
 
+DEMO_OUT ?= out/demo
+demo: install
+	$(BIN)/citrus-edge build --target cpu --out $(DEMO_OUT)/bundle
+	$(BIN)/citrus-edge data phantoms --n 10 --seed 7 --out $(DEMO_OUT)/phantoms --overwrite
+	$(BIN)/citrus-edge run $(DEMO_OUT)/bundle $(DEMO_OUT)/phantoms/images/phantom_00002.dcm --out $(DEMO_OUT)/results
+	$(BIN)/citrus-edge run $(DEMO_OUT)/bundle $$($(BIN)/python -c "from pydicom import examples; print(examples.get_path('palette_color'))") --out $(DEMO_OUT)/results
+	@echo "demo results (JSON + overlays) in $(DEMO_OUT)/results"
+
+bench: install
+	$(BIN)/python scripts/bench.py
+	$(BIN)/python scripts/bench_phantoms.py --n 100 --set-n 500
+
 demo-model: install
 	$(BIN)/python scripts/train_demo.py --out runs/demo
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 from citrus_edge.calib_data import tasks
 from citrus_edge.calib_data.phantom import PhantomConfig, generate_phantom
-
 from citrus_edge.config import DEMO, CitrusVConfig
 from citrus_edge.preprocess import smart_resize
 from citrus_edge.prompts import SYSTEM

@@ -10,6 +10,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import generate_frames
+from pydicom.pixels import apply_color_lut, get_decoder, pixel_array
+from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, generate_uid
+
 from citrus_edge.calib_data import dicom_pixels
 from citrus_edge.calib_data.errors import (
     FrameOutOfRangeError,
@@ -23,12 +30,6 @@ from citrus_edge.calib_data.errors import (
     UnsupportedTransferSyntaxError,
 )
 from citrus_edge.calib_data.load import is_dicom, iter_frames, load_image
-from PIL import Image
-from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import generate_frames
-from pydicom.pixels import apply_color_lut, get_decoder, pixel_array
-from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, generate_uid
 
 
 def shipped(name: str) -> str:

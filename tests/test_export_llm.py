@@ -17,7 +17,6 @@ from citrus_edge.export.config import ExportConfig  # noqa: E402
 from citrus_edge.export.graph import export_component  # noqa: E402
 from citrus_edge.export.llm import llm_reference, llm_spec, write_embeddings  # noqa: E402
 from citrus_edge.export.manifest import sha256_file  # noqa: E402
-
 from citrus_edge.preprocess import qwen_pixels  # noqa: E402
 from citrus_edge.prompts import n_image_tokens, prompt_ids  # noqa: E402
 from citrus_edge.reference import ReferencePipeline  # noqa: E402

@@ -14,11 +14,10 @@ from fixtures import tiny_model, tiny_tokenizer
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
+from citrus_edge.config import CitrusVConfig  # noqa: E402
 from citrus_edge.export import ExportValidationError, export_all  # noqa: E402
 from citrus_edge.export.manifest import library_versions, sha256_file  # noqa: E402
 from citrus_edge.export.spec import REGISTRY  # noqa: E402
-
-from citrus_edge.config import CitrusVConfig  # noqa: E402
 
 ATOL = 1e-4
 GRAPHS = {"vision", "llm", "sam_encoder", "mask_decoder"}

@@ -12,7 +12,6 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 from citrus_edge.export.graph import export_component  # noqa: E402
-
 from citrus_edge.preprocess import sam_pixels  # noqa: E402
 
 ATOL = 1e-4

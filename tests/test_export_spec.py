@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from citrus_edge.export.config import ExportConfig
 from citrus_edge.export.manifest import (
     checkpoint_source_hash,

@@ -15,7 +15,6 @@ ort = pytest.importorskip("onnxruntime")
 from citrus_edge.export.graph import export_component  # noqa: E402
 from citrus_edge.export.host_inputs import VISION_INPUTS, vision_inputs  # noqa: E402
 from citrus_edge.export.manifest import library_versions, sha256_file  # noqa: E402
-
 from citrus_edge.preprocess import qwen_pixels  # noqa: E402
 
 ATOL = 1e-4

@@ -8,6 +8,8 @@ from dataclasses import replace
 import numpy as np
 import pydicom
 import pytest
+from PIL import Image
+
 from citrus_edge.calib_data import phantom_set as phantom_set_module
 from citrus_edge.calib_data.dicom_writer import US_IMAGE_STORAGE, write_us_dicom
 from citrus_edge.calib_data.errors import ManifestError
@@ -28,7 +30,6 @@ from citrus_edge.calib_data.phantom_set import (
     write_phantom_set,
 )
 from citrus_edge.calib_data.tasks import parse_boxes, parse_report, resize_box
-from PIL import Image
 
 N_SEEDS = 60
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from citrus_edge.calib_data.tasks import (
     DETECT_PROMPT,
     NO_LESION,
