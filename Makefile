@@ -47,8 +47,10 @@ bench: install
 	$(BIN)/python scripts/bench.py
 	$(BIN)/python scripts/bench_phantoms.py --n 100 --set-n 500
 
+# Resumable: re-run after an interruption. Ships the result as the package's demo model.
 demo-model: install
 	$(BIN)/python scripts/train_demo.py --out runs/demo
+	rm -rf citrus_edge/demo_model && cp -r runs/demo/model citrus_edge/demo_model
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache

@@ -130,10 +130,18 @@ def _components(bundle_dir: Path, recipe: Recipe) -> dict:
 
 
 def _quantize(cfg: BuildConfig, fp32_dir: Path, recipe: Recipe, target: Target, out: Path):
+    from citrus_edge.compress.budget import DEFAULT_BUDGET, parse_budget
     from citrus_edge.compress.quantize import quantize
 
+    budget = parse_budget(cfg.budget) if cfg.budget else DEFAULT_BUDGET
     report = quantize(
-        fp32_dir, recipe, target, calib_manifest=cfg.calib, budget=cfg.budget, out_dir=out
+        fp32_dir,
+        recipe,
+        target,
+        calib_manifest=cfg.calib,
+        budget=budget,
+        out_dir=out,
+        checkpoint=cfg.model_dir,
     )
     return out, report
 

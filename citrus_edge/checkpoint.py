@@ -106,6 +106,8 @@ def save_checkpoint(model: CitrusV, path: Path, tokenizer_json: Path | None = No
     save_file(state_dict_official(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer_json is not None:
         (tmp / "tokenizer.json").write_bytes(Path(tokenizer_json).read_bytes())
+    for f in tmp.iterdir():
+        os.chmod(f, 0o644)
     if path.exists():
         old = path.with_name(f".{path.name}.old")
         os.replace(path, old)

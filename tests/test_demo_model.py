@@ -75,3 +75,39 @@ def test_real_ultrasound_dicoms_give_answer_and_mask_of_the_right_size():
         assert res.text and res.token_ids
         for m in res.masks:
             assert m.shape == img.pixels.shape[:2]
+
+
+@pytest.fixture(scope="module")
+def demo_bundle(tmp_path_factory):
+    from citrus_edge.bundle import write_manifest
+    from citrus_edge.checkpoint import load_checkpoint
+    from citrus_edge.export.manifest import checkpoint_source_hash
+    from citrus_edge.export.pipeline import export_all
+    from citrus_edge.runtime.artifacts import bundle_components
+
+    out = tmp_path_factory.mktemp("demo") / "bundle"
+    export_all(
+        load_checkpoint(DEMO_MODEL_DIR),
+        out,
+        source_hash=checkpoint_source_hash(DEMO_MODEL_DIR),
+        tokenizer_json=DEMO_MODEL_DIR / "tokenizer.json",
+    )
+    write_manifest(out, {"components": bundle_components(out)})
+    return out
+
+
+def test_ort_runtime_matches_reference_on_eval_prompts(demo_bundle):
+    from citrus_edge.calib_data.load import load_image
+    from citrus_edge.metrics import mask_iou
+    from citrus_edge.runtime.pipeline import Pipeline
+
+    ref, root, recs = _setup()
+    run = Pipeline.from_bundle(demo_bundle)
+    ious = []
+    for rec in recs[:N]:
+        rgb = load_image(rec.abs_image(root)).pixels
+        a, b = ref(rgb, rec.prompt), run(rgb, rec.prompt)
+        assert a.token_ids == b.token_ids, rec.id
+        assert len(a.masks) == len(b.masks)
+        ious += [mask_iou(x, y) for x, y in zip(a.masks, b.masks, strict=True)]
+    assert ious and min(ious) >= 0.99, min(ious)

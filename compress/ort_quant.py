@@ -1,0 +1,311 @@
+"""ONNX Runtime quantizers for the CPU target: static INT8 QDQ, dynamic INT8, MatMulNBits.
+
+Registered for ("onnxruntime", "int8") and ("onnxruntime", "int4"); the settings type chooses
+the scheme (`settings.DEFAULT_SETTINGS`: static QDQ for the encoders and the mask decoder,
+`CPU_LLM_INT8` for the LLM, MatMulNBits 4-bit for an int4 LLM).
+
+Static QDQ calibrates once (`create_calibrator` over recorded real inputs, then
+`compute_data`) and reuses the ranges for every write, so the sensitivity search re-quantizes
+with other nodes left float without calibrating again — the same two steps
+`onnxruntime.quantization.quantize_static` runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import onnx
+
+from .calibrate import FeedsReader
+from .registry import Candidate, QuantRequest, UnsupportedQuantizationError, register_quantizer
+from .settings import (
+    DynamicSettings,
+    StaticQdqSettings,
+    WeightOnlySettings,
+    settings_to_dict,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _constant_names(model: onnx.ModelProto) -> set[str]:
+    """Initializers and Constant-node outputs: the graph's weights."""
+    names = {i.name for i in model.graph.initializer}
+    names |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    return names
+
+
+def gemm_candidates(
+    model: onnx.ModelProto, op_types: Sequence[str], const_b_only: bool
+) -> list[Candidate]:
+    """Nodes of `op_types` in graph order; MatMuls only with a constant B when `const_b_only`."""
+    consts = _constant_names(model)
+    out = []
+    for node in model.graph.node:
+        if node.op_type not in op_types:
+            continue
+        if node.op_type == "MatMul" and const_b_only and node.input[1] not in consts:
+            continue
+        out.append(Candidate(node.name, node.op_type))
+    return out
+
+
+def skipped_ends(candidates: Sequence[Candidate], first: int, last: int) -> set[str]:
+    """Names of the first `first` and last `last` candidates (kept float by settings)."""
+    names = [c.name for c in candidates]
+    return set(names[:first]) | (set(names[len(names) - last :]) if last else set())
+
+
+def _excluded(
+    settings, candidates: Sequence[Candidate], exclude: Iterable[str], others: Iterable[str] = ()
+) -> list[str]:
+    fixed = set(settings.nodes_to_exclude) | skipped_ends(
+        candidates, settings.skip_first, settings.skip_last
+    )
+    return sorted(fixed | set(exclude) | set(others))
+
+
+def float_for_unquantized(model: onnx.ModelProto, quantized: set[str]) -> int:
+    """Rewire every node that is not quantized to the float tensor behind an activation DQ.
+
+    ORT shares one Q/DQ pair among all consumers of a tensor when a single consumer asked for
+    it, so a residual Add that reads the same tensor as a quantized MatMul would add the int8-
+    rounded value (seen in the SAM2 mask decoder). Weight DQs (fed by an initializer, not a
+    QuantizeLinear) are left alone: an Identity of a shared weight must keep its DQ. Returns
+    the number of inputs rewired.
+    """
+    producer = {o: n for n in model.graph.node for o in n.output}
+    rewired = 0
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") or node.name in quantized:
+            continue
+        for i, name in enumerate(node.input):
+            dq = producer.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            q = producer.get(dq.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":
+                node.input[i] = q.input[0]
+                rewired += 1
+    return rewired
+
+
+def has_external_data(src: Path) -> bool:
+    """The graph keeps its weights in `<name>.onnx.data` (export/ does so above ~2 GiB); its
+    quantized form is then written the same way (protobuf cannot hold 2 GiB)."""
+    return Path(f"{src}.data").is_file()
+
+
+def _quant_type(name: str):
+    from onnxruntime.quantization import QuantType
+
+    return {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[name]
+
+
+class StaticQdqQuantizer:
+    """Static INT8 QDQ with per-channel weights, calibrated once on recorded inputs."""
+
+    ort_mode = "deploy"
+    qdq_graph = True  # node names kept: sensitivity trials may rewire nodes to float inputs
+
+    def __init__(self, request: QuantRequest, settings: StaticQdqSettings):
+        from onnxruntime.quantization.quant_utils import load_model_with_shape_infer
+
+        self.component, self.precision = request.component, request.precision
+        self.settings, self.method = settings, request.method
+        self.scheme = settings.scheme
+        self.per_channel_weights = settings.per_channel  # checked in qdq_check
+        self.src = Path(request.src)
+        self.model = load_model_with_shape_infer(self.src)
+        self._candidates = gemm_candidates(
+            self.model, settings.op_types, settings.matmul_const_b_only
+        )
+        # QDQQuantizer ignores "MatMulConstBOnly" (only the QOperator path reads it): the
+        # activation x activation MatMuls are kept float by naming them.
+        every = gemm_candidates(self.model, settings.op_types, const_b_only=False)
+        kept = {c.name for c in self._candidates}
+        self._float_matmuls = [c.name for c in every if c.name not in kept]
+        self.n_calib = len(request.calib)
+        self.ranges = self._calibrate(request)
+
+    def _calibrate(self, request: QuantRequest):
+        from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+        methods = {
+            "minmax": CalibrationMethod.MinMax,
+            "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile,
+        }
+        s = self.settings
+        options = {
+            "minmax": {},
+            "entropy": {"num_bins": s.entropy_bins, "num_quantized_bins": s.entropy_quantized_bins},
+            "percentile": {"percentile": s.percentile},
+        }[self.method]
+        inputs = [i.name for i in self.model.graph.input]
+        calibrator = create_calibrator(
+            Path(request.src),
+            list(self.settings.op_types),
+            augmented_model_path=str(Path(request.workdir) / f"{self.component}.augmented.onnx"),
+            calibrate_method=methods[self.method],
+            providers=["CPUExecutionProvider"],
+            extra_options=options,
+        )
+        calibrator.collect_data(FeedsReader(request.calib, inputs))
+        ranges = calibrator.compute_data()
+        del calibrator
+        return ranges
+
+    def candidates(self) -> list[Candidate]:
+        return list(self._candidates)
+
+    def write(self, dst: Path, exclude: frozenset[str]) -> None:
+        from onnxruntime.quantization import QDQQuantizer
+
+        s = self.settings
+        quantizer = QDQQuantizer(
+            copy.deepcopy(self.model),
+            s.per_channel,
+            s.reduce_range,
+            _quant_type(s.weight_type),
+            _quant_type(s.activation_type),
+            self.ranges,
+            [],  # nodes_to_quantize: all of op_types
+            _excluded(s, self._candidates, exclude, self._float_matmuls),
+            list(s.op_types),
+            {
+                "MatMulConstBOnly": s.matmul_const_b_only,
+                "WeightSymmetric": True,
+                "OpTypesToExcludeOutputQuantization": []
+                if s.quantize_outputs
+                else list(s.op_types),
+            },
+        )
+        quantizer.quantize_model()
+        quantized = {c.name for c in self._candidates} - set(
+            _excluded(s, self._candidates, exclude, self._float_matmuls)
+        )
+        float_for_unquantized(quantizer.model.model, quantized)
+        quantizer.model.save_model_to_file(str(dst), has_external_data(self.src))
+
+    def describe(self) -> dict:
+        return {
+            "scheme": self.scheme,
+            "settings": settings_to_dict(self.settings),
+            "calibration": {"method": self.method, "samples": self.n_calib},
+        }
+
+
+class DynamicQuantizer:
+    """Dynamic INT8: int8 weights per channel, activations quantized at run time."""
+
+    ort_mode = "deploy"
+
+    def __init__(self, request: QuantRequest, settings: DynamicSettings):
+        self.component, self.precision = request.component, request.precision
+        self.settings, self.src = settings, Path(request.src)
+        self.scheme = settings.scheme
+        self._candidates = gemm_candidates(onnx.load(self.src), settings.op_types, True)
+
+    def candidates(self) -> list[Candidate]:
+        return list(self._candidates)
+
+    def write(self, dst: Path, exclude: frozenset[str]) -> None:
+        from onnxruntime.quantization import quantize_dynamic
+
+        s = self.settings
+        quantize_dynamic(
+            self.src,
+            dst,
+            op_types_to_quantize=list(s.op_types),
+            per_channel=s.per_channel,
+            reduce_range=s.reduce_range,
+            weight_type=_quant_type(s.weight_type),
+            nodes_to_exclude=_excluded(s, self._candidates, exclude),
+            use_external_data_format=has_external_data(self.src),
+            extra_options={"MatMulConstBOnly": True},
+        )
+
+    def describe(self) -> dict:
+        return {"scheme": self.scheme, "settings": settings_to_dict(self.settings)}
+
+
+class WeightOnlyQuantizer:
+    """MatMulNBits: block-wise 4- or 8-bit weights of the constant-B MatMuls."""
+
+    ort_mode = "deploy"
+
+    def __init__(self, request: QuantRequest, settings: WeightOnlySettings):
+        self.component, self.precision = request.component, request.precision
+        self.settings, self.src = settings, Path(request.src)
+        self.scheme = settings.scheme
+        self._candidates = gemm_candidates(onnx.load(self.src), settings.op_types, True)
+
+    def candidates(self) -> list[Candidate]:
+        return list(self._candidates)
+
+    def write(self, dst: Path, exclude: frozenset[str]) -> None:
+        from onnxruntime.quantization import QuantFormat
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        s = self.settings
+        quantizer = MatMulNBitsQuantizer(
+            onnx.load(str(self.src)),
+            bits=s.bits,
+            block_size=s.block_size,
+            is_symmetric=s.symmetric,
+            accuracy_level=s.accuracy_level,
+            nodes_to_exclude=_excluded(s, self._candidates, exclude),
+            quant_format=QuantFormat.QOperator,
+            op_types_to_quantize=tuple(s.op_types),
+        )
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(dst), has_external_data(self.src))
+
+    def describe(self) -> dict:
+        return {"scheme": self.scheme, "settings": settings_to_dict(self.settings)}
+
+
+# settings type -> quantizer class, and the weight bits each precision must keep.
+_SCHEMES = {
+    StaticQdqSettings: StaticQdqQuantizer,
+    DynamicSettings: DynamicQuantizer,
+    WeightOnlySettings: WeightOnlyQuantizer,
+}
+_WEIGHT_BITS = {"int8": 8, "int4": 4}
+
+
+def _weight_bits(settings) -> int:
+    return settings.bits if isinstance(settings, WeightOnlySettings) else 8
+
+
+def _check_ort(request: QuantRequest) -> None:
+    """Refuse settings that do not fit the component and precision (before any work)."""
+    settings = request.settings
+    if type(settings) not in _SCHEMES:
+        raise UnsupportedQuantizationError(
+            f"{request.component}: {type(settings).__name__} is not an ONNX Runtime scheme; "
+            f"use one of {', '.join(t.__name__ for t in _SCHEMES)}"
+        )
+    bits = _weight_bits(settings)
+    if bits != _WEIGHT_BITS[request.precision]:
+        raise UnsupportedQuantizationError(
+            f"{request.component}: the recipe asks for {request.precision} but the settings give "
+            f"{bits}-bit weights; a precision is never changed silently"
+        )
+    if request.precision == "int4" and request.component != "llm":
+        raise UnsupportedQuantizationError(
+            f"{request.component}: int4 is the LLM's weight-only format (recipes.Precision)"
+        )
+
+
+def _ort_factory(request: QuantRequest):
+    _check_ort(request)
+    return _SCHEMES[type(request.settings)](request, request.settings)
+
+
+register_quantizer("onnxruntime", "int8", check=_check_ort)(_ort_factory)
+register_quantizer("onnxruntime", "int4", check=_check_ort)(_ort_factory)

@@ -1,0 +1,189 @@
+"""Write a quantized export folder: the FP32 export with its graphs replaced, atomically.
+
+Same layout as `export.export_all`'s folder: `<component>.onnx` (+ `.onnx.data`) with its
+`<component>.manifest.json` updated (sha256, precision, the quantization facts), the other files
+copied unchanged, `quantize_report.json`, and `export_manifest.json` listing every file with
+its sha256. Everything is written into a temporary folder beside `out_dir` and renamed into
+place; an existing `out_dir` is replaced only when a previous `quantize` wrote it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from citrus_edge.bundle import sha256_file
+from citrus_edge.export.manifest import umask_mode
+from citrus_edge.recipes import COMPONENTS
+
+from .report import REPORT_FILE, ComponentReport, QuantizeReport, json_db
+
+EXPORT_MANIFEST = "export_manifest.json"
+
+
+def read_export(export_dir: Path) -> dict[str, Any]:
+    """The `export_manifest.json` of an FP32 export folder naming all four graphs."""
+    path = export_dir / EXPORT_MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{export_dir}: no {EXPORT_MANIFEST}; pass an export_all folder")
+    export = json.loads(path.read_text())
+    missing = [c for c in COMPONENTS if c not in export.get("graphs", {})]
+    if missing:
+        raise ValueError(f"{path}: names no graph for {missing}")
+    if export.get("precision", "float32") != "float32":
+        raise ValueError(
+            f"{export_dir} holds {export.get('precision')} graphs; quantize the FP32 export"
+        )
+    return export
+
+
+def check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse an existing `out_dir` unless `overwrite` and a previous `quantize` wrote it (and
+    it holds nothing but the files it listed)."""
+    if not out_dir.exists():
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
+    if not (out_dir / REPORT_FILE).is_file() or not (out_dir / EXPORT_MANIFEST).is_file():
+        raise FileExistsError(
+            f"refusing to replace {out_dir}: it is not a folder `quantize` wrote "
+            f"(no {REPORT_FILE} + {EXPORT_MANIFEST})"
+        )
+    listed = set(json.loads((out_dir / EXPORT_MANIFEST).read_text())["files"])
+    stray = sorted(p.name for p in out_dir.iterdir() if p.name not in listed | {EXPORT_MANIFEST})
+    if stray:
+        raise FileExistsError(f"refusing to replace {out_dir}: it holds other files: {stray}")
+
+
+def copy_graph(src: Path, dst_dir: Path) -> Path:
+    """Copy a graph and its `<name>.onnx.data` (if any) into `dst_dir`; returns the copy."""
+    dst = dst_dir / src.name
+    shutil.copyfile(src, dst)
+    if Path(f"{src}.data").is_file():
+        shutil.copyfile(f"{src}.data", f"{dst}.data")
+    return dst
+
+
+def graph_bytes(path: Path) -> tuple[int, int]:
+    """(file bytes including external data, bytes of the weights: initializers + constants)."""
+    import onnx
+
+    total = path.stat().st_size
+    if Path(f"{path}.data").is_file():
+        total += Path(f"{path}.data").stat().st_size
+    model = onnx.load(str(path), load_external_data=False)  # sizes only: never read the weights
+    tensors = list(model.graph.initializer) + [
+        a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.t.dims
+    ]
+    return total, sum(tensor_bytes(t) for t in tensors)
+
+
+def tensor_bytes(t) -> int:
+    """Stored bytes of a tensor: raw data, typed fields, or the `length` of external data."""
+    external = {e.key: e.value for e in t.external_data}
+    if "length" in external:
+        return int(external["length"])
+    from onnx import helper
+
+    if t.raw_data:
+        return len(t.raw_data)
+    itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    return int(np.prod(t.dims)) * itemsize
+
+
+# -- 6. write the output folder -----------------------------------------------------------
+
+
+def write_quantized_export(
+    export_dir: Path, export: dict, qdir: Path, report: QuantizeReport, out_dir: Path
+) -> None:
+    """Copy the export with the quantized graphs of `qdir` (`<component>.onnx`, for every
+    component the report marks quantized) in place, update the manifests, rename into place."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    os.chmod(staging, umask_mode(0o777))  # mkdtemp makes it 0700
+    quantized = [c for c, r in report.components.items() if r.status == "quantized"]
+    try:
+        replaced = {f"{c}.onnx" for c in quantized}
+        stale = replaced | {f"{n}.data" for n in replaced}
+        for p in export_dir.iterdir():
+            if p.is_file() and p.name not in stale and p.name != EXPORT_MANIFEST:
+                shutil.copyfile(p, staging / p.name)
+        for c in quantized:
+            copy_graph(qdir / f"{c}.onnx", staging)
+            _update_graph_manifest(staging, c, report.components[c])
+        _write_json(staging / REPORT_FILE, report.to_dict())
+        _write_json(staging / EXPORT_MANIFEST, _export_manifest(export, staging, report))
+        _move_into_place(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _update_graph_manifest(folder: Path, component: str, rep: ComponentReport) -> None:
+    path = folder / f"{component}.manifest.json"
+    data = json.loads(path.read_text())
+    graph = folder / f"{component}.onnx"
+    data_file = Path(f"{graph}.data")
+    data["sha256"] = sha256_file(graph)
+    data["external_data"] = (
+        {"file": data_file.name, "sha256": sha256_file(data_file)} if data_file.is_file() else None
+    )
+    data["precision"] = rep.precision
+    data["quantization"] = {
+        "scheme": rep.scheme,
+        "sqnr_db": json_db(rep.sqnr_db),
+        "sqnr_mode": rep.sqnr_mode,
+        "check": rep.check,
+        "float_nodes": rep.float_nodes,
+        **rep.details,
+    }
+    _write_json(path, data)
+
+
+def _export_manifest(export: dict, folder: Path, report: QuantizeReport) -> dict[str, Any]:
+    out = dict(export)
+    out["precision"] = report.recipe["name"]
+    out["recipe"] = report.recipe
+    out["target"] = report.target
+    out["quantized_from"] = {"source": export.get("source"), "files": export["files"]}
+    out["graphs"] = {
+        name: {**g, "precision": report.components[name].precision}
+        for name, g in export["graphs"].items()
+    }
+    out["files"] = {
+        p.name: sha256_file(p)
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != EXPORT_MANIFEST
+    }
+    return out
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, default=_json_default, allow_nan=False) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "__dataclass_fields__"):
+        return asdict(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _move_into_place(staging: Path, out_dir: Path) -> None:
+    if not out_dir.exists():
+        os.replace(staging, out_dir)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+    os.replace(out_dir, old / out_dir.name)
+    os.replace(staging, out_dir)
+    shutil.rmtree(old)  # the previous quantize output, checked to hold only its own files

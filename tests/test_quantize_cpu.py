@@ -1,0 +1,255 @@
+"""INT8 post-training quantization for the CPU target (ONNX Runtime), on the TINY export.
+
+One quantize run (recipe "int8", target "cpu", calibrated on the calib split of 20 phantoms)
+serves every test here: Q/DQ structure, SQNR per graph, sizes, the written folder, and that the
+runtime runs it. The numbers asserted were measured on this export (see each test).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from fixtures import tiny_model, tiny_tokenizer
+
+torch = pytest.importorskip("torch")
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+from citrus_edge.bundle import sha256_file, write_manifest  # noqa: E402
+from citrus_edge.calib_data.load import load_image  # noqa: E402
+from citrus_edge.calib_data.manifest import read_manifest  # noqa: E402
+from citrus_edge.calib_data.phantom_set import write_phantom_set  # noqa: E402
+from citrus_edge.compress.fidelity import sqnr_db  # noqa: E402
+from citrus_edge.compress.quantize import quantize  # noqa: E402
+from citrus_edge.compress.report import REPORT_FILE  # noqa: E402
+from citrus_edge.compress.settings import QuantizeConfig  # noqa: E402
+from citrus_edge.config import CitrusVConfig  # noqa: E402
+from citrus_edge.export import export_all  # noqa: E402
+from citrus_edge.export.host_inputs import vision_inputs  # noqa: E402
+from citrus_edge.preprocess import qwen_pixels, sam_pixels  # noqa: E402
+from citrus_edge.runtime.artifacts import bundle_components  # noqa: E402
+
+CONFIG = QuantizeConfig(max_new_tokens=16)
+ENCODERS = ("vision", "sam_encoder", "mask_decoder")
+GEMM = ("MatMul", "Gemm", "Conv", "ConvTranspose")
+FLOAT_OPS = ("Add", "Softmax", "LayerNormalization", "Mul", "Div", "Pow", "ReduceMean", "Sqrt")
+# Worst output SQNR (dB) per graph, measured on this export: vision 30.0, llm 37.5,
+# sam_encoder 29.4, mask_decoder 23.1 (percentile calibration); thresholds keep ~2 dB margin.
+MIN_SQNR_DB = {"vision": 28.0, "llm": 35.0, "sam_encoder": 27.0, "mask_decoder": 20.0}
+# Graph bytes after / before, measured: all four 0.586; weights (initializers + constants)
+# vision 0.274, llm 0.271, sam_encoder 0.400, mask_decoder 0.414.
+MAX_SIZE_RATIO = 0.62
+MAX_WEIGHT_RATIO = {"vision": 0.30, "llm": 0.30, "sam_encoder": 0.43, "mask_decoder": 0.44}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant-cpu")
+    tokenizer = root / "tokenizer-src.json"
+    tiny_tokenizer().save(str(tokenizer))
+    export_all(
+        tiny_model(), root / "fp32", source_hash="random:citrus-v-tiny", tokenizer_json=tokenizer
+    )
+    return root, root / "fp32", write_phantom_set(root / "phantoms", n=20)
+
+
+@pytest.fixture(scope="module")
+def int8(data):
+    root, export, manifest = data
+    events = []
+    report = quantize(
+        export,
+        "int8",
+        "cpu",
+        manifest,
+        budget=None,
+        out_dir=root / "int8",
+        config=CONFIG,
+        progress=events.append,
+    )
+    return report, root / "int8", events
+
+
+def _producers(model):
+    return {o: n for n in model.graph.node for o in n.output}
+
+
+def _dq_fed(node, producer) -> bool:
+    return any(i in producer and producer[i].op_type == "DequantizeLinear" for i in node.input)
+
+
+def _weight_gemms(model):
+    """GEMM-like nodes whose weight (input 1) is an initializer: what static QDQ quantizes."""
+    weights = {i.name for i in model.graph.initializer}
+    return [n for n in model.graph.node if n.op_type in GEMM and n.input[1] in weights]
+
+
+@pytest.mark.parametrize("component", ENCODERS)
+def test_encoders_get_static_qdq_with_per_channel_weights(int8, data, component):
+    report, out, _ = int8
+    fp32 = onnx.load(str(data[1] / f"{component}.onnx"))
+    q = onnx.load(str(out / f"{component}.onnx"))
+    producer = _producers(q)
+    expected = {n.name for n in _weight_gemms(fp32)}
+    quantized = {n.name for n in q.graph.node if n.op_type in GEMM and _dq_fed(n, producer)}
+    assert quantized == expected  # every weight GEMM, and no attention (activation) MatMul
+    ops = {
+        t: sum(n.op_type == t for n in q.graph.node) for t in ("QuantizeLinear", "DequantizeLinear")
+    }
+    print(component, ops, "quantized GEMMs", len(quantized))
+    assert ops["QuantizeLinear"] >= 1 and ops["DequantizeLinear"] >= len(expected)
+    # per-channel weights: one scale per output channel (MatMul [K, N]: N; Gemm/Conv: dim 0)
+    inits = {i.name: i for i in q.graph.initializer}
+    for node in (n for n in q.graph.node if n.name in expected):
+        dq = producer[node.input[1]]
+        weight, scale = inits[dq.input[0]], inits[dq.input[1]]
+        axis = {a.name: a.i for a in dq.attribute}.get("axis", 1)
+        assert weight.data_type == onnx.TensorProto.INT8
+        assert list(scale.dims) == [weight.dims[axis]], node.name
+        assert np.all(np.isfinite(onnx.numpy_helper.to_array(scale)))
+    # norms, softmax and residual adds stay float: none of them reads a dequantized tensor
+    assert not [n.name for n in q.graph.node if n.op_type in FLOAT_OPS and _dq_fed(n, producer)]
+    assert report.components[component].check["ok"]
+
+
+def test_llm_gets_dynamic_int8_with_uint8_weights(int8, data):
+    report, out, _ = int8
+    fp32 = onnx.load(str(data[1] / "llm.onnx"))
+    q = onnx.load(str(out / "llm.onnx"))
+    n_weight_matmuls = len(_weight_gemms(fp32))
+    integer = [n for n in q.graph.node if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")]
+    print("llm weight MatMuls", n_weight_matmuls, "integer kernels", len(integer))
+    assert len(integer) == n_weight_matmuls == 15
+    assert sum(n.op_type == "DynamicQuantizeLinear" for n in q.graph.node) >= 1
+    quantized_weights = [i for i in q.graph.initializer if i.name.endswith("_quantized")]
+    assert {i.data_type for i in quantized_weights} == {onnx.TensorProto.UINT8}
+    assert report.components["llm"].scheme == "ort-dynamic"
+
+
+def test_sqnr_of_every_graph_against_fp32(int8):
+    report, _, _ = int8
+    for component, floor in MIN_SQNR_DB.items():
+        worst = report.components[component].worst_sqnr_db
+        print(f"{component}: {report.components[component].sqnr_db}")
+        assert worst >= floor, f"{component}: {worst:.1f} dB < {floor} dB"
+    assert report.measured["sqnr_db"] == {
+        c: round(report.components[c].worst_sqnr_db, 3) for c in MIN_SQNR_DB
+    }
+
+
+def test_sqnr_recomputed_on_a_new_image(int8, data):
+    """The written graphs, run on an image the calibration never saw, keep the SQNR."""
+    _, out, _ = int8
+    cfg = CitrusVConfig.load(out / "config.json")
+    rgb = load_image(read_manifest(data[2], "train")[0].abs_image(data[2].parent)).pixels
+    qp = qwen_pixels(rgb, cfg.preprocess)
+    feeds = {
+        "vision": vision_inputs(qp.pixel_values, qp.grid_thw, cfg.vision),
+        "sam_encoder": {"pixels": sam_pixels(rgb, cfg.preprocess)},
+    }
+    for component, f in feeds.items():
+        ref = _run(data[1] / f"{component}.onnx", f)
+        got = _run(out / f"{component}.onnx", f)
+        db = min(sqnr_db(ref[k], got[k]) for k in ref)
+        print(f"{component} on a train image: {db:.1f} dB")
+        assert db >= MIN_SQNR_DB[component] - 2.0
+
+
+def _run(path, feeds):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, feeds), strict=True))
+
+
+def test_sizes_shrink(int8, data):
+    report, out, _ = int8
+    for component, limit in MAX_WEIGHT_RATIO.items():
+        c = report.components[component]
+        ratio = c.weight_bytes_after / c.weight_bytes_before
+        print(f"{component}: {c.bytes_before} -> {c.bytes_after} B, weights x{ratio:.3f}")
+        assert ratio <= limit
+        assert c.bytes_after == (out / f"{component}.onnx").stat().st_size
+        assert c.bytes_before == (data[1] / f"{component}.onnx").stat().st_size
+    print("graphs x", report.size_ratio)
+    assert report.size_ratio <= MAX_SIZE_RATIO
+
+
+def test_folder_layout_manifests_and_report(int8, data):
+    report, out, events = int8
+    export = data[1]
+    assert {p.name for p in out.iterdir()} == {p.name for p in export.iterdir()} | {REPORT_FILE}
+    manifest = json.loads((out / "export_manifest.json").read_text())
+    assert manifest["precision"] == "int8" and manifest["target"] == "cpu"
+    assert all(sha256_file(out / name) == digest for name, digest in manifest["files"].items())
+    assert set(manifest["files"]) == {p.name for p in out.iterdir()} - {"export_manifest.json"}
+    for component in ("vision", "llm", "sam_encoder", "mask_decoder"):
+        graph_manifest = json.loads((out / f"{component}.manifest.json").read_text())
+        assert graph_manifest["sha256"] == sha256_file(out / f"{component}.onnx")
+        assert graph_manifest["precision"] == "int8"
+        assert manifest["graphs"][component]["precision"] == "int8"
+    assert json.loads((out / REPORT_FILE).read_text()) == json.loads(json.dumps(report.to_dict()))
+    rows = report.rows()
+    assert rows[0][0] == "component" and len(rows) == 5
+    assert [r[0] for r in rows[1:]] == ["vision", "llm", "sam_encoder", "mask_decoder"]
+    assert {e.stage for e in events} >= {"record", "calibrate", "measure", "write"}
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []  # no temp left
+
+
+def test_runtime_runs_the_quantized_bundle(int8, data, tmp_path):
+    from citrus_edge.runtime.pipeline import Pipeline
+
+    report, out, _ = int8
+    bundle = tmp_path / "bundle"
+    shutil.copytree(out, bundle)
+    write_manifest(bundle, {"components": bundle_components(bundle)})
+    pipe = Pipeline.from_bundle(bundle, max_new_tokens=16)
+    record = read_manifest(data[2], "eval")[0]
+    result = pipe(load_image(record.abs_image(data[2].parent)).pixels, record.prompt)
+    assert len(result.token_ids) >= 1
+    assert report.measured["n_records"] == 6 and report.measured["token_agreement"] > 0.5
+
+
+def test_out_dir_is_never_clobbered(int8, data, tmp_path):
+    root, export, manifest = data
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        quantize(export, "int8", "cpu", manifest, budget=None, out_dir=mine, config=CONFIG)
+    with pytest.raises(FileExistsError, match="not a folder"):
+        quantize(export, "int8", "cpu", manifest, budget=None, out_dir=mine, overwrite=True)
+    assert (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_graphs_with_external_weights_stay_external(data, tmp_path):
+    """A graph whose weights live in `<name>.onnx.data` (the 8B's, over 2 GiB) is quantized and
+    written the same way, and the runtime runs it."""
+    from citrus_edge.recipes import FP32
+
+    _, export, manifest = data
+    big = tmp_path / "external"
+    shutil.copytree(export, big)
+    model = onnx.load(str(big / "llm.onnx"))
+    onnx.save_model(
+        model,
+        str(big / "llm.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="llm.onnx.data",
+        size_threshold=1024,
+    )
+    recipe = FP32.with_component("llm", "int8")
+    report = quantize(big, recipe, "cpu", manifest, None, tmp_path / "out", config=CONFIG)
+    out = tmp_path / "out"
+    assert (out / "llm.onnx.data").is_file()
+    # the weights are not inside the graph (102 kB of structure and small tensors, measured)
+    assert (out / "llm.onnx").stat().st_size < 0.25 * (export / "llm.onnx").stat().st_size
+    c = report.components["llm"]
+    print("llm external:", c.bytes_before, "->", c.bytes_after, "weights", c.weight_bytes_after)
+    assert c.weight_bytes_after / c.weight_bytes_before <= MAX_WEIGHT_RATIO["llm"]
+    assert c.worst_sqnr_db >= MIN_SQNR_DB["llm"]
+    graph_manifest = json.loads((out / "llm.manifest.json").read_text())
+    assert graph_manifest["external_data"]["sha256"] == sha256_file(out / "llm.onnx.data")
