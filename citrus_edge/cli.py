@@ -393,8 +393,17 @@ def _build_table(manifest: dict, out: Path) -> Table:
     return table
 
 
+def entry() -> None:
+    """Console entry point: the library's typed errors become one readable line and exit code 1."""
+    try:
+        app()
+    except (ValueError, RuntimeError, FileNotFoundError, FileExistsError) as e:
+        console.print(f"[bold red]error:[/] {type(e).__name__}: {e}", markup=True, highlight=False)
+        raise SystemExit(1) from None
+
+
 if __name__ == "__main__":
-    app()
+    entry()
 
 
 @app.command("quantize")
