@@ -67,6 +67,7 @@ def build(cfg: BuildConfig, out: Path, progress: Progress = lambda stage: None) 
 
     target, recipe = cfg.resolved()
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.scratch-", dir=out.parent))
     try:
         progress("export")
