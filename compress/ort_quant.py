@@ -199,12 +199,12 @@ class StaticQdqQuantizer:
         }
 
 
-class DynamicQuantizer:
-    """Dynamic INT8: int8 weights per channel, activations quantized at run time."""
+class _ConstGemmQuantizer:
+    """Shared set-up of the weight-side quantizers: candidates are the constant-B GEMMs."""
 
     ort_mode = "deploy"
 
-    def __init__(self, request: QuantRequest, settings: DynamicSettings):
+    def __init__(self, request: QuantRequest, settings: DynamicSettings | WeightOnlySettings):
         self.component, self.precision = request.component, request.precision
         self.settings, self.src = settings, Path(request.src)
         self.scheme = settings.scheme
@@ -212,6 +212,10 @@ class DynamicQuantizer:
 
     def candidates(self) -> list[Candidate]:
         return list(self._candidates)
+
+
+class DynamicQuantizer(_ConstGemmQuantizer):
+    """Dynamic INT8: int8 weights per channel, activations quantized at run time."""
 
     def write(self, dst: Path, exclude: frozenset[str]) -> None:
         from onnxruntime.quantization import quantize_dynamic
@@ -233,19 +237,8 @@ class DynamicQuantizer:
         return {"scheme": self.scheme, "settings": settings_to_dict(self.settings)}
 
 
-class WeightOnlyQuantizer:
+class WeightOnlyQuantizer(_ConstGemmQuantizer):
     """MatMulNBits: block-wise 4- or 8-bit weights of the constant-B MatMuls."""
-
-    ort_mode = "deploy"
-
-    def __init__(self, request: QuantRequest, settings: WeightOnlySettings):
-        self.component, self.precision = request.component, request.precision
-        self.settings, self.src = settings, Path(request.src)
-        self.scheme = settings.scheme
-        self._candidates = gemm_candidates(onnx.load(self.src), settings.op_types, True)
-
-    def candidates(self) -> list[Candidate]:
-        return list(self._candidates)
 
     def write(self, dst: Path, exclude: frozenset[str]) -> None:
         from onnxruntime.quantization import QuantFormat

@@ -25,6 +25,25 @@ class ScriptedHead(torch.nn.Module):
         return out
 
 
+def _plain_forward(model, rgb, prompt: str, generated: list[int]):
+    """One full-sequence forward over prompt + generated tokens (all hidden states kept)."""
+    cfg = model.config
+    qp = qwen_pixels(rgb, cfg.preprocess)
+    n_img = n_image_tokens(qp.grid_thw, cfg.vision.spatial_merge_size)
+    p = torch.from_numpy(prompt_ids(tiny_tokenizer(), prompt, n_img))
+    ids = torch.cat([p, torch.tensor(generated, dtype=torch.long)])[None]
+    grid = torch.tensor([qp.grid_thw])
+    with torch.no_grad():
+        out = model.mllm.model(
+            input_ids=ids,
+            pixel_values=torch.from_numpy(qp.pixel_values),
+            image_grid_thw=grid,
+            position_ids=mrope_inputs(model, ids, grid),
+            output_hidden_states=True,
+        )
+    return out, len(p)
+
+
 def _pipeline(script):
     model = tiny_model()
     model.mllm.lm_head = ScriptedHead(script, model.config.text.vocab_size)
@@ -54,25 +73,12 @@ def test_seg_state_equals_plain_forward_and_two_masks_one_encoder_run():
 
     # Plain forward over prompt + generated tokens: the [SEG] state is the final-norm hidden
     # state of the position whose logits produced [SEG].
-    cfg = model.config
-    qp = qwen_pixels(rgb, cfg.preprocess)
-    n_img = n_image_tokens(qp.grid_thw, cfg.vision.spatial_merge_size)
-    p = torch.from_numpy(
-        prompt_ids(tiny_tokenizer(), "Please help segment the lesion in this scan.", n_img)
+    out, n_prompt = _plain_forward(
+        model, rgb, "Please help segment the lesion in this scan.", result.token_ids
     )
-    ids = torch.cat([p, torch.tensor(result.token_ids)])[None]
-    grid = torch.tensor([qp.grid_thw])
-    with torch.no_grad():
-        out = model.mllm.model(
-            input_ids=ids,
-            pixel_values=torch.from_numpy(qp.pixel_values),
-            image_grid_thw=grid,
-            position_ids=mrope_inputs(model, ids, grid),
-            output_hidden_states=True,
-        )
     last = out.hidden_states[-1][0]
     assert (last - out.last_hidden_state[0]).abs().max() == 0
-    seg_pos = [len(p) + k - 1 for k, t in enumerate(result.token_ids) if t == tok.seg]
+    seg_pos = [n_prompt + k - 1 for k, t in enumerate(result.token_ids) if t == tok.seg]
     diff = (captured["seg"] - last[seg_pos]).abs().max().item()
     assert diff < 1e-5, diff
 
@@ -99,18 +105,9 @@ def test_unscripted_greedy_matches_transformers_generate():
     pipe = ReferencePipeline(model, tiny_tokenizer(), max_new_tokens=8)
     rgb = random_rgb(seed=5)
     result = pipe(rgb, "Describe the findings in this scan.")
-    cfg = model.config
-    qp = qwen_pixels(rgb, cfg.preprocess)
-    n_img = n_image_tokens(qp.grid_thw, cfg.vision.spatial_merge_size)
-    p = torch.from_numpy(prompt_ids(tiny_tokenizer(), "Describe the findings in this scan.", n_img))
-    ids = torch.cat([p, torch.tensor(result.token_ids, dtype=torch.long)])[None]
-    grid = torch.tensor([qp.grid_thw])
+    out, n_prompt = _plain_forward(
+        model, rgb, "Describe the findings in this scan.", result.token_ids
+    )
     with torch.no_grad():
-        out = model.mllm.model(
-            input_ids=ids,
-            pixel_values=torch.from_numpy(qp.pixel_values),
-            image_grid_thw=grid,
-            position_ids=mrope_inputs(model, ids, grid),
-        )
-        logits = model.mllm.lm_head(out.last_hidden_state[0, len(p) - 1 : -1])
+        logits = model.mllm.lm_head(out.last_hidden_state[0, n_prompt - 1 : -1])
     assert logits.argmax(-1).tolist() == result.token_ids
