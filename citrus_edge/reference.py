@@ -7,7 +7,6 @@ before `[SEG]`, as LISA-style models select it). SAM2's image encoder runs once 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from citrus_edge.postprocess import select_masks
 from citrus_edge.preprocess import qwen_pixels, sam_pixels
 from citrus_edge.prompts import n_image_tokens, prompt_ids
 from citrus_edge.result import GroundingResult
+from citrus_edge.timing import StageTimer
 
 
 @dataclass
@@ -31,28 +31,6 @@ class Generation:
     tokens: list[int]
     seg_hidden: torch.Tensor  # [N_seg, H]
     stopped_by: str
-
-
-class Timer:
-    """Collects per-stage wall times in milliseconds."""
-
-    def __init__(self) -> None:
-        self.ms: dict[str, float] = {}
-
-    def stage(self, name: str) -> _Stage:
-        return _Stage(self, name)
-
-
-class _Stage:
-    def __init__(self, timer: Timer, name: str) -> None:
-        self.timer, self.name = timer, name
-
-    def __enter__(self) -> None:
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        dt = (time.perf_counter() - self.t0) * 1e3
-        self.timer.ms[self.name] = self.timer.ms.get(self.name, 0.0) + dt
 
 
 def mrope_inputs(model: CitrusV, ids: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
@@ -130,7 +108,7 @@ class ReferencePipeline:
     @torch.no_grad()
     def __call__(self, rgb: np.ndarray, prompt: str) -> GroundingResult:
         """Run the whole pipeline on an RGB uint8 image [H, W, 3]."""
-        timer = Timer()
+        timer = StageTimer()
         cfg = self.cfg
         with timer.stage("preprocess"):
             qp = qwen_pixels(rgb, cfg.preprocess)

@@ -243,7 +243,7 @@ def _install_recorders(pipe, sinks: dict[str, list[Feeds]]) -> _RecordingKvStep:
 
 def _probe_mask(pipe, rgb: np.ndarray, hidden: np.ndarray | None) -> np.ndarray:
     """First mask of the final hidden state (the answer had no `[SEG]`), see the module doc."""
-    from citrus_edge.runtime.timing import StageTimer
+    from citrus_edge.timing import StageTimer
 
     if hidden is None:
         raise RuntimeError("the LLM ran no step, so there is no hidden state to probe with")

@@ -16,9 +16,9 @@ import numpy as np
 from citrus_edge import positions
 from citrus_edge.config import TokenIds
 from citrus_edge.export.host_inputs import embed
+from citrus_edge.timing import StageTimer
 
 from .backends import STEP_INPUTS, KvStepRunner
-from .timing import StageTimer
 
 
 @dataclass(frozen=True)

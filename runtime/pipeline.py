@@ -26,6 +26,7 @@ from citrus_edge.export.host_inputs import llm_prefill_inputs, vision_inputs
 from citrus_edge.preprocess import qwen_pixels
 from citrus_edge.prompts import n_image_tokens, prompt_ids
 from citrus_edge.result import GroundingResult
+from citrus_edge.timing import StageTimer
 
 from .artifacts import GRAPHS, BundleArtifacts, open_bundle
 from .backends import Backend, create_backend
@@ -34,7 +35,6 @@ from .engine_folder import EngineFolder, default_engine_folder, open_engine_fold
 from .inputs import ImageInput, load_input
 from .measure import measure_masks
 from .segment import Segmenter
-from .timing import StageTimer
 
 log = logging.getLogger(__name__)
 

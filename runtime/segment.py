@@ -12,9 +12,9 @@ import numpy as np
 from citrus_edge.config import CitrusVConfig
 from citrus_edge.postprocess import select_masks
 from citrus_edge.preprocess import sam_pixels
+from citrus_edge.timing import StageTimer
 
 from .backends import GraphRunner
-from .timing import StageTimer
 
 FEATURES = ("image_embeddings", "feat_s0", "feat_s1")
 

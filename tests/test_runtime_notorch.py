@@ -58,7 +58,7 @@ def test_runtime_runs_without_torch_and_transformers(tmp_path):
     expected_modules = {
         "artifacts", "backends", "bench", "decode", "engine_folder", "errors", "inputs", "measure",
         "onnxruntime_flavour", "ort_backend", "output", "pipeline", "segment",
-        "tensorrt_backend", "timing", "video",
+        "tensorrt_backend", "video",
     }  # fmt: skip
     assert expected_modules <= set(out["modules"])
     assert out["loaded"] == []

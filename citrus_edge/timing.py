@@ -1,4 +1,4 @@
-"""Per-stage wall-clock timings in milliseconds."""
+"""Per-stage wall-clock timings in milliseconds (shared by the reference and the runtime)."""
 
 from __future__ import annotations
 
