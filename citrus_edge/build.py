@@ -94,9 +94,38 @@ def build(cfg: BuildConfig, out: Path, progress: Progress = lambda stage: None) 
             progress("validate")
             info["accuracy"] = measure_accuracy(cfg, tmp, target, recipe)
             manifest = write_manifest(tmp, info)
+        if target.tensorrt and matching_gpu(target) is not None:
+            progress("engines")
+            from citrus_edge.engines import build_bundle_engines
+
+            built = build_bundle_engines(out, target.name)
+            log.info("compiled %d engines into %s", len(built.engines), built.out_dir)
         return manifest
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def matching_gpu(target: Target):
+    """The local CUDA device when TensorRT is installed and the GPU is the target's, else None.
+
+    Without one, `build` writes a portable bundle (ONNX + engine plan) and the engines are
+    compiled on the device with `citrus-edge engines build` — engines are not portable.
+    """
+    from citrus_edge.engines.device import cuda_device, import_tensorrt
+    from citrus_edge.engines.errors import TensorRTUnavailableError
+
+    try:
+        import_tensorrt()
+        device = cuda_device()
+    except TensorRTUnavailableError as e:
+        log.info("portable bundle for %s: %s", target.name, e)
+        return None
+    if device.sm != target.sm:
+        log.info(
+            "portable bundle: local GPU %s (SM %s) is not %s's", device.name, device.sm, target.name
+        )
+        return None
+    return device
 
 
 def _copy_tree(src: Path, dst: Path) -> None:

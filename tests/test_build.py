@@ -125,3 +125,10 @@ def test_killed_build_leaves_previous_bundle_intact(cpu_bundle, tiny_ckpt, phant
     proc.wait()
     assert load_bundle(out).bundle_id == before  # verified, unchanged
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["bundle"]
+
+
+def test_no_matching_gpu_here_means_portable_bundle():
+    from citrus_edge.build import matching_gpu
+    from citrus_edge.targets import get_target
+
+    assert matching_gpu(get_target("orin-agx-64")) is None  # no TensorRT / GPU on this machine
