@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export PYTHONHASHSEED := 0
 
-.PHONY: install test test-slow lint format demo demo-model data bench wheel-test clean
+.PHONY: install test test-slow lint format demo demo-model data bench clean
 
 $(BIN)/citrus-edge: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
