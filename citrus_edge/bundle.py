@@ -105,6 +105,20 @@ def write_manifest(root: Path, info: dict) -> dict:
     return manifest
 
 
+def replace_directory(staging: Path, out: Path) -> None:
+    """Put a finished `staging` directory at `out`, replacing a previous `out` by renames only.
+
+    Callers check beforehand that `out`, if present, is something they wrote themselves.
+    """
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, old / out.name)
+    os.replace(staging, out)
+    shutil.rmtree(old)
+
+
 @contextmanager
 def staged_directory(out: Path) -> Iterator[Path]:
     """Yield a temporary sibling of `out`; on success it replaces `out` in one rename.
@@ -119,13 +133,7 @@ def staged_directory(out: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     try:
         yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
+        replace_directory(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

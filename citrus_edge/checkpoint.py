@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from citrus_edge.bundle import replace_directory
 from citrus_edge.config import CitrusVConfig
 from citrus_edge.model import CitrusV
 from citrus_edge.sam2_keys import hf_to_original, original_to_hf
@@ -99,6 +100,8 @@ def state_dict_official(model: CitrusV) -> dict[str, torch.Tensor]:
 def save_checkpoint(model: CitrusV, path: Path, tokenizer_json: Path | None = None) -> None:
     """Write `config.json` + `model.safetensors` (+ tokenizer) atomically into directory `path`."""
     path = Path(path)
+    if path.exists() and not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} exists and is not a checkpoint; choose a new directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     os.chmod(tmp, 0o755)  # mkdtemp is owner-only; this directory is shipped
@@ -108,12 +111,4 @@ def save_checkpoint(model: CitrusV, path: Path, tokenizer_json: Path | None = No
         (tmp / "tokenizer.json").write_bytes(Path(tokenizer_json).read_bytes())
     for f in tmp.iterdir():
         os.chmod(f, 0o644)
-    if path.exists():
-        old = path.with_name(f".{path.name}.old")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
-    else:
-        os.replace(tmp, path)
+    replace_directory(tmp, path)

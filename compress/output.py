@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from citrus_edge.bundle import sha256_file
+from citrus_edge.bundle import replace_directory, sha256_file
 from citrus_edge.export.manifest import umask_mode
 from citrus_edge.recipes import COMPONENTS
 
@@ -180,10 +180,4 @@ def _json_default(value: Any) -> Any:
 
 
 def _move_into_place(staging: Path, out_dir: Path) -> None:
-    if not out_dir.exists():
-        os.replace(staging, out_dir)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-    os.replace(out_dir, old / out_dir.name)
-    os.replace(staging, out_dir)
-    shutil.rmtree(old)  # the previous quantize output, checked to hold only its own files
+    replace_directory(staging, out_dir)  # out_dir was checked to hold only our own files

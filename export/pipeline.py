@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from citrus_edge.bundle import replace_directory
 from citrus_edge.model import CitrusV
 
 from .config import ExportConfig
@@ -114,13 +115,7 @@ def _check_target(out_dir: Path, overwrite: bool) -> None:
 
 
 def _move_into_place(staging: Path, out_dir: Path) -> None:
-    if not out_dir.exists():
-        os.replace(staging, out_dir)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-    os.replace(out_dir, old / out_dir.name)
-    os.replace(staging, out_dir)
-    shutil.rmtree(old)  # the previous export, checked to hold only its own files
+    replace_directory(staging, out_dir)  # out_dir was checked to hold only our own files
 
 
 def _bundle_manifest(
