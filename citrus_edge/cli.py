@@ -455,7 +455,10 @@ def quantize_cmd(
     for r in rows:
         table.add_row(*r)
     m = report.measured or {}
-    table.caption = f"graph bytes x{report.size_ratio:.3f} of FP32; vs FP32: " + ", ".join(
+    table.caption = (
+        f"graph bytes x{report.size_ratio:.3f}, bundle payload x{report.payload_ratio:.3f} of "
+        "FP32; vs FP32: "
+    ) + ", ".join(
         f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
         for k, v in m.items()
         if not isinstance(v, dict | list)

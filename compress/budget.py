@@ -108,6 +108,7 @@ class Measured:
     n_records: int = 0
     n_masks: int = 0
     unmeasured_why: str | None = None
+    probe_dice_drop: float | None = None  # reported, not budgeted (`fidelity.PipelineFidelity`)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (an exact graph's infinite SQNR becomes the string "inf")."""

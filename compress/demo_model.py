@@ -6,6 +6,7 @@ interruption) and deterministic from `TrainConfig.seed` and the phantom seeds.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -52,12 +53,50 @@ def build_tokenizer(out: Path, model_cfg: CitrusVConfig = DEMO) -> Path:
     return path
 
 
-def train_demo_model(out: Path, cfg: TrainConfig | None = None, model_cfg=DEMO) -> Path:
-    """Tokenizer + training (resumable) + checkpoint in the official layout at `out/model`."""
-    cfg = cfg or TrainConfig()
+_STAGE1 = TrainConfig()
+# The shipped model: stage 1 from scratch, then a second stage continuing from its checkpoint on
+# fresh phantoms, with a restarted schedule and extra weight on the answer's decision token plus
+# a training-only lesion-count head (stage 1 said "1 lesion" for most 2-lesion images).
+DEMO_STAGES: tuple[TrainConfig, ...] = (
+    _STAGE1,
+    dataclasses.replace(
+        _STAGE1,
+        steps=2500,
+        lr=5e-4,
+        warmup=100,
+        w_first=2.0,
+        w_count=0.5,
+        data_start=_STAGE1.steps * _STAGE1.batch_size,
+    ),
+)
+
+
+def train_demo_model(
+    out: Path, stages: tuple[TrainConfig, ...] = DEMO_STAGES, model_cfg=DEMO
+) -> Path:
+    """Tokenizer + training stages (each resumable, in `out/stageN`) + checkpoint at `out/model`.
+
+    Stage N > 1 starts from stage N-1's checkpoint (its `init_from` is set here).
+    """
     from citrus_edge.checkpoint import save_checkpoint
 
     tok_path = build_tokenizer(out, model_cfg)
-    model = train(model_cfg, cfg, out, tok_path)
-    save_checkpoint(model, out / "model", tokenizer_json=tok_path)
-    return out / "model"
+    prev: Path | None = None
+    for i, cfg in enumerate(stages, start=1):
+        stage_dir = out / f"stage{i}"
+        model_dir = stage_dir / "model"
+        if prev is not None:
+            cfg = dataclasses.replace(cfg, init_from=str(prev))
+        if not (model_dir / "config.json").exists():
+            model = train(model_cfg, cfg, stage_dir, tok_path)
+            save_checkpoint(model, model_dir, tokenizer_json=tok_path)
+        prev = model_dir
+    final = out / "model"
+    save_checkpoint(load_stage(prev), final, tokenizer_json=tok_path)
+    return final
+
+
+def load_stage(model_dir: Path):
+    from citrus_edge.checkpoint import load_checkpoint
+
+    return load_checkpoint(model_dir)

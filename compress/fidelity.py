@@ -24,7 +24,7 @@ import numpy as np
 
 from citrus_edge.metrics import dice, token_agreement
 
-from .calibrate import Feeds, PipelineRun
+from .calibrate import Feeds, Outcome, PipelineRun
 
 ORT_MODES = ("deploy", "reference")
 # Which outputs of each graph SQNR is measured on (None: every float output). The LLM's KV cache
@@ -137,28 +137,45 @@ def graph_fidelity(
 
 @dataclass(frozen=True)
 class PipelineFidelity:
-    """Answer-level agreement of a quantized pipeline with FP32 on the validation split."""
+    """Answer-level agreement of a quantized pipeline with FP32 on the validation split.
 
-    dice_drop: float | None  # 1 - mean Dice(quantized first mask, FP32 first mask)
+    `dice_drop` compares the masks the two pipelines answer with: a segmentation answer without
+    `[SEG]` answers "no mask", so two such answers agree (Dice 1, both empty) and a mask against
+    none scores 0. `probe_dice_drop` compares the probe masks (the decoder fed the final state,
+    `calibrate.Outcome.probe`) of the records both answered without a mask: the decoder's
+    fidelity there, which no user sees; reported, not budgeted.
+    """
+
+    dice_drop: float | None  # 1 - mean Dice(quantized answer mask, FP32 answer mask)
     token_agreement: float | None
     n_records: int
     n_masks: int
     n_probes: int
     per_record: dict[str, dict[str, float]]
+    probe_dice_drop: float | None = None
+
+
+def answer_dice(ref: Outcome, got: Outcome) -> float:
+    """Dice of the quantized answer's first mask against FP32's (a probe is no answer mask)."""
+    if ref.probe or got.probe:
+        return 1.0 if ref.probe and got.probe else 0.0
+    return dice(got.first_mask, ref.first_mask)
 
 
 def compare_runs(reference: PipelineRun, test: PipelineRun) -> PipelineFidelity:
     """Compare two runs of the same records: first-mask Dice and greedy token agreement."""
     if [o.id for o in reference.outcomes] != [o.id for o in test.outcomes]:
         raise ValueError("the two runs cover different records")
-    dices, agreements, per_record = [], [], {}
+    dices, probes, agreements, per_record = [], [], [], {}
     for ref, got in zip(reference.outcomes, test.outcomes, strict=True):
         scores = {"token_agreement": token_agreement(ref.tokens, got.tokens)}
         agreements.append(scores["token_agreement"])
         if ref.first_mask is not None:
-            mask = got.first_mask if got.first_mask is not None else np.zeros_like(ref.first_mask)
-            scores["dice"] = dice(mask, ref.first_mask)
+            scores["dice"] = answer_dice(ref, got)
             dices.append(scores["dice"])
+            if ref.probe and got.probe:
+                scores["probe_dice"] = dice(got.first_mask, ref.first_mask)
+                probes.append(scores["probe_dice"])
         per_record[ref.id] = scores
     return PipelineFidelity(
         dice_drop=1.0 - float(np.mean(dices)) if dices else None,
@@ -167,4 +184,5 @@ def compare_runs(reference: PipelineRun, test: PipelineRun) -> PipelineFidelity:
         n_masks=len(dices),
         n_probes=reference.n_probes,
         per_record=per_record,
+        probe_dice_drop=1.0 - float(np.mean(probes)) if probes else None,
     )

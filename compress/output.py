@@ -98,6 +98,20 @@ def tensor_bytes(t) -> int:
     return int(np.prod(t.dims)) * itemsize
 
 
+def store_embeddings(src: Path, dst: Path, dtype: str) -> None:
+    """Write the embedding table `src` (.npy) as `dtype` at `dst` (temp file, then rename)."""
+    table = np.load(src, mmap_mode="r")
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, np.ascontiguousarray(table, dtype=dtype))
+    tmp.replace(dst)
+
+
+def payload_bytes(files: list[Path]) -> int:
+    """Bytes of what a bundle carries besides its manifests: graphs, weights, tables, tokenizer."""
+    return sum(p.stat().st_size for p in files if not p.name.endswith("manifest.json"))
+
+
 # -- 6. write the output folder -----------------------------------------------------------
 
 
@@ -112,9 +126,15 @@ def write_quantized_export(
     try:
         replaced = {f"{c}.onnx" for c in quantized}
         stale = replaced | {f"{n}.data" for n in replaced}
+        table = qdir / export["embeddings"]["file"]
+        if table.is_file():  # stored in another dtype (`QuantizeConfig.embeddings_dtype`)
+            stale.add(table.name)
         for p in export_dir.iterdir():
             if p.is_file() and p.name not in stale and p.name != EXPORT_MANIFEST:
                 shutil.copyfile(p, staging / p.name)
+        if table.is_file():
+            shutil.copyfile(table, staging / table.name)
+            _update_embeddings_manifest(staging, table.name)
         for c in quantized:
             copy_graph(qdir / f"{c}.onnx", staging)
             _update_graph_manifest(staging, c, report.components[c])
@@ -144,6 +164,14 @@ def _update_graph_manifest(folder: Path, component: str, rep: ComponentReport) -
         "float_nodes": rep.float_nodes,
         **rep.details,
     }
+    _write_json(path, data)
+
+
+def _update_embeddings_manifest(folder: Path, name: str) -> None:
+    path = folder / f"{Path(name).stem}.manifest.json"
+    data = json.loads(path.read_text())
+    dtype = str(np.load(folder / name, mmap_mode="r").dtype)
+    data.update(sha256=sha256_file(folder / name), dtype=dtype, precision=dtype)
     _write_json(path, data)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -45,8 +46,17 @@ from .budget import (
     Measured,
 )
 from .calibrate import PipelineRun, bundle_view, run_pipeline
+from .compact import CompactFacts, compact_graph
 from .fidelity import compare_runs, graph_fidelity, reference_outputs
-from .output import check_out_dir, copy_graph, graph_bytes, read_export, write_quantized_export
+from .output import (
+    check_out_dir,
+    copy_graph,
+    graph_bytes,
+    payload_bytes,
+    read_export,
+    store_embeddings,
+    write_quantized_export,
+)
 from .qdq_check import check_graph, require_ok
 from .registry import (
     GraphQuantizer,
@@ -240,6 +250,8 @@ class _Job:
         self.steps: list[SearchStep] = []
         self.notes: list[str] = []
         self._solo: dict[str, Measured] = {}
+        self.compacted: dict[str, CompactFacts] = {}
+        self.embeddings: Path | None = None  # the table as the quantized export stores it
         self._history: list[Measured] = []  # measurements after each search step
 
     # -- 2. record ------------------------------------------------------------------------
@@ -262,7 +274,9 @@ class _Job:
             if run.n_probes:
                 self.notes.append(
                     f"{split}: {run.n_probes} segmentation answer(s) had no [SEG]; the mask "
-                    "decoder was fed the final hidden state of the last step instead (probe)"
+                    "decoder was fed the final hidden state of the last step instead (probe: "
+                    "calibration feeds and the reported probe Dice; the budgeted Dice compares "
+                    "answer masks)"
                 )
 
     def _fp32_outputs(self, component: str) -> list[dict[str, np.ndarray]]:
@@ -294,12 +308,21 @@ class _Job:
             self.reference[component] = self._fp32_outputs(component)
             self.excluded[component] = set()
             self._write(component)
+        if "llm" in self.quantizers and self.config.embeddings_dtype != "float32":
+            name = read_export(self.export_dir)["embeddings"]["file"]
+            self.embeddings = self.qdir / name
+            store_embeddings(self.export_dir / name, self.embeddings, self.config.embeddings_dtype)
         self.progress(QuantizeProgress("calibrate", len(todo), len(todo), ""))
 
     def _write(self, component: str) -> None:
         q = self.quantizers[component]
         path = self.qdir / f"{component}.onnx"
-        q.write(path, frozenset(self.excluded[component]))
+        written = self._written(component)
+        q.write(written, frozenset(self.excluded[component]))
+        if self._compacts:
+            if written != path:
+                shutil.copyfile(written, path)
+            self.compacted[component] = compact_graph(path)
         n_candidates = len(q.candidates())
         all_float = n_candidates and len(self.excluded[component]) >= n_candidates
         per_channel = getattr(q, "per_channel_weights", False)
@@ -309,6 +332,20 @@ class _Job:
         self._solo.pop(component, None)
 
     # -- 4. measure ---------------------------------------------------------------------
+    @property
+    def _compacts(self) -> bool:
+        return self.backend == "onnxruntime" and self.config.compact
+
+    def _written(self, component: str) -> Path:
+        """The graph as the quantizer wrote it: the sensitivity search edits this one (its
+        tensor names are the source's); `qdir` holds it compacted (`compact.compact_graph`).
+        A graph with external data is written and compacted in place (only its `value_info`
+        goes: its names stay)."""
+        external = Path(f"{self.export_dir / component}.onnx.data").is_file()
+        if self._compacts and not external:
+            return self.scratch / "work" / component / f"{component}.written.onnx"
+        return self.qdir / f"{component}.onnx"
+
     def graph_sqnr(self, component: str) -> dict[str, float] | None:
         q = self.quantizers[component]
         if q.ort_mode is None:
@@ -332,10 +369,19 @@ class _Job:
             )
             return Measured(None, None, sqnr, unmeasured_why=why)
         files = {f"{c}.onnx": self.qdir / f"{c}.onnx" for c in names}
+        if self.embeddings is not None and (only is None or only == "llm"):
+            files[self.embeddings.name] = self.embeddings
         with bundle_view(self.export_dir, self.scratch, "measure", files) as view:
             run = run_pipeline(view, self.eval_records, self.data_dir, self.config.max_new_tokens)
         fid = compare_runs(self.eval_run, run)
-        return Measured(fid.dice_drop, fid.token_agreement, sqnr, fid.n_records, fid.n_masks)
+        return Measured(
+            fid.dice_drop,
+            fid.token_agreement,
+            sqnr,
+            fid.n_records,
+            fid.n_masks,
+            probe_dice_drop=fid.probe_dice_drop,
+        )
 
     # -- 5. budget and search -------------------------------------------------------------
     def run_search(self) -> None:
@@ -428,7 +474,7 @@ class _Job:
             self.reference[component],
             self.eval_run.feeds[component],
             q.ort_mode,
-            self.qdir / f"{component}.onnx",
+            self._written(component),
             self.scratch / "work" / component,
         )
 
@@ -468,7 +514,19 @@ class _Job:
             notes=self.notes + _scheme_notes(self.quantizers),
             seconds=time.perf_counter() - t0,
             versions=tool_versions(("nvidia-modelopt", "onnxscript")),
+            **self._payload(export_dir, components),
         )
+
+    def _payload(self, export_dir: Path, components: dict[str, ComponentReport]) -> dict[str, int]:
+        """Payload bytes of the FP32 export and of the output written from it."""
+        files = [p for p in export_dir.iterdir() if p.is_file()]
+        before = payload_bytes(files)
+        after = before + sum(c.bytes_after - c.bytes_before for c in components.values())
+        if self.embeddings is not None:
+            after += (
+                self.embeddings.stat().st_size - (export_dir / self.embeddings.name).stat().st_size
+            )
+        return {"payload_bytes_before": before, "payload_bytes_after": after}
 
     def _calibration_facts(self, manifest: Path) -> dict[str, Any]:
         return {
@@ -516,8 +574,12 @@ class _Job:
             self.checks[component],
             len(q.candidates()),
             sorted(self.excluded[component]),
-            q.describe(),
+            {**q.describe(), **self._compact_facts(component)},
         )
+
+    def _compact_facts(self, component: str) -> dict[str, Any]:
+        facts = self.compacted.get(component)
+        return {} if facts is None else {"compact": facts.to_dict()}
 
 
 def _scheme_notes(quantizers: dict[str, GraphQuantizer]) -> list[str]:

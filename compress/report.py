@@ -90,6 +90,10 @@ class QuantizeReport:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     versions: dict[str, str] = field(default_factory=dict)
+    # Everything the output carries besides manifests (graphs, embedding table, tokenizer,
+    # config), before and after: the bundle's payload (`output.payload_bytes`).
+    payload_bytes_before: int = 0
+    payload_bytes_after: int = 0
 
     @property
     def bytes_before(self) -> int:
@@ -103,6 +107,15 @@ class QuantizeReport:
     def size_ratio(self) -> float:
         """Graph bytes after / before (all four graphs)."""
         return self.bytes_after / self.bytes_before if self.bytes_before else 1.0
+
+    @property
+    def payload_ratio(self) -> float:
+        """Payload bytes after / before: graphs + embedding table + tokenizer + config."""
+        return (
+            self.payload_bytes_after / self.payload_bytes_before
+            if self.payload_bytes_before
+            else 1.0
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -118,6 +131,9 @@ class QuantizeReport:
             "bytes_before": self.bytes_before,
             "bytes_after": self.bytes_after,
             "size_ratio": round(self.size_ratio, 4),
+            "payload_bytes_before": self.payload_bytes_before,
+            "payload_bytes_after": self.payload_bytes_after,
+            "payload_ratio": round(self.payload_ratio, 4),
             "budget": self.budget,
             "measured": self.measured,
             "measured_initial": self.measured_initial,

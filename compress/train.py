@@ -54,10 +54,13 @@ class TrainConfig:
     w_iou: float = 0.5
     w_aux: float = 0.5
     w_mask_aux: float = 0.5
+    w_first: float = 0.0  # extra CE on each answer's first token (the count / lesion decision)
+    w_count: float = 0.0  # training-only lesion-count head on the answer-start state
     ckpt_every: int = 100
     log_every: int = 20
     threads: int = 1
     init_from: str | None = None  # Citrus-V checkpoint dir to start from (e.g. continue the demo)
+    data_start: int = 0  # index of the first training phantom (a later stage sees fresh ones)
     version: int = TRAIN_CONFIG_VERSION
 
     def lr_at(self, step: int) -> float:
@@ -77,6 +80,7 @@ class Sample:
     sam_pixels: np.ndarray  # [3, S_sam, S_sam]
     mask: np.ndarray  # [S_sam, S_sam] float32 union of lesion masks at SAM input size
     occupancy: np.ndarray  # [n_visual_tokens] fraction of each merged patch covered by lesion
+    n_lesions: int
 
 
 def make_sample(model_cfg: CitrusVConfig, tokenizer, seed: int, phantom_cfg: PhantomConfig):
@@ -111,6 +115,7 @@ def make_sample(model_cfg: CitrusVConfig, tokenizer, seed: int, phantom_cfg: Pha
         sam_pixels=sam_pixels(rgb, pp)[0],
         mask=mask_sam.astype(np.float32),
         occupancy=occ.astype(np.float32),
+        n_lesions=len(ph.lesions),
     )
 
 
@@ -161,15 +166,21 @@ def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
         "sam_pixels": torch.from_numpy(np.stack([s.sam_pixels for s in samples])),
         "mask": torch.from_numpy(np.stack([s.mask for s in samples])),
         "occupancy": torch.from_numpy(np.concatenate([s.occupancy for s in samples])),
+        "n_lesions": torch.tensor([s.n_lesions for s in samples]),
     }
 
 
+MAX_COUNT = 3  # the count head's classes: 0 .. MAX_COUNT lesions (more are clipped)
+
+
 class OccupancyHead(nn.Module):
-    """Training-only aid: predicts lesion coverage of each visual token. Not shipped."""
+    """Training-only aids, not shipped: lesion coverage of each visual token, and the lesion
+    count read from the state that starts the answer."""
 
     def __init__(self, d: int):
         super().__init__()
         self.proj = nn.Linear(d, 1)
+        self.count = nn.Linear(d, MAX_COUNT + 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).squeeze(-1)
@@ -210,13 +221,19 @@ def compute_losses(
         ignore_index=IGNORE,
     )
     losses = {"lm": lm, "aux": F.binary_cross_entropy_with_logits(aux(visual), batch["occupancy"])}
+    answer_start = (batch["labels"] != IGNORE).float().argmax(dim=1) - 1  # [B]
+    rows = torch.arange(len(ids))
+    # The first answer token carries the decision (lesion count, or whether to answer [SEG]).
+    first = batch["labels"][rows, answer_start + 1]
+    losses["first"] = F.cross_entropy(logits[rows, answer_start], first)
+    count = batch["n_lesions"].clamp(max=MAX_COUNT)
+    losses["count"] = F.cross_entropy(aux.count(hidden[rows, answer_start]), count)
     # The state that predicts [SEG] (position p where token p+1 is [SEG]) prompts SAM2.
     is_seg = batch["labels"][:, 1:] == cfg.tokens.seg  # [B, S-1]
     b_idx, p_idx = is_seg.nonzero(as_tuple=True)
     # Training aid (discarded after training): the state at the last prompt position, which
     # decides the answer's first token, also prompts SAM2 for every image with a lesion, so the
     # decoder and projector see every lesion image and that state must look at the image.
-    answer_start = (batch["labels"] != IGNORE).float().argmax(dim=1) - 1  # [B]
     lesion_b = (batch["mask"].flatten(1).amax(1) > 0).nonzero(as_tuple=True)[0]
     n_seg = len(b_idx)
     b_all = torch.cat([b_idx, lesion_b])
@@ -285,12 +302,12 @@ def train(
     if state_path.exists():
         st = torch.load(state_path, weights_only=False)
         model.load_state_dict(st["model"])
-        aux.load_state_dict(st["aux"])
+        aux.load_state_dict(st["aux"], strict=False)  # heads added later start fresh
         opt.load_state_dict(st["opt"])
         step = st["step"]
         log.info("resumed at step %d", step)
     model.train()
-    stream = PhantomStream(model_cfg, tokenizer_path, start=step * cfg.batch_size)
+    stream = PhantomStream(model_cfg, tokenizer_path, start=cfg.data_start + step * cfg.batch_size)
     loader = DataLoader(
         stream,
         batch_size=cfg.batch_size,
@@ -299,7 +316,7 @@ def train(
         prefetch_factor=4,
     )
     weights = {"lm": cfg.w_lm, "mask": cfg.w_mask, "iou": cfg.w_iou, "aux": cfg.w_aux}
-    weights["mask_aux"] = cfg.w_mask_aux
+    weights.update(mask_aux=cfg.w_mask_aux, first=cfg.w_first, count=cfg.w_count)
     t0, acc = time.time(), {}
     curve = (out_dir / "curve.jsonl").open("a")
     for batch in loader:

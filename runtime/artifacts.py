@@ -104,10 +104,12 @@ def _check_tokens(tokenizer: Tokenizer, config: CitrusVConfig, path: Path) -> No
 def _load_embeddings(path: Path, config: CitrusVConfig) -> np.ndarray:
     table = np.load(path, mmap_mode="r")  # the 8B's table is 2 GiB: map it, read rows on use
     expected = (config.text.vocab_size, config.text.hidden_size)
-    if table.shape != expected or table.dtype != np.float32:
+    # float16 where the LLM was quantized (`compress.settings.QuantizeConfig.embeddings_dtype`);
+    # rows are cast to float32 on lookup (`host_inputs.embed`).
+    if table.shape != expected or table.dtype not in (np.float32, np.float16):
         raise BundleError(
-            f"{path}: embedding table is {table.dtype} {table.shape}, config says float32 "
-            f"{expected}"
+            f"{path}: embedding table is {table.dtype} {table.shape}, config says float32 or "
+            f"float16 {expected}"
         )
     return table
 

@@ -204,10 +204,11 @@ def test_plans_per_target():
     cpu = plan_components(INT8, get_target("cpu"))
     assert {c: p.settings.scheme for c, p in cpu.items()} == {
         "vision": "ort-static-qdq",
-        "llm": "ort-dynamic",
+        "llm": "ort-matmulnbits",
         "sam_encoder": "ort-static-qdq",
         "mask_decoder": "ort-static-qdq",
     }
+    assert cpu["llm"].settings.bits == 8
     w4 = plan_components(INT8_W4, get_target("cpu"))
     assert w4["llm"].settings.scheme == "ort-matmulnbits" and w4["llm"].settings.bits == 4
     trt = describe_plan(FP16.with_component("sam_encoder", "fp8"), "x86-ada")
@@ -252,3 +253,36 @@ def test_importing_quantize_loads_neither_torch_nor_modelopt():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_compare_runs_scores_answer_masks_and_reports_probes_apart():
+    from citrus_edge.compress.calibrate import Outcome, PipelineRun
+    from citrus_edge.compress.fidelity import compare_runs
+
+    full = np.ones((4, 4), bool)
+    half = np.zeros((4, 4), bool)
+    half[:2] = True
+    ref = PipelineRun(
+        [
+            Outcome("a", "segment", [1, 2], full),  # mask vs the same mask: 1
+            Outcome("b", "segment", [1, 3], full),  # mask vs half of it: 2/3
+            Outcome("c", "segment", [1, 4], full),  # a mask vs no [SEG] (a probe): 0
+            Outcome("d", "segment", [5], half, probe=True),  # no mask either side: 1
+            Outcome("e", "report", [7, 8, 9, 9], None),
+        ]
+    )
+    got = PipelineRun(
+        [
+            Outcome("a", "segment", [1, 2], full),
+            Outcome("b", "segment", [1, 3], half),
+            Outcome("c", "segment", [1, 0], full, probe=True),
+            Outcome("d", "segment", [5], full, probe=True),
+            Outcome("e", "report", [7, 8, 0, 0], None),
+        ]
+    )
+    fid = compare_runs(ref, got)
+    assert fid.dice_drop == pytest.approx(1 - (1 + 2 / 3 + 0 + 1) / 4)
+    assert fid.probe_dice_drop == pytest.approx(1 - 2 / 3)  # half vs full, reported apart
+    assert fid.n_masks == 4 and fid.n_probes == 1
+    assert fid.per_record["c"]["dice"] == 0.0 and "probe_dice" not in fid.per_record["c"]
+    assert fid.token_agreement == pytest.approx((1 + 1 + 0.5 + 1 + 0.5) / 5)

@@ -115,18 +115,17 @@ def test_encoders_get_static_qdq_with_per_channel_weights(int8, data, component)
     assert report.components[component].check["ok"]
 
 
-def test_llm_gets_dynamic_int8_with_uint8_weights(int8, data):
+def test_llm_gets_8bit_matmulnbits_weights(int8, data):
     report, out, _ = int8
     fp32 = onnx.load(str(data[1] / "llm.onnx"))
     q = onnx.load(str(out / "llm.onnx"))
     n_weight_matmuls = len(_weight_gemms(fp32))
-    integer = [n for n in q.graph.node if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")]
-    print("llm weight MatMuls", n_weight_matmuls, "integer kernels", len(integer))
-    assert len(integer) == n_weight_matmuls == 15
-    assert sum(n.op_type == "DynamicQuantizeLinear" for n in q.graph.node) >= 1
-    quantized_weights = [i for i in q.graph.initializer if i.name.endswith("_quantized")]
-    assert {i.data_type for i in quantized_weights} == {onnx.TensorProto.UINT8}
-    assert report.components["llm"].scheme == "ort-dynamic"
+    nbits = [n for n in q.graph.node if n.op_type == "MatMulNBits"]
+    print("llm weight MatMuls", n_weight_matmuls, "MatMulNBits", len(nbits))
+    assert len(nbits) == n_weight_matmuls == 15
+    attrs = [{a.name: a.i for a in n.attribute} for n in nbits]
+    assert {a["bits"] for a in attrs} == {8} and {a["block_size"] for a in attrs} == {32}
+    assert report.components["llm"].scheme == "ort-matmulnbits"
 
 
 def test_sqnr_of_every_graph_against_fp32(int8):
@@ -253,3 +252,68 @@ def test_graphs_with_external_weights_stay_external(data, tmp_path):
     assert c.worst_sqnr_db >= MIN_SQNR_DB["llm"]
     graph_manifest = json.loads((out / "llm.manifest.json").read_text())
     assert graph_manifest["external_data"]["sha256"] == sha256_file(out / "llm.onnx.data")
+
+
+@pytest.mark.parametrize("component", ["sam_encoder", "mask_decoder", "vision"])
+def test_compact_graph_keeps_what_it_computes(data, tmp_path, component):
+    """value_info dropped, big float constants as float16, short names: same outputs."""
+    from citrus_edge.compress.compact import compact_graph
+
+    src = data[1] / f"{component}.onnx"
+    dst = tmp_path / src.name
+    shutil.copyfile(src, dst)
+    facts = compact_graph(dst)
+    print(component, facts)
+    assert facts.bytes_after == dst.stat().st_size < facts.bytes_before
+    a, b = onnx.load(str(src)), onnx.load(str(dst))
+    assert [i.name for i in a.graph.input] == [i.name for i in b.graph.input]
+    assert [o.name for o in a.graph.output] == [o.name for o in b.graph.output]
+    assert len(b.graph.value_info) == 0 and facts.names_shortened > 100
+    assert {n.name for n in a.graph.node} <= {n.name for n in b.graph.node}  # node names kept
+    feeds = _real_feeds(component, data)
+    ref, got = _run(src, feeds), _run(dst, feeds)
+    for k in ref:
+        db = sqnr_db(ref[k], got[k])
+        print(f"  {k}: {db:.1f} dB")
+        assert db > 60.0  # float16 position tables: 2^-11 relative, nothing else changes
+
+
+def _real_feeds(component, data):
+    rgb = load_image(read_manifest(data[2], "eval")[0].abs_image(data[2].parent)).pixels
+    cfg = CitrusVConfig.load(data[1] / "config.json")
+    if component == "vision":
+        qp = qwen_pixels(rgb, cfg.preprocess)
+        return vision_inputs(qp.pixel_values, qp.grid_thw, cfg.vision)
+    feeds = {"pixels": sam_pixels(rgb, cfg.preprocess)}
+    if component == "sam_encoder":
+        return feeds
+    enc = _run(data[1] / "sam_encoder.onnx", feeds)
+    session = ort.InferenceSession(str(data[1] / "mask_decoder.onnx"))
+    out = {}
+    for i in session.get_inputs():
+        if i.name in enc:
+            out[i.name] = enc[i.name]
+        else:
+            shape = [d if isinstance(d, int) else 2 for d in i.shape]
+            out[i.name] = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    return out
+
+
+def test_output_stores_float16_embeddings_and_payload_bytes(int8, data):
+    report, out, _ = int8
+    table = np.load(out / "embeddings.npy")
+    ref = np.load(data[1] / "embeddings.npy")
+    assert table.dtype == np.float16 and table.shape == ref.shape
+    assert np.abs(table.astype(np.float32) - ref).max() <= np.abs(ref).max() * 2**-10
+    manifest = json.loads((out / "embeddings.manifest.json").read_text())
+    assert manifest["dtype"] == "float16" and manifest["sha256"] == sha256_file(
+        out / "embeddings.npy"
+    )
+    files = [p for p in out.iterdir() if p.name not in ("quantize_report.json",)]
+    carried = sum(p.stat().st_size for p in files if not p.name.endswith("manifest.json"))
+    assert report.payload_bytes_after == carried
+    assert report.payload_ratio == pytest.approx(carried / report.payload_bytes_before)
+    print("payload x", report.payload_ratio)
+    for c in ENCODERS + ("llm",):
+        facts = report.components[c].details["compact"]
+        assert facts["bytes_after"] == report.components[c].bytes_after
