@@ -16,6 +16,7 @@ Dice), token agreement in percent, SQNR in dB.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -137,6 +138,21 @@ class Measured:
                 if db < budget.min_sqnr_db:
                     out.append(f"{graph} SQNR {db:.1f} dB < {budget.min_sqnr_db:.1f} dB")
         return out
+
+    def broken_bounds(self, budget: Budget) -> Budget:
+        """`budget` with every bound these measurements hold relaxed away: the excess of a
+        graph against it says how much that graph causes of what is actually violated."""
+        dice_broken = self.dice_drop is not None and self.dice_drop > budget.max_dice_drop
+        tokens = self.token_agreement
+        tokens_broken = tokens is not None and tokens < budget.min_token_agreement
+        sqnr = budget.min_sqnr_db
+        sqnr_broken = sqnr is not None and any(db < sqnr for db in self.sqnr_db.values())
+        return dataclasses.replace(
+            budget,
+            max_dice_drop=budget.max_dice_drop if dice_broken else 1.0,
+            min_token_agreement=budget.min_token_agreement if tokens_broken else 0.0,
+            min_sqnr_db=sqnr if sqnr_broken else None,
+        )
 
     def excess(self, budget: Budget) -> float:
         """How far over budget, as the largest bound's ratio (<= 0: within budget).

@@ -491,7 +491,10 @@ class _Job:
         for c in candidates:
             if c not in self._solo:
                 self._solo[c] = self.measure(only=c)
-        return max(candidates, key=lambda c: self._solo[c].excess(self.budget))
+        # Rank by the bounds broken now only: a graph that costs Dice says nothing about a
+        # token-agreement violation (and the LLM's solo run rarely costs Dice).
+        broken = self.measured.broken_bounds(self.budget)
+        return max(candidates, key=lambda c: self._solo[c].excess(broken))
 
     # -- 6. report ----------------------------------------------------------------------
     def report(self, export_dir: Path, out_dir: Path, manifest: Path, t0: float) -> QuantizeReport:

@@ -286,3 +286,13 @@ def test_compare_runs_scores_answer_masks_and_reports_probes_apart():
     assert fid.n_masks == 4 and fid.n_probes == 1
     assert fid.per_record["c"]["dice"] == 0.0 and "probe_dice" not in fid.per_record["c"]
     assert fid.token_agreement == pytest.approx((1 + 1 + 0.5 + 1 + 0.5) / 5)
+
+
+def test_broken_bounds_relax_what_holds():
+    budget = Budget(max_dice_drop=0.01, min_token_agreement=0.99, min_sqnr_db=20.0)
+    tokens_only = Measured(0.002, 0.95, {"llm": 30.0}).broken_bounds(budget)
+    assert tokens_only == Budget(max_dice_drop=1.0, min_token_agreement=0.99, min_sqnr_db=None)
+    # a graph costing Dice only is not over the broken (token) bound; one costing tokens is
+    assert Measured(0.5, 1.0).excess(tokens_only) <= 0 < Measured(0.0, 0.97).excess(tokens_only)
+    dice_only = Measured(0.05, 0.999, {"vision": 10.0}).broken_bounds(budget)
+    assert dice_only == Budget(max_dice_drop=0.01, min_token_agreement=0.0, min_sqnr_db=20.0)
