@@ -37,9 +37,8 @@ data: install
 
 DEMO_OUT ?= out/demo
 demo: install
-	# The demo model misses the default budget (dice=1,tokens=99) by a hair at INT8 (see README):
-	# the demo states its own budget; the measured figures are in the bundle manifest.
-	$(BIN)/citrus-edge build --target cpu --budget dice=2,tokens=98 --out $(DEMO_OUT)/bundle
+	# The target's default recipe (int8) under the default budget (dice=1,tokens=99).
+	$(BIN)/citrus-edge build --target cpu --out $(DEMO_OUT)/bundle
 	$(BIN)/citrus-edge data phantoms --n 10 --seed 7 --out $(DEMO_OUT)/phantoms --overwrite
 	$(BIN)/citrus-edge run $(DEMO_OUT)/bundle $(DEMO_OUT)/phantoms/images/phantom_00002.dcm --out $(DEMO_OUT)/results
 	$(BIN)/citrus-edge run $(DEMO_OUT)/bundle $$($(BIN)/python -c "from pydicom import examples; print(examples.get_path('palette_color'))") --out $(DEMO_OUT)/results

@@ -152,11 +152,16 @@ def _components(bundle_dir: Path, recipe: Recipe) -> dict:
     """Component -> files and precision, as the runtime reads them."""
     from citrus_edge.runtime.artifacts import bundle_components
 
+    import numpy as np
+
     comps = bundle_components(bundle_dir)
     graphs = dict(recipe.items())
     for name, entry in comps.items():
-        # The embedding table is a float32 gather table whatever the recipe.
-        entry["precision"] = graphs.get(name, "fp32")
+        if name in graphs:
+            entry["precision"] = graphs[name]
+        else:  # the embedding table: a float gather table, float16 where the LLM was quantized
+            dtype = np.load(bundle_dir / entry["file"], mmap_mode="r").dtype
+            entry["precision"] = {"float16": "fp16"}.get(str(dtype), "fp32")
     return comps
 
 

@@ -1,4 +1,4 @@
-"""Shrink a quantized CPU graph's file without changing what ONNX Runtime computes from it.
+"""Shrink a quantized CPU graph's file; ONNX Runtime computes the same but for float16 tables.
 
 Applied to every graph the CPU (ONNX Runtime) backend writes, before it is measured, so the
 accuracy reported is that of the compacted file. Three steps, each counted in `CompactFacts`:
@@ -11,9 +11,10 @@ accuracy reported is that of the compacted file. Three steps, each counted in `C
   several times each) become short ids. Graph inputs and outputs keep their names (the runtime
   binds by them) and node names are kept (ORT's profiler reports by node name).
 
-On the demo model these are a third of what the INT8 graphs hold besides weights: a 3 M
-parameter model's metadata is not small next to its weights (an 8B's is negligible). Graphs with
-external data, or with subgraphs, only lose their `value_info`.
+Measured on the demo model's CPU INT8 graphs: 4.69 MB -> 3.90 MB in all (SAM2 encoder
+0.98 -> 0.61 MB, mask decoder 1.31 -> 1.01 MB); a 3 M parameter model's metadata is not small next
+to its weights (an 8B's is negligible). Graphs with external data, or with subgraphs, only lose
+their `value_info`.
 """
 
 from __future__ import annotations

@@ -54,21 +54,29 @@ def build_tokenizer(out: Path, model_cfg: CitrusVConfig = DEMO) -> Path:
 
 
 _STAGE1 = TrainConfig()
-# The shipped model: stage 1 from scratch, then a second stage continuing from its checkpoint on
-# fresh phantoms, with a restarted schedule and extra weight on the answer's decision token plus
-# a training-only lesion-count head (stage 1 said "1 lesion" for most 2-lesion images).
-DEMO_STAGES: tuple[TrainConfig, ...] = (
+# Stage 2 continues from stage 1 on fresh phantoms with a restarted schedule, extra weight on
+# the answer's decision token and a training-only lesion-count head (stage 1 said "1 lesion" for
+# most 2-lesion images). Stage 3 continues from stage 2 with more weight on the masks (2-lesion
+# images got one lesion's mask). Eval split after each: see the README.
+_STAGE2 = dataclasses.replace(
     _STAGE1,
-    dataclasses.replace(
-        _STAGE1,
-        steps=2500,
-        lr=5e-4,
-        warmup=100,
-        w_first=2.0,
-        w_count=0.5,
-        data_start=_STAGE1.steps * _STAGE1.batch_size,
-    ),
+    steps=2500,
+    lr=5e-4,
+    warmup=100,
+    w_first=2.0,
+    w_count=0.5,
+    data_start=_STAGE1.steps * _STAGE1.batch_size,
 )
+_STAGE3 = dataclasses.replace(
+    _STAGE2,
+    steps=2000,
+    lr=3e-4,
+    warmup=50,
+    w_mask=1.5,
+    w_mask_aux=0.75,
+    data_start=_STAGE2.data_start + _STAGE2.steps * _STAGE2.batch_size,
+)
+DEMO_STAGES: tuple[TrainConfig, ...] = (_STAGE1, _STAGE2, _STAGE3)
 
 
 def train_demo_model(

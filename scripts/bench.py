@@ -38,14 +38,18 @@ def sweep(rgb: np.ndarray, frames: int = 16) -> list[np.ndarray]:
 
 
 def bundle_for(recipe: str) -> Path:
+    """The demo model's CPU bundle for `recipe`, built (default budget) unless one of the
+    current demo model is already there."""
     from citrus_edge.build import BuildConfig, build
+    from citrus_edge.export.manifest import checkpoint_source_hash
 
     out = OUT / f"bundle-cpu-{recipe}"
-    if not (out / "manifest.json").is_file():
-        # The demo model's INT8 bundle misses the default budget by a hair (README): state one.
-        budget = None if recipe == "fp32" else "dice=2,tokens=98"
-        cfg = BuildConfig("cpu", DEMO_MODEL_DIR, recipe=recipe, eval_limit=30, budget=budget)
-        build(cfg, out)
+    export = out / "export_manifest.json"
+    current = export.is_file() and (
+        json.loads(export.read_text()).get("source") == checkpoint_source_hash(DEMO_MODEL_DIR)
+    )
+    if not current:
+        build(BuildConfig("cpu", DEMO_MODEL_DIR, recipe=recipe, eval_limit=30), out)
     return out
 
 
