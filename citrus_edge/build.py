@@ -150,9 +150,9 @@ def _describe(cfg: BuildConfig, target: Target, recipe: Recipe, quant: Any) -> d
 
 def _components(bundle_dir: Path, recipe: Recipe) -> dict:
     """Component -> files and precision, as the runtime reads them."""
-    from citrus_edge.runtime.artifacts import bundle_components
-
     import numpy as np
+
+    from citrus_edge.runtime.artifacts import bundle_components
 
     comps = bundle_components(bundle_dir)
     graphs = dict(recipe.items())
