@@ -238,7 +238,26 @@ class DynamicQuantizer(_ConstGemmQuantizer):
 
 
 class WeightOnlyQuantizer(_ConstGemmQuantizer):
-    """MatMulNBits: block-wise 4- or 8-bit weights of the constant-B MatMuls."""
+    """MatMulNBits: block-wise 4- or 8-bit weights of the constant-B MatMuls.
+
+    The block is `settings.block_size`, or less where the graph's smallest reduction dimension
+    is shorter (a power of two, at least 16): a block longer than K is padded, which doubled
+    the weight bytes of the TINY LLM (K = 64) at block 128.
+    """
+
+    def __init__(self, request: QuantRequest, settings: WeightOnlySettings):
+        super().__init__(request, settings)
+        model = onnx.load(str(self.src), load_external_data=False)
+        dims = {t.name: list(t.dims) for t in model.graph.initializer}
+        ks = [
+            dims[n.input[1]][0]
+            for n in model.graph.node
+            if n.op_type == "MatMul" and len(dims.get(n.input[1], ())) == 2
+        ]
+        block = settings.block_size
+        while ks and block > 16 and block > min(ks):
+            block //= 2
+        self.block_size = block
 
     def write(self, dst: Path, exclude: frozenset[str]) -> None:
         from onnxruntime.quantization import QuantFormat
@@ -248,7 +267,7 @@ class WeightOnlyQuantizer(_ConstGemmQuantizer):
         quantizer = MatMulNBitsQuantizer(
             onnx.load(str(self.src)),
             bits=s.bits,
-            block_size=s.block_size,
+            block_size=self.block_size,
             is_symmetric=s.symmetric,
             accuracy_level=s.accuracy_level,
             nodes_to_exclude=_excluded(s, self._candidates, exclude),
@@ -259,7 +278,8 @@ class WeightOnlyQuantizer(_ConstGemmQuantizer):
         quantizer.model.save_model_to_file(str(dst), has_external_data(self.src))
 
     def describe(self) -> dict:
-        return {"scheme": self.scheme, "settings": settings_to_dict(self.settings)}
+        settings = settings_to_dict(self.settings)
+        return {"scheme": self.scheme, "settings": settings, "block_size": self.block_size}
 
 
 # settings type -> quantizer class, and the weight bits each precision must keep.

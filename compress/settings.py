@@ -243,7 +243,7 @@ CPU_STATIC_INT8 = StaticQdqSettings()
 # CPU LLM, "int8" recipe: both candidates keep 8-bit weights (a 4-bit LLM is the "int4"
 # precision, recipe "int8-w4"; picking it for "int8" would be a silent downgrade).
 CPU_DYNAMIC_INT8 = DynamicSettings()
-CPU_WEIGHT_ONLY_INT8 = WeightOnlySettings(bits=8, block_size=32)
+CPU_WEIGHT_ONLY_INT8 = WeightOnlySettings(bits=8, block_size=128)
 # CPU LLM, "int4" precision: MatMulNBits, block 128 (recipes.INT4_GROUP, what the planner
 # sizes); block 32 measured +1.6 dB SQNR but 13% slower decode and 17% larger (below).
 CPU_WEIGHT_ONLY_INT4 = WeightOnlySettings(bits=4, block_size=128)
@@ -267,6 +267,9 @@ CPU_WEIGHT_ONLY_INT4 = WeightOnlySettings(bits=4, block_size=128)
 # holds it: accuracy is not equal, so the more accurate MatMulNBits-8 is the default and dynamic
 # stays selectable (`QuantizeConfig.settings={"llm": CPU_DYNAMIC_INT8}`). (Dynamic with signed
 # int8 weights: 24.1 dB vs 37.5 dB for uint8 on the TINY LLM, the no-VNNI saturation again.)
+# Block 128 against 32 on the shipped (stage-3) demo model, whole eval split: token agreement
+# 0.9972 vs 0.9927, LLM SQNR 39.8 vs 43.7 dB, payload 29.2 % vs 29.9 % of FP32, and faster
+# decode (table above): block 128 is the default, the same group as the int4 LLM.
 CPU_LLM_INT8 = CPU_WEIGHT_ONLY_INT8
 
 # TensorRT targets (ModelOpt ONNX): encoders and decoder.
