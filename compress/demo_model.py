@@ -86,7 +86,7 @@ def train_demo_model(
 
     Stage N > 1 starts from stage N-1's checkpoint (its `init_from` is set here).
     """
-    from citrus_edge.checkpoint import save_checkpoint
+    from citrus_edge.checkpoint import load_checkpoint, save_checkpoint
 
     tok_path = build_tokenizer(out, model_cfg)
     prev: Path | None = None
@@ -100,11 +100,5 @@ def train_demo_model(
             save_checkpoint(model, model_dir, tokenizer_json=tok_path)
         prev = model_dir
     final = out / "model"
-    save_checkpoint(load_stage(prev), final, tokenizer_json=tok_path)
+    save_checkpoint(load_checkpoint(prev), final, tokenizer_json=tok_path)
     return final
-
-
-def load_stage(model_dir: Path):
-    from citrus_edge.checkpoint import load_checkpoint
-
-    return load_checkpoint(model_dir)

@@ -204,7 +204,7 @@ def quantize(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.quantize-", dir=out_dir.parent) as s:
         job = _Job(export_dir, Path(s), recipe, target, method, budget, config, progress)
-        job.checkpoint = checkpoint
+        job.checkpoint, job.embeddings_file = checkpoint, export["embeddings"]["file"]
         job.record(calib, evals, manifest.parent)
         job.prepare(plans)
         job.run_search()
@@ -251,6 +251,7 @@ class _Job:
         self.notes: list[str] = []
         self._solo: dict[str, Measured] = {}
         self.compacted: dict[str, CompactFacts] = {}
+        self.embeddings_file = "embeddings.npy"  # the export's table (export manifest)
         self.embeddings: Path | None = None  # the table as the quantized export stores it
         self._history: list[Measured] = []  # measurements after each search step
 
@@ -309,7 +310,7 @@ class _Job:
             self.excluded[component] = set()
             self._write(component)
         if "llm" in self.quantizers and self.config.embeddings_dtype != "float32":
-            name = read_export(self.export_dir)["embeddings"]["file"]
+            name = self.embeddings_file
             self.embeddings = self.qdir / name
             store_embeddings(self.export_dir / name, self.embeddings, self.config.embeddings_dtype)
         self.progress(QuantizeProgress("calibrate", len(todo), len(todo), ""))

@@ -39,3 +39,17 @@ def tiny_model(seed: int = 0, **replace):
 
 def random_rgb(h: int = 200, w: int = 260, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def tiny_export_with_phantoms(root, n_phantoms: int = 20):
+    """The TINY export at `root/fp32` and a phantom set of `n_phantoms` at `root/phantoms`:
+    (root, export dir, phantom manifest) — what the quantization tests start from."""
+    from citrus_edge.calib_data.phantom_set import write_phantom_set
+    from citrus_edge.export import export_all
+
+    tokenizer = root / "tokenizer-src.json"
+    tiny_tokenizer().save(str(tokenizer))
+    export_all(
+        tiny_model(), root / "fp32", source_hash="random:citrus-v-tiny", tokenizer_json=tokenizer
+    )
+    return root, root / "fp32", write_phantom_set(root / "phantoms", n=n_phantoms)

@@ -12,7 +12,7 @@ import shutil
 
 import numpy as np
 import pytest
-from fixtures import tiny_model, tiny_tokenizer
+from fixtures import tiny_export_with_phantoms
 
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
@@ -21,13 +21,11 @@ onnx = pytest.importorskip("onnx")
 from citrus_edge.bundle import sha256_file, write_manifest  # noqa: E402
 from citrus_edge.calib_data.load import load_image  # noqa: E402
 from citrus_edge.calib_data.manifest import read_manifest  # noqa: E402
-from citrus_edge.calib_data.phantom_set import write_phantom_set  # noqa: E402
 from citrus_edge.compress.fidelity import sqnr_db  # noqa: E402
 from citrus_edge.compress.quantize import quantize  # noqa: E402
 from citrus_edge.compress.report import REPORT_FILE  # noqa: E402
 from citrus_edge.compress.settings import QuantizeConfig  # noqa: E402
 from citrus_edge.config import CitrusVConfig  # noqa: E402
-from citrus_edge.export import export_all  # noqa: E402
 from citrus_edge.export.host_inputs import vision_inputs  # noqa: E402
 from citrus_edge.preprocess import qwen_pixels, sam_pixels  # noqa: E402
 from citrus_edge.runtime.artifacts import bundle_components  # noqa: E402
@@ -47,13 +45,7 @@ MAX_WEIGHT_RATIO = {"vision": 0.30, "llm": 0.30, "sam_encoder": 0.43, "mask_deco
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("quant-cpu")
-    tokenizer = root / "tokenizer-src.json"
-    tiny_tokenizer().save(str(tokenizer))
-    export_all(
-        tiny_model(), root / "fp32", source_hash="random:citrus-v-tiny", tokenizer_json=tokenizer
-    )
-    return root, root / "fp32", write_phantom_set(root / "phantoms", n=20)
+    return tiny_export_with_phantoms(tmp_path_factory.mktemp("quant-cpu"))
 
 
 @pytest.fixture(scope="module")

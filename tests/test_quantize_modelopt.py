@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures import tiny_model, tiny_tokenizer
+from fixtures import tiny_export_with_phantoms, tiny_model
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
@@ -21,11 +21,9 @@ pytest.importorskip("modelopt.onnx.quantization")
 
 from onnx import TensorProto, numpy_helper  # noqa: E402
 
-from citrus_edge.calib_data.phantom_set import write_phantom_set  # noqa: E402
 from citrus_edge.compress.budget import DEFAULT_BUDGET, BudgetNotMeasurableError  # noqa: E402
 from citrus_edge.compress.quantize import quantize  # noqa: E402
 from citrus_edge.compress.settings import QuantizeConfig  # noqa: E402
-from citrus_edge.export import export_all  # noqa: E402
 from citrus_edge.recipes import FP16  # noqa: E402
 from citrus_edge.targets import UnsupportedPrecisionError  # noqa: E402
 
@@ -38,13 +36,7 @@ QDQ = ("QuantizeLinear", "DequantizeLinear")
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("quant-trt")
-    tokenizer = root / "tokenizer-src.json"
-    tiny_tokenizer().save(str(tokenizer))
-    export_all(
-        tiny_model(), root / "fp32", source_hash="random:citrus-v-tiny", tokenizer_json=tokenizer
-    )
-    return root, root / "fp32", write_phantom_set(root / "phantoms", n=20)
+    return tiny_export_with_phantoms(tmp_path_factory.mktemp("quant-trt"))
 
 
 @pytest.fixture(scope="module")

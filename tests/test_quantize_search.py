@@ -13,13 +13,12 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from fixtures import tiny_model, tiny_tokenizer
+from fixtures import tiny_export_with_phantoms
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-from citrus_edge.calib_data.phantom_set import write_phantom_set  # noqa: E402
 from citrus_edge.compress.budget import Budget, BudgetNotMetError  # noqa: E402
 from citrus_edge.compress.quantize import quantize  # noqa: E402
 from citrus_edge.compress.settings import (  # noqa: E402
@@ -27,7 +26,6 @@ from citrus_edge.compress.settings import (  # noqa: E402
     GEMM_OP_TYPES,
     QuantizeConfig,
 )
-from citrus_edge.export import export_all  # noqa: E402
 from citrus_edge.recipes import FP32  # noqa: E402
 
 RECIPE = FP32.with_component("mask_decoder", "int8")
@@ -40,13 +38,7 @@ BUDGET = Budget(max_dice_drop=0.03, min_token_agreement=0.99, min_sqnr_db=20.0)
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("quant-search")
-    tokenizer = root / "tokenizer-src.json"
-    tiny_tokenizer().save(str(tokenizer))
-    export_all(
-        tiny_model(), root / "fp32", source_hash="random:citrus-v-tiny", tokenizer_json=tokenizer
-    )
-    return root, root / "fp32", write_phantom_set(root / "phantoms", n=20)
+    return tiny_export_with_phantoms(tmp_path_factory.mktemp("quant-search"))
 
 
 def test_bad_setting_is_caught_and_repaired(data):
