@@ -127,7 +127,10 @@ def plan_cmd(
     precision: Annotated[
         str | None, typer.Option(help="Recipe name (default: the target's default recipe).")
     ] = None,
-    context: Annotated[int, typer.Option(help="KV-cache length in tokens.")] = 2048,
+    context: Annotated[
+        int | None,
+        typer.Option(help="KV-cache length in tokens [default: 2048, or the model's maximum]."),
+    ] = None,
 ) -> None:
     """Memory table and decode-speed bound of a model on a target, from dimensions only."""
     from citrus_edge.config import PRESETS, CitrusVConfig

@@ -30,24 +30,27 @@ class ParamCount:
 
     `quantizable`: weights of linear and convolution layers a low-bit format stores (for the LLM,
     without `lm_head`). `table`: the LLM's token-embedding table when untied (one row is read per
-    token, so it is not part of the bytes a decode step streams).
+    token, so it is not part of the bytes a decode step streams). `head`: the untied `lm_head`
+    weight, low-bit or not depending on the backend (see `citrus_edge.plan.llm_side_formats`).
     """
 
     total: int
     quantizable: int
     table: int = 0
+    head: int = 0
 
     def __add__(self, other: ParamCount) -> ParamCount:
         return ParamCount(
             self.total + other.total,
             self.quantizable + other.quantizable,
             self.table + other.table,
+            self.head + other.head,
         )
 
 
-def _linear(d_in: int, d_out: int, bias: bool = True, quantizable: bool = True) -> ParamCount:
+def _linear(d_in: int, d_out: int, bias: bool = True) -> ParamCount:
     weight = d_in * d_out
-    return ParamCount(weight + (d_out if bias else 0), weight if quantizable else 0)
+    return ParamCount(weight + (d_out if bias else 0), weight)
 
 
 def _conv(c_in: int, c_out: int, kernel: int, bias: bool = True) -> ParamCount:
@@ -105,7 +108,8 @@ def llm_params(t: TextDims) -> ParamCount:
     count = ParamCount(table, 0, 0 if t.tie_word_embeddings else table)  # embed_tokens
     count += _plain(h)  # final norm
     if not t.tie_word_embeddings:
-        count += _linear(h, t.vocab_size, bias=False, quantizable=False)  # lm_head
+        head = h * t.vocab_size
+        count += ParamCount(head, 0, 0, head)  # lm_head (no bias)
     for _ in range(t.num_layers):
         count += layer
     return count

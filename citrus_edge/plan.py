@@ -17,8 +17,11 @@ Fourier matrix) are not parameters and are not counted.
 Bytes: a low-bit precision (int8, fp8, int4, nvfp4) applies to the weights of linear and
 convolution layers ("quantizable"); the rest (norms, biases, embedding tables, positional
 embeddings, learned tokens) stays in the target's carrier format: fp16 where the target runs
-fp16, fp32 on the CPU. The LLM's token-embedding table and its `lm_head` are never low-bit (an
-embedding is a gather; modelopt's INT4-AWQ / INT8 / FP8 presets leave `*lm_head*` unquantized).
+fp16, fp32 on the CPU. The LLM's token-embedding table is never low-bit (an embedding is a
+gather). Its `lm_head` follows the backend's quantizer: modelopt's INT4-AWQ / INT8 / FP8 presets
+(TensorRT targets) leave `*lm_head*` in the carrier format; the CPU quantizer
+(`compress.ort_quant`, MatMulNBits) quantizes every MatMul of the LLM graph, `lm_head` included,
+and stores the table in fp16 beside a low-bit LLM (`QuantizeConfig.embeddings_dtype`).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ if TYPE_CHECKING:
     from citrus_edge.config import CitrusVConfig, Sam2Dims, TextDims, VisionDims
 
 GB = 1e9  # data-sheet gigabyte, as in citrus_edge.targets
+DEFAULT_CONTEXT = 2048  # KV-cache tokens planned when none are given
 
 
 # -- bytes ---------------------------------------------------------------------------------
@@ -56,15 +60,36 @@ def carrier_precision(target: Target, precision: str) -> str:
     return "fp16" if target.supports("fp16") else "fp32"
 
 
-def weight_bytes(count: ParamCount, precision: str, carrier: str) -> float:
-    """Bytes of a component's weights: quantizable weights in `precision`, the rest in `carrier`.
+def llm_side_formats(target: Target, precision: str, carrier: str) -> tuple[str, str]:
+    """(embedding table, lm_head) formats of an LLM at `precision` on `target`.
+
+    The CPU quantizer stores the table in fp16 and quantizes `lm_head` with the other MatMuls
+    when the LLM is low-bit; TensorRT recipes keep both in the carrier format.
+    """
+    if target.kind == "cpu" and get_precision(precision).low_bit:
+        return "fp16", precision
+    return carrier, carrier
+
+
+def weight_bytes(
+    count: ParamCount,
+    precision: str,
+    carrier: str,
+    table: str | None = None,
+    head: str | None = None,
+) -> float:
+    """Bytes of a component's weights: quantizable weights in `precision`, the embedding table in
+    `table` and `lm_head` in `head` (both `carrier` when not given), the rest in `carrier`.
 
     int4 costs 0.5 + 2/128 bytes per weight (an fp16 scale per group of 128), nvfp4
     0.5 + 1/16 (an fp8 scale per block of 16); see `citrus_edge.recipes.PRECISIONS`.
     """
-    low, rest = get_precision(precision), get_precision(carrier)
+    rest = count.total - count.quantizable - count.table - count.head
     return (
-        count.quantizable * low.weight_bytes + (count.total - count.quantizable) * rest.weight_bytes
+        count.quantizable * get_precision(precision).weight_bytes
+        + count.table * get_precision(table or carrier).weight_bytes
+        + count.head * get_precision(head or carrier).weight_bytes
+        + rest * get_precision(carrier).weight_bytes
     )
 
 
@@ -184,6 +209,16 @@ class Plan:
         return sum(c.weight_bytes for c in self.components)
 
     @property
+    def fp32_weight_bytes(self) -> float:
+        """The same parameters in fp32: what an FP32 bundle's weights take."""
+        return 4.0 * sum(c.params for c in self.components)
+
+    @property
+    def weight_ratio(self) -> float:
+        """Weight bytes at this recipe over the FP32 weight bytes (the bundle-size ratio)."""
+        return self.weight_bytes / self.fp32_weight_bytes
+
+    @property
     def activation_bytes(self) -> float:
         """Peak activation estimate: the largest component's (they run one after another)."""
         return max(c.activation_bytes for c in self.components)
@@ -267,6 +302,8 @@ class Plan:
             "kv_dtype": self.kv_dtype,
             "kv_cache_bytes": self.kv_cache_bytes,
             "weight_bytes": self.weight_bytes,
+            "fp32_weight_bytes": self.fp32_weight_bytes,
+            "weight_ratio": self.weight_ratio,
             "activation_bytes_estimate": self.activation_bytes,
             "total_bytes": self.total_bytes,
             "memory_gb": self.memory_gb,
@@ -320,7 +357,8 @@ def _component_rows(
         act = elements[name] * activation_bytes_per_elem(target, precision)
         if name == "llm":
             act += cfg.text.vocab_size * 4  # fp32 logits of the last position
-        weights = weight_bytes(count, precision, carrier)
+        sides = llm_side_formats(target, precision, carrier) if name == "llm" else (None, None)
+        weights = weight_bytes(count, precision, carrier, *sides)
         act = float(act)
         rows.append(
             ComponentPlan(name, precision, carrier, count.total, count.quantizable, weights, act)
@@ -353,12 +391,13 @@ def plan(
     model_cfg: CitrusVConfig,
     target: Target,
     recipe: Recipe,
-    context_tokens: int = 2048,
+    context_tokens: int | None = None,
     image_hw: tuple[int, int] | None = None,
 ) -> Plan:
     """Plan `model_cfg` on `target` at `recipe`, from the config's dimensions only.
 
-    `context_tokens` is the KV-cache length (image tokens included); `image_hw` the input image
+    `context_tokens` is the KV-cache length (image tokens included; by default
+    `DEFAULT_CONTEXT` or the model's `max_position_embeddings` if smaller); `image_hw` the input image
     (height, width) before the model's `smart_resize`, by default the target's largest profile
     size. Bytes streamed per decode step = LLM weights without the untied embedding table (a
     gather reads one row) + the whole KV cache at `context_tokens`. Raises
@@ -370,6 +409,8 @@ def plan(
     v, t = model_cfg.vision, model_cfg.text
     patches = (resized[0] // v.patch_size) * (resized[1] // v.patch_size)
     image_tokens = patches // v.spatial_merge_size**2
+    if context_tokens is None:
+        context_tokens = min(DEFAULT_CONTEXT, t.max_position_embeddings)
     if not image_tokens < context_tokens <= t.max_position_embeddings:
         raise ValueError(
             f"context_tokens {context_tokens} must exceed the {image_tokens} image tokens and "
@@ -380,7 +421,8 @@ def plan(
     kv_dtype = kv_cache_dtype(target, recipe)
     kv = kv_cache_bytes(t, context_tokens, kv_dtype)
     llm = rows[COMPONENTS.index("llm")]
-    per_token = llm.weight_bytes - llm_params(t).table * get_precision(llm.carrier).weight_bytes
+    table_format = llm_side_formats(target, llm.precision, llm.carrier)[0]
+    per_token = llm.weight_bytes - llm_params(t).table * get_precision(table_format).weight_bytes
     per_token += kv
     bw = target.bandwidth_gbs
     return Plan(
@@ -452,6 +494,8 @@ def plan_summary(p: Plan) -> list[str]:
         else f"DOES NOT FIT, short by {_bytes(-p.headroom_bytes)}"
     )
     lines = [
+        f"weights: {_bytes(p.weight_bytes)}, {100 * p.weight_ratio:.1f} % of the "
+        f"{_bytes(p.fp32_weight_bytes)} FP32 weights",
         f"memory: {_bytes(p.total_bytes)} needed of {usable:.1f} GB usable "
         f"({p.memory_gb:.0f} GB - {p.os_reserve_gb:.1f} GB kept for OS and cart software): "
         + verdict

@@ -76,7 +76,19 @@ _STAGE3 = dataclasses.replace(
     w_mask_aux=0.75,
     data_start=_STAGE2.data_start + _STAGE2.steps * _STAGE2.batch_size,
 )
-DEMO_STAGES: tuple[TrainConfig, ...] = (_STAGE1, _STAGE2, _STAGE3)
+# Stage 4 continues stage 3's recipe (its first-token loss was still falling) with more weight
+# on the decision token and the count head, and keeps the training-only heads of stage 3.
+_STAGE4 = dataclasses.replace(
+    _STAGE3,
+    steps=3000,
+    lr=2e-4,
+    w_first=3.0,
+    w_count=1.0,
+    data_start=_STAGE3.data_start + _STAGE3.steps * _STAGE3.batch_size,
+)
+DEMO_STAGES: tuple[TrainConfig, ...] = (_STAGE1, _STAGE2, _STAGE3, _STAGE4)
+# Stages that start with the previous stage's training-only heads instead of fresh ones.
+_CARRY_AUX = frozenset({4})
 
 
 def train_demo_model(
@@ -95,6 +107,8 @@ def train_demo_model(
         model_dir = stage_dir / "model"
         if prev is not None:
             cfg = dataclasses.replace(cfg, init_from=str(prev))
+            if i in _CARRY_AUX:
+                cfg = dataclasses.replace(cfg, init_aux_from=str(prev.parent / "state.pt"))
         if not (model_dir / "config.json").exists():
             model = train(model_cfg, cfg, stage_dir, tok_path)
             save_checkpoint(model, model_dir, tokenizer_json=tok_path)

@@ -60,6 +60,7 @@ class TrainConfig:
     log_every: int = 20
     threads: int = 1
     init_from: str | None = None  # Citrus-V checkpoint dir to start from (e.g. continue the demo)
+    init_aux_from: str | None = None  # a previous run's state.pt whose training-only heads to keep
     data_start: int = 0  # index of the first training phantom (a later stage sees fresh ones)
     version: int = TRAIN_CONFIG_VERSION
 
@@ -295,6 +296,8 @@ def train(
     else:
         model = build_model(model_cfg, seed=cfg.seed)
     aux = OccupancyHead(model_cfg.text.hidden_size)
+    if cfg.init_aux_from is not None:
+        aux.load_state_dict(torch.load(cfg.init_aux_from, weights_only=False)["aux"], strict=False)
     params = list(model.parameters()) + list(aux.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = 0

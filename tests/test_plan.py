@@ -66,7 +66,8 @@ def test_param_counts_match_built_model_exactly(key):
     assert sum(c.total for c in counted.values()) == model_total  # nothing left out
     llm = counted["llm"]
     text = CONFIGS[key].text
-    assert llm.table == (0 if text.tie_word_embeddings else text.vocab_size * text.hidden_size)
+    untied = 0 if text.tie_word_embeddings else text.vocab_size * text.hidden_size
+    assert llm.table == llm.head == untied
 
 
 def test_8b_sizes_match_published_models():
@@ -150,8 +151,17 @@ def test_int4_on_cpu_and_fp32_recipe():
     counts = param_counts(DEMO)
     p = plan(DEMO, get_target("cpu"), get_recipe("int8-w4"), context_tokens=256)
     llm = counts["llm"]
+    # The CPU quantizer (MatMulNBits) also quantizes lm_head and stores the table in fp16.
+    h, v = DEMO.text.hidden_size, DEMO.text.vocab_size
+    assert llm.table == llm.head == h * v
+    plain = llm.total - llm.quantizable - 2 * h * v
     assert p.component("llm").weight_bytes == (
-        llm.quantizable * (0.5 + 2 / 128) + (llm.total - llm.quantizable) * 4
+        (llm.quantizable + h * v) * (0.5 + 2 / 128) + h * v * 2 + plain * 4
+    )
+    # A TensorRT target keeps lm_head and the table in its fp16 carrier (modelopt's presets).
+    gpu = plan(DEMO, get_target("x86-ampere"), get_recipe("fp16-w4"), context_tokens=256)
+    assert gpu.component("llm").weight_bytes == (
+        llm.quantizable * (0.5 + 2 / 128) + (llm.total - llm.quantizable) * 2
     )
     p32 = plan(DEMO, get_target("x86-hopper"), get_recipe("fp32"), context_tokens=256)
     assert p32.weight_bytes == 4 * sum(c.total for c in counts.values())
@@ -161,7 +171,8 @@ def test_int4_on_cpu_and_fp32_recipe():
 def test_input_validation():
     nano = get_target("orin-nano-8")
     with pytest.raises(ValueError, match="max_position_embeddings 1024"):
-        plan(DEMO, nano, FP16_W4)  # the demo model's context is 1024
+        plan(DEMO, nano, FP16_W4, context_tokens=2048)  # the demo model's context is 1024
+    assert plan(DEMO, nano, FP16_W4).context_tokens == 1024  # the default stays within it
     with pytest.raises(ValueError, match="must exceed the 64 image tokens"):
         plan(DEMO, nano, FP16_W4, context_tokens=64)
     big = dataclasses.replace(
@@ -190,3 +201,19 @@ def test_outputs_render_and_serialise():
     d = json.loads(json.dumps(p.to_dict()))
     assert d["fits"] is False and d["recipe"]["name"] == "fp16-w4"
     assert d["total_bytes"] == pytest.approx(p.weight_bytes + p.kv_cache_bytes + p.activation_bytes)
+
+
+def test_bundle_ratio_vs_fp32_on_cpu():
+    """The weight-bytes ratio of a CPU recipe: the 8B's LLM is nine tenths of its weights, so
+    the 4-bit LLM takes the bundle under a fifth of FP32; the demo model's LLM is a third of
+    its weights, so its INT8 encoders alone keep it above (measured: 25 % with the 4-bit LLM)."""
+    cpu = get_target("cpu")
+    for cfg, int8_ratio, w4_ratio in ((CITRUS_V_8B, 0.266, 0.166), (DEMO, 0.261, 0.221)):
+        p8, p4 = plan(cfg, cpu, INT8), plan(cfg, cpu, get_recipe("int8-w4"))
+        assert p8.fp32_weight_bytes == 4 * sum(c.total for c in param_counts(cfg).values())
+        assert p8.weight_ratio == pytest.approx(int8_ratio, abs=5e-4), cfg.name
+        assert p4.weight_ratio == pytest.approx(w4_ratio, abs=5e-4), cfg.name
+    assert plan(CITRUS_V_8B, cpu, get_recipe("int8-w4")).weight_ratio <= 0.20
+    assert "16.6 % of the 34.08 GB FP32 weights" in format_plan(
+        plan(CITRUS_V_8B, cpu, get_recipe("int8-w4"))
+    )
