@@ -498,7 +498,7 @@ def plan_summary(p: Plan) -> list[str]:
         f"{_bytes(p.fp32_weight_bytes)} FP32 weights",
         f"memory: {_bytes(p.total_bytes)} needed of {usable:.1f} GB usable "
         f"({p.memory_gb:.0f} GB - {p.os_reserve_gb:.1f} GB kept for OS and cart software): "
-        + verdict
+        + verdict,
     ]
     if p.decode_tokens_per_s is None:
         lines.append(
