@@ -62,6 +62,7 @@ class TrainConfig:
     init_from: str | None = None  # Citrus-V checkpoint dir to start from (e.g. continue the demo)
     init_aux_from: str | None = None  # a previous run's state.pt whose training-only heads to keep
     data_start: int = 0  # index of the first training phantom (a later stage sees fresh ones)
+    phantom: PhantomConfig | None = None  # training phantoms' distribution (None: the default)
     version: int = TRAIN_CONFIG_VERSION
 
     def lr_at(self, step: int) -> float:
@@ -282,9 +283,17 @@ def train(
     extra_loss: Callable[[CitrusV, dict], dict[str, torch.Tensor]] | None = None,
 ) -> CitrusV:
     """Train (or resume) into `out_dir`; returns the model. `extra_loss` adds named loss terms."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _train(model_cfg, cfg, out_dir, tokenizer_path, extra_loss)
+    finally:
+        torch.set_num_threads(threads)  # the caller's setting, also after an interruption
+
+
+def _train(model_cfg, cfg, out_dir, tokenizer_path, extra_loss) -> CitrusV:
     from citrus_edge.model import build_model
 
-    torch.set_num_threads(cfg.threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     if cfg.init_from is not None:
@@ -310,7 +319,12 @@ def train(
         step = st["step"]
         log.info("resumed at step %d", step)
     model.train()
-    stream = PhantomStream(model_cfg, tokenizer_path, start=cfg.data_start + step * cfg.batch_size)
+    stream = PhantomStream(
+        model_cfg,
+        tokenizer_path,
+        start=cfg.data_start + step * cfg.batch_size,
+        phantom_cfg=cfg.phantom,
+    )
     loader = DataLoader(
         stream,
         batch_size=cfg.batch_size,

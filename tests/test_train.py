@@ -1,0 +1,143 @@
+"""The training loop (the demo model's, reused by distillation): schedule, samples, losses,
+exact resume, carried training-only heads, curricula."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from fixtures import tiny_model, tiny_tokenizer
+
+from citrus_edge.calib_data.phantom import PhantomConfig, generate_phantom
+from citrus_edge.compress.train import (
+    IGNORE,
+    TRAIN_SEED_BASE,
+    OccupancyHead,
+    PhantomStream,
+    TrainConfig,
+    collate,
+    compute_losses,
+    make_sample,
+    train,
+)
+from citrus_edge.config import TINY
+
+
+def test_learning_rate_warms_up_then_decays_to_min():
+    cfg = TrainConfig(steps=100, lr=1e-3, min_lr=1e-5, warmup=10)
+    assert cfg.lr_at(0) == pytest.approx(1e-4)
+    assert cfg.lr_at(9) == cfg.lr_at(10) == pytest.approx(1e-3)
+    assert cfg.lr_at(55) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))  # half way down the cosine
+    assert cfg.lr_at(100) == cfg.lr_at(150) == pytest.approx(1e-5)
+
+
+@pytest.mark.parametrize("seed", [TRAIN_SEED_BASE + i for i in range(6)])
+def test_sample_targets_only_the_answer(seed):
+    s = make_sample(TINY, tiny_tokenizer(), seed, PhantomConfig())
+    answer = s.labels != IGNORE
+    start = int(answer.argmax())
+    assert answer[start:].all() and not answer[:start].any()
+    np.testing.assert_array_equal(s.labels[start:], s.ids[start:])
+    assert s.labels[-1] == TINY.tokens.eos
+    ph = generate_phantom(seed, PhantomConfig())
+    assert s.n_lesions == len(ph.lesions)
+    # One occupancy value per visual token; their mean is the lesions' share of the image.
+    assert (s.ids == TINY.tokens.image).sum() == len(s.occupancy)
+    union = np.zeros(ph.image.shape, bool)
+    for les in ph.lesions:
+        union |= les.mask
+    assert abs(float(s.occupancy.mean()) - union.mean()) < 0.01
+    assert abs(float(s.mask.mean()) - union.mean()) < 0.01  # the SAM-size target mask
+
+
+def test_losses_at_initialisation():
+    tok = tiny_tokenizer()
+    samples = [make_sample(TINY, tok, TRAIN_SEED_BASE + i, PhantomConfig()) for i in range(6)]
+    batch = collate(samples, TINY.tokens.pad)
+    assert batch["ids"].shape[0] == 6 and batch["attention_mask"].sum() == sum(
+        len(s.ids) for s in samples
+    )
+    torch.manual_seed(0)
+    model, aux = tiny_model(), OccupancyHead(TINY.text.hidden_size)
+    losses = compute_losses(model, aux, batch)
+    assert {"lm", "aux", "first", "count", "mask", "mask_aux", "iou"} <= losses.keys()
+    assert all(math.isfinite(v.item()) for v in losses.values())
+    # Random weights: next-token CE near ln(vocab), count CE near ln(4 classes).
+    assert losses["lm"].item() == pytest.approx(math.log(TINY.text.vocab_size), rel=0.15)
+    assert losses["count"].item() == pytest.approx(math.log(4), rel=0.25)
+    # Every term reaches the weights it should train.
+    losses["first"].backward()
+    grad = model.mllm.model.visual.patch_embed.proj.weight.grad
+    assert grad is not None and grad.abs().sum() > 0  # the decision token looks at the image
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_is_exact(tmp_path):
+    tok = tmp_path / "tokenizer.json"
+    tiny_tokenizer().save(str(tok))
+    cfg = TrainConfig(steps=4, batch_size=2, warmup=1, ckpt_every=2, log_every=2)
+    straight = train(TINY, cfg, tmp_path / "a", tok)
+
+    calls = []
+
+    def crash_at_step_3(model, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise _Interrupt
+        return {}
+
+    threads = torch.get_num_threads()
+    with pytest.raises(_Interrupt):
+        train(TINY, cfg, tmp_path / "b", tok, extra_loss=crash_at_step_3)
+    assert torch.get_num_threads() == threads  # the caller's thread count is restored
+    assert torch.load(tmp_path / "b" / "state.pt", weights_only=False)["step"] == 2
+    resumed = train(TINY, cfg, tmp_path / "b", tok)
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
+    assert any((a[k] - tiny_model().state_dict()[k]).abs().max() > 0 for k in a)  # it trained
+    curve = [json.loads(x) for x in (tmp_path / "b" / "curve.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in curve] == [2, 4]
+
+
+def test_continuing_run_starts_from_checkpoint_and_heads(tmp_path):
+    from citrus_edge.checkpoint import save_checkpoint
+
+    tok = tmp_path / "tokenizer.json"
+    tiny_tokenizer().save(str(tok))
+    first = train(TINY, TrainConfig(steps=2, batch_size=2, warmup=1), tmp_path / "s1", tok)
+    save_checkpoint(first, tmp_path / "s1" / "model", tokenizer_json=tok)
+    still = TrainConfig(steps=1, batch_size=2, lr=0.0, min_lr=0.0, warmup=1)  # no update
+    cont = dataclasses.replace(
+        still,
+        init_from=str(tmp_path / "s1" / "model"),
+        init_aux_from=str(tmp_path / "s1" / "state.pt"),
+    )
+    second = train(TINY, cont, tmp_path / "s2", tok)
+    a, b = first.state_dict(), second.state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
+    aux1 = torch.load(tmp_path / "s1" / "state.pt", weights_only=False)["aux"]
+    aux2 = torch.load(tmp_path / "s2" / "state.pt", weights_only=False)["aux"]
+    assert all(torch.equal(aux1[k], aux2[k]) for k in aux1)
+    fresh = train(TINY, still, tmp_path / "s3", tok)  # without init_*: a new random model
+    assert any((a[k] - fresh.state_dict()[k]).abs().max() > 0 for k in a)
+
+
+def test_curriculum_changes_training_phantoms_only(tmp_path):
+    tok = tmp_path / "tokenizer.json"
+    tiny_tokenizer().save(str(tok))
+    many = PhantomConfig(lesion_count_probs=(0.0, 0.0, 0.0, 1.0))
+    counts = [s.n_lesions for s in itertools.islice(PhantomStream(TINY, tok, 0, many), 8)]
+    default = [s.n_lesions for s in itertools.islice(PhantomStream(TINY, tok, 0), 8)]
+    assert np.mean(counts) > 2.5 > np.mean(default)
+    cfg = TrainConfig(steps=1, batch_size=2, warmup=1, phantom=many)
+    train(TINY, cfg, tmp_path / "run", tok)
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert saved["phantom"]["lesion_count_probs"] == [0.0, 0.0, 0.0, 1.0]
