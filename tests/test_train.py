@@ -76,13 +76,19 @@ def test_losses_at_initialisation():
     assert grad is not None and grad.abs().sum() > 0  # the decision token looks at the image
 
 
+@pytest.fixture
+def tok(tmp_path):
+    """The tiny tokenizer saved as a run's `tokenizer.json`."""
+    path = tmp_path / "tokenizer.json"
+    tiny_tokenizer().save(str(path))
+    return path
+
+
 class _Interrupt(Exception):
     pass
 
 
-def test_resume_after_interruption_is_exact(tmp_path):
-    tok = tmp_path / "tokenizer.json"
-    tiny_tokenizer().save(str(tok))
+def test_resume_after_interruption_is_exact(tmp_path, tok):
     cfg = TrainConfig(steps=4, batch_size=2, warmup=1, ckpt_every=2, log_every=2)
     straight = train(TINY, cfg, tmp_path / "a", tok)
 
@@ -107,11 +113,9 @@ def test_resume_after_interruption_is_exact(tmp_path):
     assert [r["step"] for r in curve] == [2, 4]
 
 
-def test_continuing_run_starts_from_checkpoint_and_heads(tmp_path):
+def test_continuing_run_starts_from_checkpoint_and_heads(tmp_path, tok):
     from citrus_edge.checkpoint import save_checkpoint
 
-    tok = tmp_path / "tokenizer.json"
-    tiny_tokenizer().save(str(tok))
     first = train(TINY, TrainConfig(steps=2, batch_size=2, warmup=1), tmp_path / "s1", tok)
     save_checkpoint(first, tmp_path / "s1" / "model", tokenizer_json=tok)
     still = TrainConfig(steps=1, batch_size=2, lr=0.0, min_lr=0.0, warmup=1)  # no update
@@ -130,9 +134,7 @@ def test_continuing_run_starts_from_checkpoint_and_heads(tmp_path):
     assert any((a[k] - fresh.state_dict()[k]).abs().max() > 0 for k in a)
 
 
-def test_curriculum_changes_training_phantoms_only(tmp_path):
-    tok = tmp_path / "tokenizer.json"
-    tiny_tokenizer().save(str(tok))
+def test_curriculum_changes_training_phantoms_only(tmp_path, tok):
     many = PhantomConfig(lesion_count_probs=(0.0, 0.0, 0.0, 1.0))
     counts = [s.n_lesions for s in itertools.islice(PhantomStream(TINY, tok, 0, many), 8)]
     default = [s.n_lesions for s in itertools.islice(PhantomStream(TINY, tok, 0), 8)]
