@@ -250,7 +250,7 @@ def measure_accuracy(cfg: BuildConfig, bundle_dir: Path, target: Target, recipe:
             "mean_mask_iou": sum(ious) / len(ious) if ious else None,
             # Ground-truth Dice of the FP32 reference minus the bundle's (not the quantize
             # gate's answer-vs-answer Dice drop, which is in the quantize report).
-            "gt_dice_delta": _drop(ref_report.dice, report.dice),
+            "gt_dice_drop": _drop(ref_report.dice, report.dice),
         },
     }
 

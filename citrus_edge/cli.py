@@ -387,7 +387,7 @@ def _build_table(manifest: dict, out: Path) -> Table:
         table.caption = (
             f"eval ({acc['records']} records): Dice {m['dice']:.3f}, count acc "
             f"{m['count_accuracy']:.3f}; vs FP32: token agreement {v['token_agreement']:.4f}, "
-            f"GT Dice delta {v['gt_dice_delta']:+.4f}"
+            f"GT Dice drop {v['gt_dice_drop']:+.4f}"
         )
     else:
         table.caption = f"accuracy not measured here: {acc.get('reason')}"

@@ -31,7 +31,7 @@ class ParamCount:
     `quantizable`: weights of linear and convolution layers a low-bit format stores (for the LLM,
     without `lm_head`). `table`: the LLM's token-embedding table when untied (one row is read per
     token, so it is not part of the bytes a decode step streams). `head`: the untied `lm_head`
-    weight, low-bit or not depending on the backend (see `citrus_edge.plan.llm_side_formats`).
+    weight, low-bit or not depending on the backend (see `citrus_edge.plan.storage`).
     """
 
     total: int

@@ -60,36 +60,53 @@ def carrier_precision(target: Target, precision: str) -> str:
     return "fp16" if target.supports("fp16") else "fp32"
 
 
-def llm_side_formats(target: Target, precision: str, carrier: str) -> tuple[str, str]:
-    """(embedding table, lm_head) formats of an LLM at `precision` on `target`.
+# The CPU quantizer (`compress.settings.CPU_WEIGHT_ONLY_INT8` / `_INT4`) stores every MatMul of
+# a low-bit LLM, `lm_head` included, as ONNX Runtime MatMulNBits: `bits` per weight plus one
+# scale in the graph's float format per block of CPU_LLM_BLOCK weights (symmetric: no zero
+# points); tests/test_plan.py checks these against compress.settings.
+CPU_LLM_BLOCK = 128
+_MATMULNBITS_BITS = {"int8": 8, "int4": 4}
 
-    The CPU quantizer stores the table in fp16 and quantizes `lm_head` with the other MatMuls
-    when the LLM is low-bit; TensorRT recipes keep both in the carrier format.
+
+@dataclass(frozen=True)
+class Storage:
+    """How one component's parameters are stored on a target.
+
+    `weight`: bytes per quantizable weight, block scales included; `head`: bytes per `lm_head`
+    weight; `table`: format of the untied embedding table; everything else is in `carrier`.
     """
-    if target.kind == "cpu" and get_precision(precision).low_bit:
-        return "fp16", precision
-    return carrier, carrier
+
+    carrier: str
+    weight: float
+    head: float
+    table: str
 
 
-def weight_bytes(
-    count: ParamCount,
-    precision: str,
-    carrier: str,
-    table: str | None = None,
-    head: str | None = None,
-) -> float:
-    """Bytes of a component's weights: quantizable weights in `precision`, the embedding table in
-    `table` and `lm_head` in `head` (both `carrier` when not given), the rest in `carrier`.
+def storage(target: Target, component: str, precision: str) -> Storage:
+    """The storage of `component` at `precision` on `target`.
 
-    int4 costs 0.5 + 2/128 bytes per weight (an fp16 scale per group of 128), nvfp4
-    0.5 + 1/16 (an fp8 scale per block of 16); see `citrus_edge.recipes.PRECISIONS`.
+    TensorRT recipes (modelopt) quantize the linear and convolution weights and leave `lm_head`
+    and the table in the carrier format; int4 then costs 0.5 + 2/128 bytes per weight (an fp16
+    scale per group of 128) and nvfp4 0.5 + 1/16 (see `citrus_edge.recipes.PRECISIONS`). On the
+    CPU a low-bit LLM is MatMulNBits throughout, `lm_head` included, with its table in fp16
+    (`compress.settings.QuantizeConfig.embeddings_dtype`).
     """
+    carrier = carrier_precision(target, precision)
+    low, rest = get_precision(precision), get_precision(carrier).weight_bytes
+    if component == "llm" and low.low_bit and not target.tensorrt:
+        per_weight = _MATMULNBITS_BITS[precision] / 8 + rest / CPU_LLM_BLOCK
+        return Storage(carrier, per_weight, per_weight, "fp16")
+    return Storage(carrier, low.weight_bytes, rest, carrier)
+
+
+def weight_bytes(count: ParamCount, store: Storage) -> float:
+    """Bytes of a component's parameters stored as `store`."""
     rest = count.total - count.quantizable - count.table - count.head
     return (
-        count.quantizable * get_precision(precision).weight_bytes
-        + count.table * get_precision(table or carrier).weight_bytes
-        + count.head * get_precision(head or carrier).weight_bytes
-        + rest * get_precision(carrier).weight_bytes
+        count.quantizable * store.weight
+        + count.head * store.head
+        + count.table * get_precision(store.table).weight_bytes
+        + rest * get_precision(store.carrier).weight_bytes
     )
 
 
@@ -165,14 +182,20 @@ class ComponentPlan:
 
     component: str
     precision: str
-    carrier: str
+    storage: Storage
     params: int
     quantizable_params: int
     weight_bytes: float
     activation_bytes: float  # estimate
 
+    @property
+    def carrier(self) -> str:
+        return self.storage.carrier
+
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        out = dict(self.__dict__)
+        out["storage"] = dict(self.storage.__dict__)
+        return out
 
 
 @dataclass(frozen=True)
@@ -353,15 +376,14 @@ def _component_rows(
     rows = []
     for name, count in param_counts(cfg).items():
         precision = recipe.precision(name)
-        carrier = carrier_precision(target, precision)
+        store = storage(target, name, precision)
         act = elements[name] * activation_bytes_per_elem(target, precision)
         if name == "llm":
             act += cfg.text.vocab_size * 4  # fp32 logits of the last position
-        sides = llm_side_formats(target, precision, carrier) if name == "llm" else (None, None)
-        weights = weight_bytes(count, precision, carrier, *sides)
+        weights = weight_bytes(count, store)
         act = float(act)
         rows.append(
-            ComponentPlan(name, precision, carrier, count.total, count.quantizable, weights, act)
+            ComponentPlan(name, precision, store, count.total, count.quantizable, weights, act)
         )
     return tuple(rows)
 
@@ -397,9 +419,9 @@ def plan(
     """Plan `model_cfg` on `target` at `recipe`, from the config's dimensions only.
 
     `context_tokens` is the KV-cache length (image tokens included; by default
-    `DEFAULT_CONTEXT` or the model's `max_position_embeddings` if smaller); `image_hw` the input image
-    (height, width) before the model's `smart_resize`, by default the target's largest profile
-    size. Bytes streamed per decode step = LLM weights without the untied embedding table (a
+    `DEFAULT_CONTEXT` or the model's `max_position_embeddings` if smaller); `image_hw` the input
+    image (height, width) before the model's `smart_resize`, by default the target's largest
+    profile size. Bytes streamed per decode step = LLM weights without the untied embedding table (a
     gather reads one row) + the whole KV cache at `context_tokens`. Raises
     `UnsupportedPrecisionError` when the target cannot run the recipe, ValueError when the image
     or context does not fit the model or the target's engine profiles.
@@ -421,8 +443,8 @@ def plan(
     kv_dtype = kv_cache_dtype(target, recipe)
     kv = kv_cache_bytes(t, context_tokens, kv_dtype)
     llm = rows[COMPONENTS.index("llm")]
-    table_format = llm_side_formats(target, llm.precision, llm.carrier)[0]
-    per_token = llm.weight_bytes - llm_params(t).table * get_precision(table_format).weight_bytes
+    table_bytes = llm_params(t).table * get_precision(llm.storage.table).weight_bytes
+    per_token = llm.weight_bytes - table_bytes
     per_token += kv
     bw = target.bandwidth_gbs
     return Plan(

@@ -87,6 +87,7 @@ _STAGE4 = dataclasses.replace(
     lr=2e-4,
     w_first=3.0,
     w_count=1.0,
+    carry_aux=True,
     data_start=_STAGE3.data_start + _STAGE3.steps * _STAGE3.batch_size,
     phantom=PhantomConfig(
         lesion_count_probs=(0.15, 0.4, 0.3, 0.15), echogenicity_probs=(0.2, 0.3, 0.3, 0.2)
@@ -103,8 +104,6 @@ _STAGE5 = dataclasses.replace(
     data_start=_STAGE4.data_start + _STAGE4.steps * _STAGE4.batch_size,
 )
 DEMO_STAGES: tuple[TrainConfig, ...] = (_STAGE1, _STAGE2, _STAGE3, _STAGE4, _STAGE5)
-# Stages that start with the previous stage's training-only heads instead of fresh ones.
-_CARRY_AUX = frozenset({4, 5})
 
 
 def train_demo_model(
@@ -112,7 +111,8 @@ def train_demo_model(
 ) -> Path:
     """Tokenizer + training stages (each resumable, in `out/stageN`) + checkpoint at `out/model`.
 
-    Stage N > 1 starts from stage N-1's checkpoint (its `init_from` is set here).
+    Stage N > 1 starts from stage N-1's checkpoint (its `init_from` is set here) and, when its
+    `carry_aux` is set, from stage N-1's training-only heads (`init_aux_from`).
     """
     from citrus_edge.checkpoint import load_checkpoint, save_checkpoint
 
@@ -123,7 +123,7 @@ def train_demo_model(
         model_dir = stage_dir / "model"
         if prev is not None:
             cfg = dataclasses.replace(cfg, init_from=str(prev))
-            if i in _CARRY_AUX:
+            if cfg.carry_aux:
                 cfg = dataclasses.replace(cfg, init_aux_from=str(prev.parent / "state.pt"))
         if not (model_dir / "config.json").exists():
             model = train(model_cfg, cfg, stage_dir, tok_path)

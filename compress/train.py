@@ -61,6 +61,7 @@ class TrainConfig:
     threads: int = 1
     init_from: str | None = None  # Citrus-V checkpoint dir to start from (e.g. continue the demo)
     init_aux_from: str | None = None  # a previous run's state.pt whose training-only heads to keep
+    carry_aux: bool = False  # in a staged run: init_aux_from = the previous stage's state.pt
     data_start: int = 0  # index of the first training phantom (a later stage sees fresh ones)
     phantom: PhantomConfig | None = None  # training phantoms' distribution (None: the default)
     version: int = TRAIN_CONFIG_VERSION
@@ -291,11 +292,35 @@ def train(
         torch.set_num_threads(threads)  # the caller's setting, also after an interruption
 
 
-def _train(model_cfg, cfg, out_dir, tokenizer_path, extra_loss) -> CitrusV:
+def _check_or_write_config(cfg: TrainConfig, out_dir: Path) -> None:
+    """Write `train_config.json`; when resuming (a `state.pt` exists), require it unchanged."""
+    path = out_dir / "train_config.json"
+    current = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    if (out_dir / "state.pt").exists() and path.exists():
+        saved = json.loads(path.read_text())
+        changed = sorted(k for k in current.keys() | saved.keys() if current.get(k) != saved.get(k))
+        if changed:
+            raise ValueError(
+                f"{path}: resuming with a different training config ({', '.join(changed)}); "
+                "use a new output directory or the saved config"
+            )
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(current, indent=2))
+    tmp.replace(path)
+
+
+def _train(
+    model_cfg: CitrusVConfig,
+    cfg: TrainConfig,
+    out_dir: Path,
+    tokenizer_path: Path,
+    extra_loss: Callable[[CitrusV, dict], dict[str, torch.Tensor]] | None,
+) -> CitrusV:
     from citrus_edge.model import build_model
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    _check_or_write_config(cfg, out_dir)
     if cfg.init_from is not None:
         from citrus_edge.checkpoint import load_checkpoint
 
@@ -306,7 +331,7 @@ def _train(model_cfg, cfg, out_dir, tokenizer_path, extra_loss) -> CitrusV:
         model = build_model(model_cfg, seed=cfg.seed)
     aux = OccupancyHead(model_cfg.text.hidden_size)
     if cfg.init_aux_from is not None:
-        aux.load_state_dict(torch.load(cfg.init_aux_from, weights_only=False)["aux"], strict=False)
+        aux.load_state_dict(torch.load(cfg.init_aux_from, weights_only=False)["aux"])
     params = list(model.parameters()) + list(aux.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = 0

@@ -68,7 +68,7 @@ def test_cpu_bundle_manifest_and_accuracy(cpu_bundle):
     acc = m["accuracy"]
     assert acc["measured"] and acc["records"] == 3
     assert acc["vs_fp32"]["token_agreement"] == 1.0  # fp32 ORT vs PyTorch: same greedy tokens
-    assert abs(acc["vs_fp32"]["gt_dice_delta"]) < 1e-6
+    assert abs(acc["vs_fp32"]["gt_dice_drop"]) < 1e-6
     assert "torch" in m["versions"] and "onnx" in m["versions"]
 
 

@@ -24,8 +24,9 @@ CONFIGS = {
 
 
 @functools.cache
-def built_counts(key: str) -> tuple[dict[str, tuple[int, int]], int]:
-    """Per component (total, quantizable) params of a built model, and the model's total.
+def built_counts(key: str) -> tuple[dict[str, tuple[int, int]], int, int]:
+    """Per component (total, quantizable) params of a built model, the model's total, and the
+    untied `lm_head`'s weights (0 when tied to the embedding table).
 
     quantizable = weights of Linear / Conv / ConvTranspose modules, `lm_head` excluded.
     """
@@ -54,12 +55,14 @@ def built_counts(key: str) -> tuple[dict[str, tuple[int, int]], int]:
                 if isinstance(m, layers) and m is not model.mllm.lm_head:
                     quantizable += m.weight.numel()
         out[name] = (sum(params.values()), quantizable)
-    return out, sum(p.numel() for p in model.parameters())
+    head = model.mllm.lm_head.weight
+    untied = head is not model.mllm.model.get_input_embeddings().weight
+    return out, sum(p.numel() for p in model.parameters()), head.numel() if untied else 0
 
 
 @pytest.mark.parametrize("key", list(CONFIGS))
 def test_param_counts_match_built_model_exactly(key):
-    built, model_total = built_counts(key)
+    built, model_total, head = built_counts(key)
     counted = param_counts(CONFIGS[key])
     for name, (total, quantizable) in built.items():
         assert (counted[name].total, counted[name].quantizable) == (total, quantizable), name
@@ -67,7 +70,8 @@ def test_param_counts_match_built_model_exactly(key):
     llm = counted["llm"]
     text = CONFIGS[key].text
     untied = 0 if text.tie_word_embeddings else text.vocab_size * text.hidden_size
-    assert llm.table == llm.head == untied
+    assert llm.table == untied
+    assert llm.head == head
 
 
 def test_8b_sizes_match_published_models():
@@ -151,13 +155,24 @@ def test_int4_on_cpu_and_fp32_recipe():
     counts = param_counts(DEMO)
     p = plan(DEMO, get_target("cpu"), get_recipe("int8-w4"), context_tokens=256)
     llm = counts["llm"]
-    # The CPU quantizer (MatMulNBits) also quantizes lm_head and stores the table in fp16.
+    # The CPU quantizer (MatMulNBits, an fp32 scale per 128 weights) also quantizes lm_head
+    # and stores the table in fp16.
     h, v = DEMO.text.hidden_size, DEMO.text.vocab_size
     assert llm.table == llm.head == h * v
     plain = llm.total - llm.quantizable - 2 * h * v
     assert p.component("llm").weight_bytes == (
-        (llm.quantizable + h * v) * (0.5 + 2 / 128) + h * v * 2 + plain * 4
+        (llm.quantizable + h * v) * (0.5 + 4 / 128) + h * v * 2 + plain * 4
     )
+    # Decode streams everything but the fp16 table, and the fp32 KV cache.
+    assert p.decode_bytes_per_token == pytest.approx(
+        p.component("llm").weight_bytes - h * v * 2 + p.kv_cache_bytes, rel=1e-12
+    )
+    assert p.component("llm").to_dict()["storage"] == {
+        "carrier": "fp32",
+        "weight": 0.5 + 4 / 128,
+        "head": 0.5 + 4 / 128,
+        "table": "fp16",
+    }
     # A TensorRT target keeps lm_head and the table in its fp16 carrier (modelopt's presets).
     gpu = plan(DEMO, get_target("x86-ampere"), get_recipe("fp16-w4"), context_tokens=256)
     assert gpu.component("llm").weight_bytes == (
@@ -208,12 +223,26 @@ def test_bundle_ratio_vs_fp32_on_cpu():
     the 4-bit LLM takes the bundle under a fifth of FP32; the demo model's LLM is a third of
     its weights, so its INT8 encoders alone keep it above (measured: 25 % with the 4-bit LLM)."""
     cpu = get_target("cpu")
-    for cfg, int8_ratio, w4_ratio in ((CITRUS_V_8B, 0.266, 0.166), (DEMO, 0.261, 0.221)):
+    for cfg, int8_ratio, w4_ratio in ((CITRUS_V_8B, 0.2725, 0.1688), (DEMO, 0.2636, 0.2224)):
         p8, p4 = plan(cfg, cpu, INT8), plan(cfg, cpu, get_recipe("int8-w4"))
         assert p8.fp32_weight_bytes == 4 * sum(c.total for c in param_counts(cfg).values())
         assert p8.weight_ratio == pytest.approx(int8_ratio, abs=5e-4), cfg.name
         assert p4.weight_ratio == pytest.approx(w4_ratio, abs=5e-4), cfg.name
     assert plan(CITRUS_V_8B, cpu, get_recipe("int8-w4")).weight_ratio <= 0.20
-    assert "16.6 % of the 34.08 GB FP32 weights" in format_plan(
+    assert "16.9 % of the 34.08 GB FP32 weights" in format_plan(
         plan(CITRUS_V_8B, cpu, get_recipe("int8-w4"))
     )
+
+
+def test_cpu_llm_storage_matches_the_cpu_quantizer():
+    from citrus_edge.compress.settings import (
+        CPU_WEIGHT_ONLY_INT4,
+        CPU_WEIGHT_ONLY_INT8,
+        QuantizeConfig,
+    )
+    from citrus_edge.plan import CPU_LLM_BLOCK
+
+    assert CPU_WEIGHT_ONLY_INT4.block_size == CPU_WEIGHT_ONLY_INT8.block_size == CPU_LLM_BLOCK
+    assert (CPU_WEIGHT_ONLY_INT4.bits, CPU_WEIGHT_ONLY_INT8.bits) == (4, 8)
+    assert CPU_WEIGHT_ONLY_INT4.symmetric and CPU_WEIGHT_ONLY_INT8.symmetric  # no zero points
+    assert QuantizeConfig().embeddings_dtype == "float16"

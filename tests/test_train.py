@@ -101,10 +101,16 @@ def test_resume_after_interruption_is_exact(tmp_path, tok):
         return {}
 
     threads = torch.get_num_threads()
-    with pytest.raises(_Interrupt):
-        train(TINY, cfg, tmp_path / "b", tok, extra_loss=crash_at_step_3)
-    assert torch.get_num_threads() == threads  # the caller's thread count is restored
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(_Interrupt):
+            train(TINY, cfg, tmp_path / "b", tok, extra_loss=crash_at_step_3)
+        assert torch.get_num_threads() == 2  # the caller's count is back (the run used 1)
+    finally:
+        torch.set_num_threads(threads)
     assert torch.load(tmp_path / "b" / "state.pt", weights_only=False)["step"] == 2
+    with pytest.raises(ValueError, match=r"train_config.json: resuming .* \(lr\)"):
+        train(TINY, dataclasses.replace(cfg, lr=5e-4), tmp_path / "b", tok)
     resumed = train(TINY, cfg, tmp_path / "b", tok)
     a, b = straight.state_dict(), resumed.state_dict()
     assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
@@ -132,6 +138,14 @@ def test_continuing_run_starts_from_checkpoint_and_heads(tmp_path, tok):
     assert all(torch.equal(aux1[k], aux2[k]) for k in aux1)
     fresh = train(TINY, still, tmp_path / "s3", tok)  # without init_*: a new random model
     assert any((a[k] - fresh.state_dict()[k]).abs().max() > 0 for k in a)
+    torch.save({"aux": {}}, tmp_path / "empty.pt")
+    with pytest.raises(RuntimeError, match="Missing key"):  # heads asked for must be there
+        train(
+            TINY,
+            dataclasses.replace(cont, init_aux_from=str(tmp_path / "empty.pt")),
+            tmp_path / "s4",
+            tok,
+        )
 
 
 def test_curriculum_changes_training_phantoms_only(tmp_path, tok):
@@ -139,7 +153,14 @@ def test_curriculum_changes_training_phantoms_only(tmp_path, tok):
     counts = [s.n_lesions for s in itertools.islice(PhantomStream(TINY, tok, 0, many), 8)]
     default = [s.n_lesions for s in itertools.islice(PhantomStream(TINY, tok, 0), 8)]
     assert np.mean(counts) > 2.5 > np.mean(default)
-    cfg = TrainConfig(steps=1, batch_size=2, warmup=1, phantom=many)
-    train(TINY, cfg, tmp_path / "run", tok)
+    seen = []
+
+    def record(model, batch):
+        seen.extend(batch["n_lesions"].tolist())
+        return {}
+
+    cfg = TrainConfig(steps=2, batch_size=3, warmup=1, phantom=many)
+    train(TINY, cfg, tmp_path / "run", tok, extra_loss=record)
+    assert len(seen) == 6 and np.mean(seen) > 2.5  # the run trained on the curriculum
     saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert saved["phantom"]["lesion_count_probs"] == [0.0, 0.0, 0.0, 1.0]
