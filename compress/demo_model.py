@@ -93,17 +93,7 @@ _STAGE4 = dataclasses.replace(
         lesion_count_probs=(0.15, 0.4, 0.3, 0.15), echogenicity_probs=(0.2, 0.3, 0.3, 0.2)
     ),
 )
-# Stage 5 anneals on the default phantom distribution (stage 4's curriculum shifts the lesion
-# count prior: at step 1000 of stage 4, 9 of 13 count errors were over-counts).
-_STAGE5 = dataclasses.replace(
-    _STAGE4,
-    steps=800,
-    lr=1e-4,
-    warmup=20,
-    phantom=None,
-    data_start=_STAGE4.data_start + _STAGE4.steps * _STAGE4.batch_size,
-)
-DEMO_STAGES: tuple[TrainConfig, ...] = (_STAGE1, _STAGE2, _STAGE3, _STAGE4, _STAGE5)
+DEMO_STAGES: tuple[TrainConfig, ...] = (_STAGE1, _STAGE2, _STAGE3, _STAGE4)
 
 
 def train_demo_model(
