@@ -53,42 +53,32 @@ def build_tokenizer(out: Path, model_cfg: CitrusVConfig = DEMO) -> Path:
     return path
 
 
+def _next_stage(prev: TrainConfig, **changes) -> TrainConfig:
+    """A stage continuing `prev`: its settings with `changes`, on the phantoms after prev's."""
+    return dataclasses.replace(
+        prev, data_start=prev.data_start + prev.steps * prev.batch_size, **changes
+    )
+
+
 _STAGE1 = TrainConfig()
 # Stage 2 continues from stage 1 on fresh phantoms with a restarted schedule, extra weight on
 # the answer's decision token and a training-only lesion-count head (stage 1 said "1 lesion" for
 # most 2-lesion images). Stage 3 continues from stage 2 with more weight on the masks (2-lesion
 # images got one lesion's mask). Eval split after each: see the README.
-_STAGE2 = dataclasses.replace(
-    _STAGE1,
-    steps=2500,
-    lr=5e-4,
-    warmup=100,
-    w_first=2.0,
-    w_count=0.5,
-    data_start=_STAGE1.steps * _STAGE1.batch_size,
-)
-_STAGE3 = dataclasses.replace(
-    _STAGE2,
-    steps=2000,
-    lr=3e-4,
-    warmup=50,
-    w_mask=1.5,
-    w_mask_aux=0.75,
-    data_start=_STAGE2.data_start + _STAGE2.steps * _STAGE2.batch_size,
-)
+_STAGE2 = _next_stage(_STAGE1, steps=2500, lr=5e-4, warmup=100, w_first=2.0, w_count=0.5)
+_STAGE3 = _next_stage(_STAGE2, steps=2000, lr=3e-4, warmup=50, w_mask=1.5, w_mask_aux=0.75)
 # Stage 4 continues stage 3's recipe (its first-token loss was still falling) with more weight
 # on the decision token and the count head, keeps stage 3's training-only heads, and draws
 # more multi-lesion and isoechoic phantoms (a curriculum: 7 of stage 3's 11 count errors were
 # missed isoechoic or small lesions, mostly in 2-lesion images). Evaluation keeps the default
 # distribution.
-_STAGE4 = dataclasses.replace(
+_STAGE4 = _next_stage(
     _STAGE3,
     steps=3000,
     lr=2e-4,
     w_first=3.0,
     w_count=1.0,
     carry_aux=True,
-    data_start=_STAGE3.data_start + _STAGE3.steps * _STAGE3.batch_size,
     phantom=PhantomConfig(
         lesion_count_probs=(0.15, 0.4, 0.3, 0.15), echogenicity_probs=(0.2, 0.3, 0.3, 0.2)
     ),
