@@ -56,6 +56,7 @@ class TrainConfig:
     w_mask_aux: float = 0.5
     w_first: float = 0.0  # extra CE on each answer's first token (the count / lesion decision)
     w_count: float = 0.0  # training-only lesion-count head on the answer-start state
+    w_centre: float = 0.0  # training-only head marking the visual token of each lesion's centre
     ckpt_every: int = 100
     log_every: int = 20
     threads: int = 1
@@ -64,6 +65,9 @@ class TrainConfig:
     carry_aux: bool = False  # in a staged run: init_aux_from = the previous stage's state.pt
     data_start: int = 0  # index of the first training phantom (a later stage sees fresh ones)
     phantom: PhantomConfig | None = None  # training phantoms' distribution (None: the default)
+    # (min_pixels, max_pixels) of the vision input, saved with the model (None: the model's own).
+    # The vision tower's weights fit any image size, so a stage may change it.
+    pixels: tuple[int, int] | None = None
     version: int = TRAIN_CONFIG_VERSION
 
     def lr_at(self, step: int) -> float:
@@ -83,6 +87,7 @@ class Sample:
     sam_pixels: np.ndarray  # [3, S_sam, S_sam]
     mask: np.ndarray  # [S_sam, S_sam] float32 union of lesion masks at SAM input size
     occupancy: np.ndarray  # [n_visual_tokens] fraction of each merged patch covered by lesion
+    centres: np.ndarray  # [n_visual_tokens] 1 where a lesion's mask centroid falls, else 0
     n_lesions: int
 
 
@@ -110,6 +115,13 @@ def make_sample(model_cfg: CitrusVConfig, tokenizer, seed: int, phantom_cfg: Pha
     )
     gh, gw = qp.resized_hw[0] // m, qp.resized_hw[1] // m
     occ = occ_img.reshape(gh, m, gw, m).mean(axis=(1, 3)).reshape(-1)
+    centres = np.zeros((gh, gw), dtype=np.float32)
+    (h, w), (rh, rw) = ph.image.shape, qp.resized_hw
+    for les in ph.lesions:
+        ys, xs = np.nonzero(les.mask)
+        row = min(int((ys.mean() + 0.5) * rh / h) // m, gh - 1)
+        col = min(int((xs.mean() + 0.5) * rw / w) // m, gw - 1)
+        centres[row, col] = 1.0
     return Sample(
         ids=np.asarray(p_ids + a_ids, dtype=np.int64),
         labels=np.asarray([IGNORE] * len(p_ids) + a_ids, dtype=np.int64),
@@ -118,6 +130,7 @@ def make_sample(model_cfg: CitrusVConfig, tokenizer, seed: int, phantom_cfg: Pha
         sam_pixels=sam_pixels(rgb, pp)[0],
         mask=mask_sam.astype(np.float32),
         occupancy=occ.astype(np.float32),
+        centres=centres.reshape(-1),
         n_lesions=len(ph.lesions),
     )
 
@@ -169,6 +182,7 @@ def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
         "sam_pixels": torch.from_numpy(np.stack([s.sam_pixels for s in samples])),
         "mask": torch.from_numpy(np.stack([s.mask for s in samples])),
         "occupancy": torch.from_numpy(np.concatenate([s.occupancy for s in samples])),
+        "centres": torch.from_numpy(np.concatenate([s.centres for s in samples])),
         "n_lesions": torch.tensor([s.n_lesions for s in samples]),
     }
 
@@ -176,14 +190,22 @@ def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
 MAX_COUNT = 3  # the count head's classes: 0 .. MAX_COUNT lesions (more are clipped)
 
 
+# Positives are rare (one visual token per lesion): their BCE weight.
+CENTRE_POS_WEIGHT = 10.0
+# Heads added to OccupancyHead after earlier runs saved theirs: a carried state may lack them.
+LATER_HEADS = ("centre",)
+
+
 class OccupancyHead(nn.Module):
-    """Training-only aids, not shipped: lesion coverage of each visual token, and the lesion
-    count read from the state that starts the answer."""
+    """Training-only aids, not shipped: lesion coverage of each visual token, the token of each
+    lesion's centre (so that visual features come in countable units, one per lesion), and the
+    lesion count read from the state that starts the answer."""
 
     def __init__(self, d: int):
         super().__init__()
         self.proj = nn.Linear(d, 1)
         self.count = nn.Linear(d, MAX_COUNT + 1)
+        self.centre = nn.Linear(d, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).squeeze(-1)
@@ -224,6 +246,11 @@ def compute_losses(
         ignore_index=IGNORE,
     )
     losses = {"lm": lm, "aux": F.binary_cross_entropy_with_logits(aux(visual), batch["occupancy"])}
+    losses["centre"] = F.binary_cross_entropy_with_logits(
+        aux.centre(visual).squeeze(-1),
+        batch["centres"],
+        pos_weight=torch.tensor(CENTRE_POS_WEIGHT),
+    )
     answer_start = (batch["labels"] != IGNORE).float().argmax(dim=1) - 1  # [B]
     rows = torch.arange(len(ids))
     # The first answer token carries the decision (lesion count, or whether to answer [SEG]).
@@ -292,6 +319,27 @@ def train(
         torch.set_num_threads(threads)  # the caller's setting, also after an interruption
 
 
+def stage_config(model_cfg: CitrusVConfig, cfg: TrainConfig) -> CitrusVConfig:
+    """`model_cfg` with the stage's vision input size (`cfg.pixels`), if it sets one."""
+    if cfg.pixels is None:
+        return model_cfg
+    lo, hi = cfg.pixels
+    pp = dataclasses.replace(model_cfg.preprocess, min_pixels=lo, max_pixels=hi)
+    return dataclasses.replace(model_cfg, preprocess=pp)
+
+
+def _load_heads(aux: OccupancyHead, state_path: Path) -> None:
+    """Carry a previous run's training-only heads: all of them, except LATER_HEADS it predates."""
+    saved = torch.load(state_path, weights_only=False)["aux"]
+    missing, unexpected = aux.load_state_dict(saved, strict=False)
+    missing = [k for k in missing if k.split(".")[0] not in LATER_HEADS]
+    if missing or unexpected:
+        raise RuntimeError(
+            f"{state_path}: training-only heads do not match (Missing keys: {missing}; "
+            f"unexpected keys: {unexpected})"
+        )
+
+
 def _check_or_write_config(cfg: TrainConfig, out_dir: Path) -> None:
     """Write `train_config.json`; when resuming (a `state.pt` exists), require it unchanged."""
     path = out_dir / "train_config.json"
@@ -321,17 +369,19 @@ def _train(
     from citrus_edge.model import build_model
 
     _check_or_write_config(cfg, out_dir)
+    model_cfg = stage_config(model_cfg, cfg)
     if cfg.init_from is not None:
         from citrus_edge.checkpoint import load_checkpoint
 
         model = load_checkpoint(Path(cfg.init_from))
-        if model.config != model_cfg:
+        if dataclasses.replace(model.config, preprocess=model_cfg.preprocess) != model_cfg:
             raise ValueError(f"{cfg.init_from}: its config differs from {model_cfg.name}")
+        model.config = model_cfg  # the stage's image size; the weights are unchanged
     else:
         model = build_model(model_cfg, seed=cfg.seed)
     aux = OccupancyHead(model_cfg.text.hidden_size)
     if cfg.init_aux_from is not None:
-        aux.load_state_dict(torch.load(cfg.init_aux_from, weights_only=False)["aux"])
+        _load_heads(aux, Path(cfg.init_aux_from))
     params = list(model.parameters()) + list(aux.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = 0
@@ -358,7 +408,9 @@ def _train(
         prefetch_factor=4,
     )
     weights = {"lm": cfg.w_lm, "mask": cfg.w_mask, "iou": cfg.w_iou, "aux": cfg.w_aux}
-    weights.update(mask_aux=cfg.w_mask_aux, first=cfg.w_first, count=cfg.w_count)
+    weights.update(
+        mask_aux=cfg.w_mask_aux, first=cfg.w_first, count=cfg.w_count, centre=cfg.w_centre
+    )
     t0, acc = time.time(), {}
     curve = (out_dir / "curve.jsonl").open("a")
     for batch in loader:

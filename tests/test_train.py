@@ -53,6 +53,32 @@ def test_sample_targets_only_the_answer(seed):
         union |= les.mask
     assert abs(float(s.occupancy.mean()) - union.mean()) < 0.01
     assert abs(float(s.mask.mean()) - union.mean()) < 0.01  # the SAM-size target mask
+    # One centre mark per lesion (unless two centroids share a token), inside that lesion.
+    assert s.centres.shape == s.occupancy.shape and set(np.unique(s.centres)) <= {0.0, 1.0}
+    assert 0 < s.centres.sum() <= len(ph.lesions) or len(ph.lesions) == 0 == s.centres.sum()
+    assert (s.occupancy[s.centres == 1] > 0).all()
+
+
+def test_centre_marks_the_token_holding_each_centroid():
+    cfg, tok = PhantomConfig(), tiny_tokenizer()
+    seed = next(  # a two-lesion phantom
+        TRAIN_SEED_BASE + i
+        for i in range(100)
+        if len(generate_phantom(TRAIN_SEED_BASE + i).lesions) == 2
+    )
+    s, ph = make_sample(TINY, tok, seed, cfg), generate_phantom(seed, cfg)
+    m = TINY.preprocess.factor  # pixels per visual token side
+    grid = int(np.sqrt(len(s.centres)))  # a square phantom has a square token grid
+    scale = grid * m / ph.image.shape[0]  # resized input / original
+    rows, cols = np.nonzero(s.centres.reshape(grid, grid))
+    marked = {(int(r), int(c)) for r, c in zip(rows, cols, strict=True)}
+    holding = set()
+    for les in ph.lesions:
+        ys, xs = np.nonzero(les.mask)
+        # The centroid pixel, in resized-input pixels, and the token square that holds it.
+        cy, cx = (ys.mean() + 0.5) * scale, (xs.mean() + 0.5) * scale
+        holding.add((int(cy // m), int(cx // m)))
+    assert marked == holding and len(marked) == 2
 
 
 def test_losses_at_initialisation():
@@ -65,7 +91,7 @@ def test_losses_at_initialisation():
     torch.manual_seed(0)
     model, aux = tiny_model(), OccupancyHead(TINY.text.hidden_size)
     losses = compute_losses(model, aux, batch)
-    assert {"lm", "aux", "first", "count", "mask", "mask_aux", "iou"} <= losses.keys()
+    assert {"lm", "aux", "centre", "first", "count", "mask", "mask_aux", "iou"} <= losses.keys()
     assert all(math.isfinite(v.item()) for v in losses.values())
     # Random weights: next-token CE near ln(vocab), count CE near ln(4 classes).
     assert losses["lm"].item() == pytest.approx(math.log(TINY.text.vocab_size), rel=0.15)
@@ -138,6 +164,17 @@ def test_continuing_run_starts_from_checkpoint_and_heads(tmp_path, tok):
     assert all(torch.equal(aux1[k], aux2[k]) for k in aux1)
     fresh = train(TINY, still, tmp_path / "s3", tok)  # without init_*: a new random model
     assert any((a[k] - fresh.state_dict()[k]).abs().max() > 0 for k in a)
+    # A state saved before the centre head existed still carries; the centre head starts fresh.
+    old = {k: v for k, v in aux1.items() if not k.startswith("centre.")}
+    torch.save({"aux": old}, tmp_path / "old.pt")
+    train(
+        TINY,
+        dataclasses.replace(cont, init_aux_from=str(tmp_path / "old.pt")),
+        tmp_path / "s5",
+        tok,
+    )
+    aux5 = torch.load(tmp_path / "s5" / "state.pt", weights_only=False)["aux"]
+    assert all(torch.equal(aux1[k], aux5[k]) for k in old)
     torch.save({"aux": {}}, tmp_path / "empty.pt")
     with pytest.raises(RuntimeError, match="Missing key"):  # heads asked for must be there
         train(
@@ -164,3 +201,27 @@ def test_curriculum_changes_training_phantoms_only(tmp_path, tok):
     assert len(seen) == 6 and np.mean(seen) > 2.5  # the run trained on the curriculum
     saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert saved["phantom"]["lesion_count_probs"] == [0.0, 0.0, 0.0, 1.0]
+
+
+def test_a_stage_may_change_the_image_size_and_keeps_the_weights(tmp_path, tok):
+    from citrus_edge.checkpoint import load_checkpoint, save_checkpoint
+
+    first = train(TINY, TrainConfig(steps=1, batch_size=2, warmup=1), tmp_path / "s1", tok)
+    save_checkpoint(first, tmp_path / "s1" / "model", tokenizer_json=tok)
+    side = 336  # 12 x 12 visual tokens instead of 8 x 8
+    bigger = TrainConfig(
+        steps=1, batch_size=2, lr=0.0, min_lr=0.0, warmup=1, pixels=(side * side, side * side)
+    )
+    cont = dataclasses.replace(bigger, init_from=str(tmp_path / "s1" / "model"))
+    second = train(TINY, cont, tmp_path / "s2", tok)
+    save_checkpoint(second, tmp_path / "s2" / "model", tokenizer_json=tok)
+    saved = load_checkpoint(tmp_path / "s2" / "model").config.preprocess
+    assert (saved.min_pixels, saved.max_pixels) == (side * side, side * side)
+    a, b = first.state_dict(), second.state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0  # lr 0: same weights
+    s = make_sample(second.config, tiny_tokenizer(), TRAIN_SEED_BASE, PhantomConfig())
+    assert len(s.occupancy) == 144 and s.grid_thw == (1, 24, 24)
+    # Only the image size may differ from the checkpoint's config; other dimensions may not.
+    wider = dataclasses.replace(TINY, text=dataclasses.replace(TINY.text, intermediate_size=256))
+    with pytest.raises(ValueError, match="config differs"):
+        train(wider, cont, tmp_path / "s3", tok)
