@@ -16,6 +16,7 @@ made, and only those are replaced); files this code did not create are never del
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -47,8 +48,6 @@ log = logging.getLogger(__name__)
 SEED_STRIDE = 1_000_003
 SET_INFO_NAME = "phantom_set.json"
 SET_KIND = "citrus-edge phantom set"
-# The demo model's image processor: patch 14 x merge 2, pixels in [56*56, 224*224].
-DEMO_FACTOR, DEMO_MIN_PIXELS, DEMO_MAX_PIXELS = 28, 3136, 224 * 224
 _SUBDIRS = ("images", "masks", "labels")
 
 
@@ -59,7 +58,7 @@ class PhantomSetSpec:
     n: int
     seed: int = 0
     config: PhantomConfig = DEFAULT_CONFIG
-    resized_hw: tuple[int, int] | None = None  # None: the demo model's smart_resize
+    resized_hw: tuple[int, int] | None = None  # None: the demo model's input size
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -87,7 +86,27 @@ def phantom_seed(seed: int, index: int) -> int:
 
 def default_resized_hw(height: int, width: int) -> tuple[int, int]:
     """The demo model's Qwen2.5-VL input size for an image of height x width."""
-    return smart_resize(height, width, DEMO_FACTOR, DEMO_MIN_PIXELS, DEMO_MAX_PIXELS)
+    from citrus_edge.config import DEMO
+
+    pp = DEMO.preprocess
+    return smart_resize(height, width, pp.factor, pp.min_pixels, pp.max_pixels)
+
+
+def resolved(spec: PhantomSetSpec) -> PhantomSetSpec:
+    """`spec` with its detection boxes' input size stated (the default filled in)."""
+    if spec.resized_hw is not None:
+        return spec
+    hw = default_resized_hw(spec.config.height, spec.config.width)
+    return dataclasses.replace(spec, resized_hw=hw)
+
+
+def written_spec(out_dir: str | os.PathLike) -> dict | None:
+    """The spec a phantom set at `out_dir` was written with, or None when there is none."""
+    try:
+        data = json.loads((Path(out_dir) / SET_INFO_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data.get("spec") if isinstance(data, dict) and data.get("kind") == SET_KIND else None
 
 
 def write_phantom_set(
@@ -103,10 +122,10 @@ def write_phantom_set(
     `resized_hw` is the model input size the detection boxes are scaled to; None means
     `default_resized_hw(config.height, config.width)`. Returns the manifest path.
     """
-    spec = PhantomSetSpec(n, seed, config, resized_hw)
+    spec = resolved(PhantomSetSpec(n, seed, config, resized_hw))
     out = Path(out_dir)
     old_files = _check_target(out, overwrite)
-    hw = resized_hw or default_resized_hw(config.height, config.width)
+    hw = spec.resized_hw
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     os.chmod(staging, 0o755)  # mkdtemp makes it owner-only; it becomes out_dir

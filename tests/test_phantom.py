@@ -25,11 +25,16 @@ from citrus_edge.calib_data.phantom import (
 )
 from citrus_edge.calib_data.phantom_set import (
     DEFAULT_SET,
+    PhantomSetSpec,
     default_resized_hw,
     phantom_seed,
+    resolved,
     write_phantom_set,
+    written_spec,
 )
 from citrus_edge.calib_data.tasks import parse_boxes, parse_report, resize_box
+from citrus_edge.config import DEMO
+from citrus_edge.preprocess import smart_resize
 
 N_SEEDS = 60
 
@@ -237,7 +242,15 @@ def test_phantom_set_layout_and_records(small_set):
     assert [split_of(i) for i in range(12)] == ["eval", "calib"] + ["train"] * 8 + ["eval", "calib"]
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no staging left
     resized_hw = default_resized_hw(256, 256)
-    assert resized_hw == (224, 224)
+    pp = DEMO.preprocess  # the shipped model's input size: whole merged patches, pixel budget
+    assert resized_hw[0] % pp.factor == 0 and resized_hw == smart_resize(
+        256, 256, pp.factor, pp.min_pixels, pp.max_pixels
+    )
+    # The set states the input size its detection answers are in, so a stale set is found.
+    assert written_spec(out)["resized_hw"] == list(resized_hw)
+    assert written_spec(out) == resolved(PhantomSetSpec(20, seed=3)).to_dict()
+    assert written_spec(out) != resolved(PhantomSetSpec(20, 3, resized_hw=(112, 112))).to_dict()
+    assert written_spec(out / "images") is None  # not a phantom set
     for index in range(20):
         segment, detect, report = records[3 * index : 3 * index + 3]
         assert (segment.task, detect.task, report.task) == ("segment", "detect", "report")
