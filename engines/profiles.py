@@ -6,8 +6,9 @@ the axis names of the export specs in `export/*.py`), then resolved against the 
 file declares (`resolve_profile`), so input names and ranks come from the graph itself.
 
 - vision (`n_patches`, `n_units`, `n_windows`): min and max cover every image size
-  `smart_resize` can produce inside the target's `max_hw` box within the model's pixel budget
-  (min_pixels..max_pixels), so no admissible image falls outside the engine; opt is
+  `smart_resize` can produce inside the target's `max_hw` box for the model's pixel budget
+  (min_pixels..max_pixels, overshot by the rounding of a scaled image's sides: see
+  `admissible_sizes`), so no admissible image falls outside the engine; opt is
   `smart_resize(opt_hw)`.
 - llm (`batch`, `seq`, `past`, `total` = past + seq): two profiles, as TensorRT Edge-LLM builds
   them: `prefill` (the whole prompt, empty cache: past = 0) and `decode` (one token, past from
@@ -244,16 +245,30 @@ def vision_axes(hw: tuple[int, int], cfg: CitrusVConfig) -> dict[str, int]:
 def admissible_sizes(target: Target, cfg: CitrusVConfig) -> list[tuple[int, int]]:
     """Every (h, w) `smart_resize` can return inside the target's `max_hw` box.
 
-    Sides are multiples of 28, area within [min_pixels, max_pixels], aspect at most 200.
+    Sides are multiples of f = 28 with aspect at most 200, and the area is either within
+    [min_pixels, max_pixels] (rounded as is), or what scaling to a budget with floored or
+    ceiled sides leaves: h*w <= max_pixels < (h+f)(w+f) for an image scaled down,
+    (h-f)(w-f) < min_pixels <= h*w for one scaled up. So with a narrow budget (min = max)
+    a size may fall below min_pixels or above max_pixels.
     """
     pp = cfg.preprocess
-    factor = pp.factor
+    f = pp.factor
+    lo, hi = pp.min_pixels, pp.max_pixels
     top_h, top_w = target.resolution.max_hw
+
+    def reachable(h: int, w: int) -> bool:
+        area = h * w
+        return (
+            lo <= area <= hi
+            or area <= hi < (h + f) * (w + f)
+            or (h - f) * (w - f) < lo <= area
+        )
+
     sizes = [
         (h, w)
-        for h in range(factor, top_h + 1, factor)
-        for w in range(factor, top_w + 1, factor)
-        if pp.min_pixels <= h * w <= pp.max_pixels and max(h, w) / min(h, w) <= MAX_ASPECT
+        for h in range(f, top_h + 1, f)
+        for w in range(f, top_w + 1, f)
+        if reachable(h, w) and max(h, w) / min(h, w) <= MAX_ASPECT
     ]
     if not sizes:
         raise ValueError(
