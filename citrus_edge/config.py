@@ -250,6 +250,8 @@ CITRUS_V_8B = CitrusVConfig(
 # Token ids of the demo tokenizer (citrus_edge/tokenizer.py puts the specials first).
 DEMO_TOKENS = TokenIds(seg=10, image=5, video=6, vision_start=3, vision_end=4, eos=1, pad=0)
 
+DEMO_SIDE = 336  # the demo model's vision input side, in pixels
+
 # The shipped demo model: the same architecture at CPU size (see README for the reasoning).
 # Small rope_theta and a spatial-heavy mrope_section so image rows/columns rotate visibly.
 DEMO = CitrusVConfig(
@@ -286,7 +288,11 @@ DEMO = CitrusVConfig(
         iou_head_hidden_dim=128,
     ),
     tokens=DEMO_TOKENS,
-    preprocess=PreprocessConfig(min_pixels=3136, max_pixels=224 * 224, sam_image_size=256),
+    # Every image becomes ~336x336 (144 visual tokens; a 256-px phantom is upsampled): stages
+    # 1-4 trained at 224x224 (64 tokens), stage 5 at this size (see compress.demo_model).
+    preprocess=PreprocessConfig(
+        min_pixels=DEMO_SIDE * DEMO_SIDE, max_pixels=DEMO_SIDE * DEMO_SIDE, sam_image_size=256
+    ),
 )
 
 # A tiny random model for fast tests.
@@ -314,6 +320,8 @@ TINY = dataclasses.replace(
     sam2=dataclasses.replace(
         DEMO.sam2, hidden_size=32, decoder_mlp_dim=64, decoder_heads=2, iou_head_hidden_dim=32
     ),
+    # At most 224x224 (64 visual tokens): small inputs keep the tests fast.
+    preprocess=dataclasses.replace(DEMO.preprocess, min_pixels=3136, max_pixels=224 * 224),
 )
 
 PRESETS: dict[str, CitrusVConfig] = {c.name: c for c in (CITRUS_V_8B, DEMO, TINY)}

@@ -60,7 +60,8 @@ def _next_stage(prev: TrainConfig, **changes) -> TrainConfig:
     )
 
 
-_STAGE1 = TrainConfig()
+# Stages 1-4 see 224x224 inputs (64 visual tokens); stage 5 moves to the shipped size.
+_STAGE1 = TrainConfig(pixels=(3136, 224 * 224))
 # Stage 2 continues from stage 1 on fresh phantoms with a restarted schedule, extra weight on
 # the answer's decision token and a training-only lesion-count head (stage 1 said "1 lesion" for
 # most 2-lesion images). Stage 3 continues from stage 2 with more weight on the masks (2-lesion
@@ -83,7 +84,19 @@ _STAGE4 = _next_stage(
         lesion_count_probs=(0.15, 0.4, 0.3, 0.15), echogenicity_probs=(0.2, 0.3, 0.3, 0.2)
     ),
 )
-DEMO_STAGES: tuple[TrainConfig, ...] = (_STAGE1, _STAGE2, _STAGE3, _STAGE4)
+# Stage 5 continues stage 4's recipe at DEMO's input size, 336x336 (144 visual tokens, one
+# per 21 px of a 256-px phantom instead of 32), with a training-only head marking the visual
+# token of each lesion's centre, so that the vision features come in countable units: stage 4
+# under-counted 2- and 3-lesion images, and its occupancy head only measures lesion area.
+_STAGE5 = _next_stage(
+    _STAGE4,
+    steps=2200,
+    lr=3e-4,
+    warmup=100,
+    pixels=(DEMO.preprocess.min_pixels, DEMO.preprocess.max_pixels),
+    w_centre=1.0,
+)
+DEMO_STAGES: tuple[TrainConfig, ...] = (_STAGE1, _STAGE2, _STAGE3, _STAGE4, _STAGE5)
 
 
 def train_demo_model(

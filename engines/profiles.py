@@ -258,11 +258,7 @@ def admissible_sizes(target: Target, cfg: CitrusVConfig) -> list[tuple[int, int]
 
     def reachable(h: int, w: int) -> bool:
         area = h * w
-        return (
-            lo <= area <= hi
-            or area <= hi < (h + f) * (w + f)
-            or (h - f) * (w - f) < lo <= area
-        )
+        return lo <= area <= hi or area <= hi < (h + f) * (w + f) or (h - f) * (w - f) < lo <= area
 
     sizes = [
         (h, w)

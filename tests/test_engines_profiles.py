@@ -75,12 +75,21 @@ def test_sam_and_decoder_profiles():
 
 
 def test_elongated_images_need_more_windows_than_the_square():
-    # DEMO (budget 224^2 = 64 units) on orin-agx-64 (box 728 = 26 units): the square 224x224
-    # has 8x8 units = 2x2 windows, but a 56x728 image (2x26 units, 52 <= 64) has 1x7 windows.
+    # DEMO (budget 336^2 = 144 units of 28 px, windows of 4x4 units) on orin-agx-64 (box 728 =
+    # 26 units): the square 336x336 has 12x12 units = 3x3 windows. A 200x380 image is scaled up
+    # with ceiled sides to 252x476 (9x17 units = 153 > 144, over the budget) = 3x5 windows; a
+    # large 1000x2000 one is scaled down with floored sides to 224x448 (8x16 units = 128 < 144,
+    # under it) = 2x4 windows.
     target = get_target("orin-agx-64")
-    assert vision_axes((56, 728), DEMO)["n_windows"] == 7
-    assert vision_axes((224, 224), DEMO)["n_windows"] == 4
-    assert vision_ranges(target, DEMO)["n_windows"] == AxisRange(1, 4, 7)
+    pp = DEMO.preprocess
+    assert pp.min_pixels == pp.max_pixels == 336 * 336
+    assert smart_resize(200, 380, pp.factor, pp.min_pixels, pp.max_pixels) == (252, 476)
+    assert smart_resize(1000, 2000, pp.factor, pp.min_pixels, pp.max_pixels) == (224, 448)
+    assert vision_axes((252, 476), DEMO)["n_windows"] == 15
+    assert vision_axes((224, 448), DEMO)["n_windows"] == 8
+    assert vision_axes((336, 336), DEMO)["n_windows"] == 9
+    assert vision_ranges(target, DEMO)["n_windows"] == AxisRange(8, 9, 15)
+    assert vision_ranges(target, DEMO)["n_units"] == AxisRange(120, 144, 168)
 
 
 @pytest.mark.parametrize("target", ["orin-nano-8", "orin-agx-64", "thor", "cpu"])

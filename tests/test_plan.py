@@ -188,8 +188,8 @@ def test_input_validation():
     with pytest.raises(ValueError, match="max_position_embeddings 1024"):
         plan(DEMO, nano, FP16_W4, context_tokens=2048)  # the demo model's context is 1024
     assert plan(DEMO, nano, FP16_W4).context_tokens == 1024  # the default stays within it
-    with pytest.raises(ValueError, match="must exceed the 64 image tokens"):
-        plan(DEMO, nano, FP16_W4, context_tokens=64)
+    with pytest.raises(ValueError, match="must exceed the 144 image tokens"):  # 336x336
+        plan(DEMO, nano, FP16_W4, context_tokens=144)
     big = dataclasses.replace(
         CITRUS_V_8B, preprocess=dataclasses.replace(CITRUS_V_8B.preprocess, max_pixels=1 << 20)
     )
