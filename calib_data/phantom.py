@@ -223,12 +223,18 @@ def box_of(mask: np.ndarray) -> tuple[int, int, int, int]:
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
+def centroid(mask: np.ndarray) -> tuple[float, float]:
+    """(row, column) of the mask's centroid, in pixel indices."""
+    ys, xs = np.nonzero(mask)
+    return float(ys.mean()), float(xs.mean())
+
+
 def location_of(mask: np.ndarray) -> str:
     """Quadrant of the mask centroid relative to the image centre."""
-    ys, xs = np.nonzero(mask)
+    cy, cx = centroid(mask)
     height, width = mask.shape
-    vertical = "upper" if ys.mean() < (height - 1) / 2 else "lower"
-    horizontal = "left" if xs.mean() < (width - 1) / 2 else "right"
+    vertical = "upper" if cy < (height - 1) / 2 else "lower"
+    horizontal = "left" if cx < (width - 1) / 2 else "right"
     return f"{vertical} {horizontal}"
 
 

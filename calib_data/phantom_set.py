@@ -100,13 +100,19 @@ def resolved(spec: PhantomSetSpec) -> PhantomSetSpec:
     return dataclasses.replace(spec, resized_hw=hw)
 
 
-def written_spec(out_dir: str | os.PathLike) -> dict | None:
-    """The spec a phantom set at `out_dir` was written with, or None when there is none."""
+def _set_info(out: Path) -> dict | None:
+    """The `phantom_set.json` of a set at `out`, or None when there is none (or not ours)."""
     try:
-        data = json.loads((Path(out_dir) / SET_INFO_NAME).read_text(encoding="utf-8"))
+        data = json.loads((out / SET_INFO_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return data.get("spec") if isinstance(data, dict) and data.get("kind") == SET_KIND else None
+    return data if isinstance(data, dict) and data.get("kind") == SET_KIND else None
+
+
+def written_spec(out_dir: str | os.PathLike) -> dict | None:
+    """The spec a phantom set at `out_dir` was written with, or None when there is none."""
+    info = _set_info(Path(out_dir))
+    return None if info is None else info.get("spec")
 
 
 def write_phantom_set(
@@ -148,19 +154,18 @@ def _check_target(out: Path, overwrite: bool) -> list[str]:
         raise FileExistsError(f"{out} exists and is not a folder; choose another out_dir")
     if not any(out.iterdir()):
         return []
-    info = out / SET_INFO_NAME
     if not overwrite:
         raise FileExistsError(f"{out} is not empty; pass overwrite=True or choose another out_dir")
     refusal = (
         f"{out} is not empty and has no valid {SET_INFO_NAME}, so it was not made by "
         "write_phantom_set; refusing to overwrite files it did not create"
     )
-    try:
-        data = json.loads(info.read_text(encoding="utf-8"))
-        files = [str(f) for f in data["files"]] if data.get("kind") == SET_KIND else None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise FileExistsError(refusal) from e
-    if files is None or any(Path(f).is_absolute() or ".." in Path(f).parts for f in files):
+    info = _set_info(out)
+    listed = info.get("files") if info is not None else None
+    if not isinstance(listed, list):
+        raise FileExistsError(refusal)
+    files = [str(f) for f in listed]
+    if any(Path(f).is_absolute() or ".." in Path(f).parts for f in files):
         raise FileExistsError(refusal)
     return files
 

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from citrus_edge.calib_data import tasks
-from citrus_edge.calib_data.phantom import PhantomConfig, generate_phantom
+from citrus_edge.calib_data.phantom import PhantomConfig, centroid, generate_phantom
 from citrus_edge.config import CitrusVConfig
 from citrus_edge.model import CitrusV
 from citrus_edge.preprocess import qwen_pixels, sam_pixels
@@ -118,9 +118,9 @@ def make_sample(model_cfg: CitrusVConfig, tokenizer, seed: int, phantom_cfg: Pha
     centres = np.zeros((gh, gw), dtype=np.float32)
     (h, w), (rh, rw) = ph.image.shape, qp.resized_hw
     for les in ph.lesions:
-        ys, xs = np.nonzero(les.mask)
-        row = min(int((ys.mean() + 0.5) * rh / h) // m, gh - 1)
-        col = min(int((xs.mean() + 0.5) * rw / w) // m, gw - 1)
+        cy, cx = centroid(les.mask)
+        row = min(int((cy + 0.5) * rh / h) // m, gh - 1)
+        col = min(int((cx + 0.5) * rw / w) // m, gw - 1)
         centres[row, col] = 1.0
     return Sample(
         ids=np.asarray(p_ids + a_ids, dtype=np.int64),
