@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from citrus_edge.calib_data import tasks
 from citrus_edge.calib_data.phantom import PhantomConfig, centroid, generate_phantom
 from citrus_edge.config import CitrusVConfig
-from citrus_edge.model import CitrusV
+from citrus_edge.model import CitrusV, build_model
 from citrus_edge.preprocess import qwen_pixels, sam_pixels
 from citrus_edge.prompts import chat_text, n_image_tokens
 
@@ -57,6 +57,9 @@ class TrainConfig:
     w_first: float = 0.0  # extra CE on each answer's first token (the count / lesion decision)
     w_count: float = 0.0  # training-only lesion-count head on the answer-start state
     w_centre: float = 0.0  # training-only head marking the visual token of each lesion's centre
+    # "bce": one-hot centre tokens, weighted BCE; "focal": a Gaussian heatmap about each centre
+    # token with CenterNet's penalty-reduced focal loss (smoother targets, peaks to count).
+    centre_loss: str = "bce"
     ckpt_every: int = 100
     log_every: int = 20
     threads: int = 1
@@ -88,6 +91,7 @@ class Sample:
     mask: np.ndarray  # [S_sam, S_sam] float32 union of lesion masks at SAM input size
     occupancy: np.ndarray  # [n_visual_tokens] fraction of each merged patch covered by lesion
     centres: np.ndarray  # [n_visual_tokens] 1 where a lesion's mask centroid falls, else 0
+    heat: np.ndarray  # [n_visual_tokens] Gaussian about each centre token (1 there), max-combined
     n_lesions: int
 
 
@@ -115,13 +119,15 @@ def make_sample(model_cfg: CitrusVConfig, tokenizer, seed: int, phantom_cfg: Pha
     )
     gh, gw = qp.resized_hw[0] // m, qp.resized_hw[1] // m
     occ = occ_img.reshape(gh, m, gw, m).mean(axis=(1, 3)).reshape(-1)
-    centres = np.zeros((gh, gw), dtype=np.float32)
+    centres, heat = np.zeros((gh, gw), dtype=np.float32), np.zeros((gh, gw), dtype=np.float32)
     (h, w), (rh, rw) = ph.image.shape, qp.resized_hw
+    rows, cols = np.mgrid[0:gh, 0:gw]
     for les in ph.lesions:
         cy, cx = centroid(les.mask)
         row = min(int((cy + 0.5) * rh / h) // m, gh - 1)
         col = min(int((cx + 0.5) * rw / w) // m, gw - 1)
         centres[row, col] = 1.0
+        heat = np.maximum(heat, centre_heat(rows - row, cols - col, les.box, (h, w), (rh, rw), m))
     return Sample(
         ids=np.asarray(p_ids + a_ids, dtype=np.int64),
         labels=np.asarray([IGNORE] * len(p_ids) + a_ids, dtype=np.int64),
@@ -131,8 +137,26 @@ def make_sample(model_cfg: CitrusVConfig, tokenizer, seed: int, phantom_cfg: Pha
         mask=mask_sam.astype(np.float32),
         occupancy=occ.astype(np.float32),
         centres=centres.reshape(-1),
+        heat=heat.reshape(-1),
         n_lesions=len(ph.lesions),
     )
+
+
+def centre_heat(
+    d_row: np.ndarray,
+    d_col: np.ndarray,
+    box: tuple[int, int, int, int],
+    image_hw: tuple[int, int],
+    resized_hw: tuple[int, int],
+    factor: int,
+) -> np.ndarray:
+    """Gaussian about a lesion's centre token (offsets `d_row`, `d_col` in visual tokens), its
+    sigma a sixth of the lesion's box diagonal in tokens (at least half a token), as CenterNet."""
+    (h, w), (rh, rw) = image_hw, resized_hw
+    x1, y1, x2, y2 = box
+    diag = np.hypot((x2 - x1) * rw / w, (y2 - y1) * rh / h) / factor
+    sigma = max(0.5, diag / 6)
+    return np.exp(-(d_row**2 + d_col**2) / (2 * sigma**2)).astype(np.float32)
 
 
 def task_text(task: str, ph, resized_hw: tuple[int, int]) -> tuple[str, str]:
@@ -183,6 +207,7 @@ def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
         "mask": torch.from_numpy(np.stack([s.mask for s in samples])),
         "occupancy": torch.from_numpy(np.concatenate([s.occupancy for s in samples])),
         "centres": torch.from_numpy(np.concatenate([s.centres for s in samples])),
+        "heat": torch.from_numpy(np.concatenate([s.heat for s in samples])),
         "n_lesions": torch.tensor([s.n_lesions for s in samples]),
     }
 
@@ -219,8 +244,18 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 1 - (2 * inter + 1) / (p.sum(-1) + t.sum(-1) + 1)
 
 
+def focal_heat_loss(logits: torch.Tensor, heat: torch.Tensor) -> torch.Tensor:
+    """CenterNet's penalty-reduced focal loss (alpha 2, beta 4) against a heatmap whose peaks
+    are exactly 1, normalised by the number of peaks."""
+    p = logits.sigmoid().clamp(1e-4, 1 - 1e-4)
+    peak = heat >= 1.0
+    pos = ((1 - p) ** 2 * torch.log(p))[peak].sum()
+    neg = ((1 - heat) ** 4 * p**2 * torch.log(1 - p))[~peak].sum()
+    return -(pos + neg) / peak.sum().clamp(min=1)
+
+
 def compute_losses(
-    model: CitrusV, aux: OccupancyHead, batch: dict[str, torch.Tensor]
+    model: CitrusV, aux: OccupancyHead, batch: dict[str, torch.Tensor], centre_loss: str = "bce"
 ) -> dict[str, torch.Tensor]:
     """LM loss on answer tokens, mask loss (best of 3 + IoU head) per `[SEG]`, occupancy aux."""
     cfg = model.config
@@ -246,11 +281,13 @@ def compute_losses(
         ignore_index=IGNORE,
     )
     losses = {"lm": lm, "aux": F.binary_cross_entropy_with_logits(aux(visual), batch["occupancy"])}
-    losses["centre"] = F.binary_cross_entropy_with_logits(
-        aux.centre(visual).squeeze(-1),
-        batch["centres"],
-        pos_weight=torch.tensor(CENTRE_POS_WEIGHT),
-    )
+    centre_logits = aux.centre(visual).squeeze(-1)
+    if centre_loss == "focal":
+        losses["centre"] = focal_heat_loss(centre_logits, batch["heat"])
+    else:
+        losses["centre"] = F.binary_cross_entropy_with_logits(
+            centre_logits, batch["centres"], pos_weight=torch.tensor(CENTRE_POS_WEIGHT)
+        )
     answer_start = (batch["labels"] != IGNORE).float().argmax(dim=1) - 1  # [B]
     rows = torch.arange(len(ids))
     # The first answer token carries the decision (lesion count, or whether to answer [SEG]).
@@ -328,6 +365,44 @@ def stage_config(model_cfg: CitrusVConfig, cfg: TrainConfig) -> CitrusVConfig:
     return dataclasses.replace(model_cfg, preprocess=pp)
 
 
+def grow_vision(model: CitrusV, model_cfg: CitrusVConfig) -> CitrusV:
+    """`model` with its vision tower deepened to `model_cfg`'s depth, computing the same function.
+
+    The new blocks come after the old ones with zeroed output projections (attention `proj`,
+    MLP `down_proj`), so each starts as the identity of its residual stream. Everything but the
+    vision depth and its full-attention block indexes must match, and the old full-attention
+    blocks must keep their indexes.
+    """
+    old = dataclasses.replace(model.config, preprocess=model_cfg.preprocess)
+    v_old, v_new = old.vision, model_cfg.vision
+    same = dataclasses.replace(v_new, depth=v_old.depth, fullatt_block_indexes=())
+    kept = tuple(i for i in v_new.fullatt_block_indexes if i < v_old.depth)
+    if (
+        dataclasses.replace(old, vision=same) != dataclasses.replace(model_cfg, vision=same)
+        or dataclasses.replace(v_old, fullatt_block_indexes=()) != same
+        or kept != tuple(v_old.fullatt_block_indexes)
+    ):
+        raise ValueError(
+            f"cannot grow {old.name} into {model_cfg.name}: more than the depth differs"
+        )
+    grown = build_model(model_cfg, seed=None)
+    missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
+    blocks = grown.mllm.model.visual.blocks
+    new_keys = {
+        f"mllm.model.visual.blocks.{i}.{k}"
+        for i in range(v_old.depth, v_new.depth)
+        for k in blocks[i].state_dict()
+    }
+    if unexpected or set(missing) != new_keys:
+        raise RuntimeError(f"growing the vision tower: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        for block in blocks[v_old.depth :]:
+            for layer in (block.attn.proj, block.mlp.down_proj):
+                layer.weight.zero_()
+                layer.bias.zero_()
+    return grown
+
+
 def _load_heads(aux: OccupancyHead, state_path: Path) -> None:
     """Carry a previous run's training-only heads: all of them, except LATER_HEADS it predates."""
     saved = torch.load(state_path, weights_only=False)["aux"]
@@ -366,15 +441,16 @@ def _train(
     tokenizer_path: Path,
     extra_loss: Callable[[CitrusV, dict], dict[str, torch.Tensor]] | None,
 ) -> CitrusV:
-    from citrus_edge.model import build_model
-
     _check_or_write_config(cfg, out_dir)
     model_cfg = stage_config(model_cfg, cfg)
     if cfg.init_from is not None:
         from citrus_edge.checkpoint import load_checkpoint
 
         model = load_checkpoint(Path(cfg.init_from))
-        if dataclasses.replace(model.config, preprocess=model_cfg.preprocess) != model_cfg:
+        saved = dataclasses.replace(model.config, preprocess=model_cfg.preprocess)
+        if saved.vision.depth < model_cfg.vision.depth:
+            model = grow_vision(model, model_cfg)
+        elif saved != model_cfg:
             raise ValueError(f"{cfg.init_from}: its config differs from {model_cfg.name}")
         model.config = model_cfg  # the stage's image size; the weights are unchanged
     else:
@@ -418,7 +494,7 @@ def _train(
             break
         for g in opt.param_groups:
             g["lr"] = cfg.lr_at(step)
-        losses = compute_losses(model, aux, batch)
+        losses = compute_losses(model, aux, batch, cfg.centre_loss)
         if extra_loss is not None:
             losses.update(extra_loss(model, batch))
         total = sum(weights.get(k, 1.0) * v for k, v in losses.items())

@@ -20,8 +20,11 @@ from citrus_edge.compress.train import (
     OccupancyHead,
     PhantomStream,
     TrainConfig,
+    centre_heat,
     collate,
     compute_losses,
+    focal_heat_loss,
+    grow_vision,
     make_sample,
     train,
 )
@@ -81,6 +84,71 @@ def test_centre_marks_the_token_holding_each_centroid():
     assert marked == holding and len(marked) == 2
 
 
+def test_heat_is_one_at_each_centre_token_and_spreads_with_lesion_size():
+    s = next(  # a phantom with lesions
+        x
+        for i in range(20)
+        if (
+            x := make_sample(TINY, tiny_tokenizer(), TRAIN_SEED_BASE + i, PhantomConfig())
+        ).n_lesions
+    )
+    np.testing.assert_array_equal(s.heat == 1.0, s.centres == 1.0)
+    assert s.heat.min() >= 0 and s.heat.max() == 1.0
+    # By hand, 256-px image at 336 px, 28-px tokens: a 96 x 128 box is 126 x 168 resized, its
+    # diagonal 210 px = 7.5 tokens, sigma 1.25 -> one token off: exp(-1 / 3.125) = 0.7261.
+    d_row, d_col = np.array([0.0, 1.0, 0.0]), np.array([0.0, 0.0, 2.0])
+    big = centre_heat(d_row, d_col, (0, 0, 96, 128), (256, 256), (336, 336), 28)
+    np.testing.assert_allclose(big, [1.0, 0.72615, 0.27804], rtol=1e-4)  # exp(-4/3.125)
+    # A 20-px lesion: sigma floors at half a token -> exp(-2) one token off.
+    small = centre_heat(d_row, d_col, (0, 0, 20, 20), (256, 256), (336, 336), 28)
+    np.testing.assert_allclose(small, [1.0, np.exp(-2), np.exp(-8)], rtol=1e-5)
+
+
+def test_focal_heat_loss_by_hand():
+    heat = torch.tensor([1.0, 0.5, 0.0])
+    # p = 0.5 everywhere: peak (1-p)^2 log p; near (1-0.5)^4 p^2 log(1-p); far p^2 log(1-p).
+    got = focal_heat_loss(torch.zeros(3), heat).item()
+    ln = math.log(0.5)
+    assert got == pytest.approx(-(0.25 * ln + 0.0625 * 0.25 * ln + 0.25 * ln), rel=1e-5)
+    right = focal_heat_loss(torch.tensor([8.0, -8.0, -8.0]), heat).item()
+    assert right < 1e-3 < focal_heat_loss(torch.tensor([-8.0, 8.0, -8.0]), heat).item()
+    # Normalised by the number of peaks: two copies of the map give the same loss.
+    twice = focal_heat_loss(torch.zeros(6), heat.repeat(2)).item()
+    assert twice == pytest.approx(got, rel=1e-6)
+
+
+def test_grown_vision_tower_computes_the_same_function(tmp_path, tok):
+    from citrus_edge.checkpoint import save_checkpoint
+
+    model = tiny_model().eval()
+    deeper = dataclasses.replace(
+        TINY, vision=dataclasses.replace(TINY.vision, depth=4, fullatt_block_indexes=(1, 3))
+    )
+    grown = grow_vision(model, deeper).eval()
+    assert len(grown.mllm.model.visual.blocks) == 4
+    s = make_sample(TINY, tiny_tokenizer(), TRAIN_SEED_BASE, PhantomConfig())
+    pv, grid = torch.from_numpy(s.pixel_values), torch.tensor([s.grid_thw])
+    with torch.no_grad():
+        a = model.mllm.model.get_image_features(pv, grid, return_dict=True).pooler_output[0]
+        b = grown.mllm.model.get_image_features(pv, grid, return_dict=True).pooler_output[0]
+    assert (a - b).abs().max().item() == 0.0
+    old, new = model.state_dict(), grown.state_dict()
+    assert all(torch.equal(old[k], new[k]) for k in old)  # every old weight kept
+    # A stage may start a deeper tower from a shallower checkpoint, and nothing else.
+    save_checkpoint(model, tmp_path / "s1", tokenizer_json=tok)
+    cont = TrainConfig(steps=1, batch_size=2, warmup=1, init_from=str(tmp_path / "s1"))
+    assert len(train(deeper, cont, tmp_path / "s2", tok).mllm.model.visual.blocks) == 4
+    moved = dataclasses.replace(
+        deeper, vision=dataclasses.replace(deeper.vision, fullatt_block_indexes=(0, 3))
+    )
+    wider = dataclasses.replace(
+        deeper, vision=dataclasses.replace(deeper.vision, intermediate_size=128)
+    )
+    for other in (moved, wider):
+        with pytest.raises(ValueError, match="more than the depth differs"):
+            grow_vision(model, other)
+
+
 def test_losses_at_initialisation():
     tok = tiny_tokenizer()
     samples = [make_sample(TINY, tok, TRAIN_SEED_BASE + i, PhantomConfig()) for i in range(6)]
@@ -91,6 +159,8 @@ def test_losses_at_initialisation():
     torch.manual_seed(0)
     model, aux = tiny_model(), OccupancyHead(TINY.text.hidden_size)
     losses = compute_losses(model, aux, batch)
+    focal = compute_losses(model, aux, batch, centre_loss="focal")["centre"]
+    assert math.isfinite(focal.item()) and focal.item() > 0
     assert {"lm", "aux", "centre", "first", "count", "mask", "mask_aux", "iou"} <= losses.keys()
     assert all(math.isfinite(v.item()) for v in losses.values())
     # Random weights: next-token CE near ln(vocab), count CE near ln(4 classes).
