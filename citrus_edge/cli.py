@@ -75,8 +75,11 @@ def _eval_table(summary: dict, title: str) -> Table:
         ("Dice (first mask)", summary["dice"]),
         ("detection Precision@1", summary["precision_at_1"]),
         ("lesion-count accuracy", summary["count_accuracy"]),
-        ("report-field accuracy", summary["report_field_accuracy"]),
-    ] + [(f"  {k}", v) for k, v in summary["field_accuracy"].items()]
+    ]
+    by_count = summary["count_by_lesions"]
+    rows += [(f"  with {n} lesion{'' if n == '1' else 's'}", v) for n, v in by_count.items()]
+    rows += [("report-field accuracy", summary["report_field_accuracy"])]
+    rows += [(f"  {k}", v) for k, v in summary["field_accuracy"].items()]
     for name, v in rows:
         table.add_row(name, "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v)))
     return table

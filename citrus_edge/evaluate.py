@@ -35,6 +35,8 @@ class SampleScore:
     dice: float | None = None
     precision_at_1: float | None = None
     count_correct: float | None = None
+    count_true: int | None = None  # report tasks: lesions in the ground truth
+    count_pred: int | None = None  # report tasks: the count the text states (None: none stated)
     fields_correct: dict[str, float] = field(default_factory=dict)
     token_ids: list[int] = field(default_factory=list)
 
@@ -47,6 +49,8 @@ class EvalReport:
     dice: float | None
     precision_at_1: float | None
     count_accuracy: float | None
+    # Count accuracy per true lesion count ("0", "1", ...): where the errors are.
+    count_by_lesions: dict[str, float]
     field_accuracy: dict[str, float]
     report_field_accuracy: float | None
     samples: list[SampleScore]
@@ -87,6 +91,7 @@ def score(record: Record, result: GroundingResult, manifest_dir: Path) -> Sample
     else:
         parsed = parse_report(result.text)
         truth = list(record.lesions)
+        s.count_true, s.count_pred = len(truth), parsed.count if parsed else None
         s.count_correct = float(parsed is not None and parsed.count == len(truth))
         for f in REPORT_FIELDS:
             if not truth:
@@ -123,11 +128,15 @@ def evaluate(
         for f in REPORT_FIELDS
     }
     fields = {k: v for k, v in fields.items() if v is not None}
+    by_count = {}
+    for n in sorted({s.count_true for s in samples if s.count_true is not None}):
+        by_count[str(n)] = _mean(s.count_correct for s in samples if s.count_true == n)
     return EvalReport(
         n=len(samples),
         dice=_mean(s.dice for s in samples),
         precision_at_1=_mean(s.precision_at_1 for s in samples),
         count_accuracy=_mean(s.count_correct for s in samples),
+        count_by_lesions=by_count,
         field_accuracy=fields,
         report_field_accuracy=_mean(fields.values()) if fields else None,
         samples=samples,
