@@ -36,6 +36,7 @@ TRAIN_CONFIG_VERSION = 1
 # Training phantoms use seeds from here on; the default phantom set uses seeds below 1e6.
 TRAIN_SEED_BASE = 50_000_000
 IGNORE = -100
+CENTRE_LOSSES = ("bce", "focal")  # TrainConfig.centre_loss
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,10 @@ class TrainConfig:
     # The vision tower's weights fit any image size, so a stage may change it.
     pixels: tuple[int, int] | None = None
     version: int = TRAIN_CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        if self.centre_loss not in CENTRE_LOSSES:
+            raise ValueError(f"centre_loss {self.centre_loss!r} is not one of {CENTRE_LOSSES}")
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, then cosine decay to `min_lr`."""

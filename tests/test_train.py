@@ -115,6 +115,8 @@ def test_focal_heat_loss_by_hand():
     # Normalised by the number of peaks: two copies of the map give the same loss.
     twice = focal_heat_loss(torch.zeros(6), heat.repeat(2)).item()
     assert twice == pytest.approx(got, rel=1e-6)
+    with pytest.raises(ValueError, match="centre_loss 'Focal'"):
+        TrainConfig(centre_loss="Focal")
 
 
 def test_grown_vision_tower_computes_the_same_function(tmp_path, tok):
