@@ -289,7 +289,7 @@ DEMO = CitrusVConfig(
     ),
     tokens=DEMO_TOKENS,
     # Every image becomes ~336x336 (144 visual tokens; a 256-px phantom is upsampled): stages
-    # 1-4 trained at 224x224 (64 tokens), stage 5 at this size (see compress.demo_model).
+    # 1-4 trained at 224x224 (64 tokens), stages 5-7 at this size (see compress.demo_model).
     preprocess=PreprocessConfig(
         min_pixels=DEMO_SIDE * DEMO_SIDE, max_pixels=DEMO_SIDE * DEMO_SIDE, sam_image_size=256
     ),

@@ -95,9 +95,13 @@ class Sample:
     sam_pixels: np.ndarray  # [3, S_sam, S_sam]
     mask: np.ndarray  # [S_sam, S_sam] float32 union of lesion masks at SAM input size
     occupancy: np.ndarray  # [n_visual_tokens] fraction of each merged patch covered by lesion
-    centres: np.ndarray  # [n_visual_tokens] 1 where a lesion's mask centroid falls, else 0
     heat: np.ndarray  # [n_visual_tokens] Gaussian about each centre token (1 there), max-combined
     n_lesions: int
+
+    @property
+    def centres(self) -> np.ndarray:
+        """[n_visual_tokens] 1 where a lesion's mask centroid falls, else 0 (the heat's peaks)."""
+        return (self.heat >= 1.0).astype(np.float32)
 
 
 def make_sample(model_cfg: CitrusVConfig, tokenizer, seed: int, phantom_cfg: PhantomConfig):
@@ -124,14 +128,13 @@ def make_sample(model_cfg: CitrusVConfig, tokenizer, seed: int, phantom_cfg: Pha
     )
     gh, gw = qp.resized_hw[0] // m, qp.resized_hw[1] // m
     occ = occ_img.reshape(gh, m, gw, m).mean(axis=(1, 3)).reshape(-1)
-    centres, heat = np.zeros((gh, gw), dtype=np.float32), np.zeros((gh, gw), dtype=np.float32)
+    heat = np.zeros((gh, gw), dtype=np.float32)
     (h, w), (rh, rw) = ph.image.shape, qp.resized_hw
     rows, cols = np.mgrid[0:gh, 0:gw]
     for les in ph.lesions:
         cy, cx = centroid(les.mask)
         row = min(int((cy + 0.5) * rh / h) // m, gh - 1)
         col = min(int((cx + 0.5) * rw / w) // m, gw - 1)
-        centres[row, col] = 1.0
         heat = np.maximum(heat, centre_heat(rows - row, cols - col, les.box, (h, w), (rh, rw), m))
     return Sample(
         ids=np.asarray(p_ids + a_ids, dtype=np.int64),
@@ -141,7 +144,6 @@ def make_sample(model_cfg: CitrusVConfig, tokenizer, seed: int, phantom_cfg: Pha
         sam_pixels=sam_pixels(rgb, pp)[0],
         mask=mask_sam.astype(np.float32),
         occupancy=occ.astype(np.float32),
-        centres=centres.reshape(-1),
         heat=heat.reshape(-1),
         n_lesions=len(ph.lesions),
     )
@@ -211,7 +213,6 @@ def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
         "sam_pixels": torch.from_numpy(np.stack([s.sam_pixels for s in samples])),
         "mask": torch.from_numpy(np.stack([s.mask for s in samples])),
         "occupancy": torch.from_numpy(np.concatenate([s.occupancy for s in samples])),
-        "centres": torch.from_numpy(np.concatenate([s.centres for s in samples])),
         "heat": torch.from_numpy(np.concatenate([s.heat for s in samples])),
         "n_lesions": torch.tensor([s.n_lesions for s in samples]),
     }
@@ -289,9 +290,10 @@ def compute_losses(
     centre_logits = aux.centre(visual).squeeze(-1)
     if centre_loss == "focal":
         losses["centre"] = focal_heat_loss(centre_logits, batch["heat"])
-    else:
+    else:  # one-hot: the heat's peaks are the centre tokens
+        centres = (batch["heat"] >= 1.0).float()
         losses["centre"] = F.binary_cross_entropy_with_logits(
-            centre_logits, batch["centres"], pos_weight=torch.tensor(CENTRE_POS_WEIGHT)
+            centre_logits, centres, pos_weight=torch.tensor(CENTRE_POS_WEIGHT)
         )
     answer_start = (batch["labels"] != IGNORE).float().argmax(dim=1) - 1  # [B]
     rows = torch.arange(len(ids))
