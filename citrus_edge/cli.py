@@ -2,34 +2,73 @@
 
 Every stage is imported inside the command that needs it, so `citrus-edge --help` stays fast
 and never imports torch.
+
+Conventions: `-h`/`--help` and `-v`/`--verbose` work on every command (before or after its
+name); help and errors are plain text (no console markup, so `[tensorrt]` or a file called
+`[bold]x.dcm` print as they are); `--json` prints machine-readable output on stdout.
+Exit codes: 0 done; 1 a typed error (one line: `error: <Type>: <what and what to do>`);
+2 a usage error (unknown option, bad value); 3 `plan`: the model does not fit the target;
+4 `run --video`: the key frame gave no `[SEG]`, so nothing was tracked; 130 interrupted.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import logging
+import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from citrus_edge import __version__
 
-app = typer.Typer(
-    name="citrus-edge",
-    help="Compress, export and run the Citrus-V grounding VLM at the edge.",
-    no_args_is_help=True,
-    add_completion=False,
-)
-data_app = typer.Typer(help="Calibration and evaluation data.", no_args_is_help=True)
+EXIT_ERROR, EXIT_USAGE, EXIT_DOES_NOT_FIT, EXIT_NOTHING_TRACKED = 1, 2, 3, 4
+EXIT_INTERRUPTED = 130
+
+
+def _typer(help: str, **kw: Any) -> typer.Typer:
+    """A command group with plain-text help (no markup: `[...]` in help text stays) and -h."""
+    return typer.Typer(
+        help=help,
+        no_args_is_help=True,
+        add_completion=False,
+        rich_markup_mode=None,
+        context_settings={"help_option_names": ["-h", "--help"]},
+        **kw,
+    )
+
+
+app = _typer("Compress, export and run the Citrus-V grounding VLM at the edge.", name="citrus-edge")
+data_app = _typer("Calibration and evaluation data.")
 app.add_typer(data_app, name="data")
-engines_app = typer.Typer(
-    help="TensorRT engines, compiled on the target device.", no_args_is_help=True
-)
+engines_app = _typer("TensorRT engines, compiled on the target device.")
 app.add_typer(engines_app, name="engines")
-console = Console(stderr=True)
+# stderr: progress and errors; stdout (`_stdout()`): tables and JSON. Neither parses markup,
+# so user text and error messages print exactly as they are.
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _stdout() -> Console:
+    return Console(highlight=False)
+
+
+def _print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=1))
+
+
+def _cell(value: Any) -> Text:
+    """A table cell printed verbatim (rich would read `[SEG]` or `[bold]` as markup)."""
+    return Text(str(value))
+
+
+ExistingDir = Annotated[Path, typer.Argument(exists=True, file_okay=False)]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of a table.")]
 
 
 def _version(value: bool) -> None:
@@ -51,10 +90,15 @@ def main(
     )
 
 
+def _verbose_after_command(ctx: Any, param: Any, value: bool) -> None:
+    if value:
+        logging.getLogger().setLevel(logging.INFO)
+
+
 @data_app.command("phantoms")
 def data_phantoms(
     out: Annotated[Path, typer.Option(help="Output directory (must be new or empty).")],
-    n: Annotated[int, typer.Option(help="Number of images.")] = 600,
+    n: Annotated[int, typer.Option(min=1, help="Number of images.")] = 600,
     seed: Annotated[int, typer.Option(help="Base seed; the same seed gives identical files.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace a set written here before.")] = False,
 ) -> None:
@@ -67,7 +111,7 @@ def data_phantoms(
 
 
 def _eval_table(summary: dict, title: str) -> Table:
-    table = Table(title=title)
+    table = Table(title=Text(title))
     table.add_column("metric")
     table.add_column("value", justify="right")
     rows = [
@@ -96,7 +140,9 @@ def eval_cmd(
     ] = None,
     split: Annotated[str, typer.Option(help="Manifest split to evaluate.")] = "eval",
     out: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
-    limit: Annotated[int | None, typer.Option(help="Evaluate only the first N records.")] = None,
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="Evaluate only the first N records.")
+    ] = None,
 ) -> None:
     """Score a model with the PyTorch reference pipeline: Dice, Precision@1, count, fields."""
     from rich.progress import Progress
@@ -117,7 +163,7 @@ def eval_cmd(
         )
     if out is not None:
         report.save(out)
-    Console().print(_eval_table(report.summary(), f"{model_dir.name} on {manifest} [{split}]"))
+    _stdout().print(_eval_table(report.summary(), f"{model_dir.name} on {manifest} [{split}]"))
     typer.echo(json.dumps(report.summary()))
 
 
@@ -132,10 +178,16 @@ def plan_cmd(
     ] = None,
     context: Annotated[
         int | None,
-        typer.Option(help="KV-cache length in tokens [default: 2048, or the model's maximum]."),
+        typer.Option(
+            min=1, help="KV-cache length in tokens [default: 2048, or the model's maximum]."
+        ),
     ] = None,
+    as_json: JsonFlag = False,
 ) -> None:
-    """Memory table and decode-speed bound of a model on a target, from dimensions only."""
+    """Memory table and decode-speed bound of a model on a target, from dimensions only.
+
+    Exits with code 3 when the model does not fit the target's memory (scripts can branch).
+    """
     from citrus_edge.config import PRESETS, CitrusVConfig
     from citrus_edge.plan import plan, plan_summary, plan_table
     from citrus_edge.recipes import get_recipe
@@ -144,26 +196,38 @@ def plan_cmd(
     cfg = PRESETS[model] if model in PRESETS else CitrusVConfig.load(Path(model) / "config.json")
     tgt = get_target(target)
     p = plan(cfg, tgt, get_recipe(precision or tgt.default_recipe), context_tokens=context)
-    headers, rows = plan_table(p)
-    table = Table(title=f"{cfg.name} on {tgt.name} ({precision or tgt.default_recipe})")
-    for h in headers:
-        table.add_column(h, justify="left" if h == headers[0] else "right")
-    for r in rows:
-        table.add_row(*r)
-    out = Console()
-    out.print(table)
-    for line in plan_summary(p):
-        out.print(line)
+    if as_json:
+        _print_json(p.to_dict())
+    else:
+        headers, rows = plan_table(p)
+        table = Table(title=Text(f"{cfg.name} on {tgt.name} ({precision or tgt.default_recipe})"))
+        for h in headers:
+            table.add_column(h, justify="left" if h == headers[0] else "right")
+        for r in rows:
+            table.add_row(*map(_cell, r))
+        out = _stdout()
+        out.print(table)
+        for line in plan_summary(p):
+            out.print(Text(line))
+    if not p.fits:
+        raise typer.Exit(EXIT_DOES_NOT_FIT)
 
 
 @app.command("targets")
-def targets_cmd() -> None:
+def targets_cmd(as_json: JsonFlag = False) -> None:
     """The targets table: GPU, memory, bandwidth, precisions, DLA, default recipe."""
     from citrus_edge.targets import TARGETS
 
+    if as_json:
+        _print_json([t.to_dict() for t in TARGETS.values()])
+        return
     table = Table(title="targets")
-    for col in ("name", "gpu", "SM", "memory GB", "GB/s", "precisions", "DLA", "default recipe"):
-        table.add_column(col)
+    # The names are what users type: never truncated, whatever the terminal width.
+    width = max(len(name) for name in TARGETS)
+    table.add_column("name", no_wrap=True, min_width=width)
+    for col in ("gpu", "SM", "memory GB", "GB/s", "precisions", "DLA"):
+        table.add_column(col, overflow="fold")
+    table.add_column("default recipe", no_wrap=True)
     for t in TARGETS.values():
         bw = "unknown" if t.bandwidth_gbs is None else f"{t.bandwidth_gbs:g}"
         table.add_row(
@@ -176,7 +240,36 @@ def targets_cmd() -> None:
             str(t.dla_cores),
             t.default_recipe,
         )
-    Console().print(table)
+    _stdout().print(table)
+
+
+@app.command("recipes")
+def recipes_cmd(as_json: JsonFlag = False) -> None:
+    """The precision recipes (one precision per component) and the targets that run each."""
+    from citrus_edge.recipes import RECIPES
+    from citrus_edge.targets import TARGETS, check_recipe
+
+    def runs_on(recipe) -> list[str]:
+        names = []
+        for t in TARGETS.values():
+            try:
+                check_recipe(t, recipe)
+            except ValueError:
+                continue
+            names.append(t.name)
+        return names
+
+    rows = [{**r.to_dict(), "targets": runs_on(r)} for r in RECIPES.values()]
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table(title="recipes (--precision)")
+    table.add_column("name", no_wrap=True)
+    for col in ("vision", "llm", "sam_encoder", "mask_decoder", "targets"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["name"], *r["components"].values(), ", ".join(r["targets"]))
+    _stdout().print(table)
 
 
 def _parse_hw(text: str) -> tuple[int, int]:
@@ -219,7 +312,9 @@ def export_cmd(
             tokenizer_json=model_dir / "tokenizer.json",
             overwrite=overwrite,
         )
-    table = Table(title=f"export of {model_dir.name} -> {out} ({time.perf_counter() - t0:.1f} s)")
+    table = Table(
+        title=Text(f"export of {model_dir.name} -> {out} ({time.perf_counter() - t0:.1f} s)")
+    )
     for col in ("graph", "file", "max abs error vs PyTorch", "max rel error", "seconds"):
         table.add_column(col)
     for name, g in manifest["graphs"].items():
@@ -230,38 +325,55 @@ def export_cmd(
             f"{g['max_rel_error']:.2e}",
             f"{g['seconds']}",
         )
-    Console().print(table)
+    _stdout().print(table)
 
 
 @engines_app.command("build")
 def engines_build(
-    bundle: Annotated[Path, typer.Argument(help="A portable bundle from `citrus-edge build`.")],
+    bundle: Annotated[
+        Path,
+        typer.Argument(
+            exists=True, file_okay=False, help="A portable bundle from `citrus-edge build`."
+        ),
+    ],
     target: Annotated[
         str | None, typer.Option(help="Target to compile for (default: the bundle's plan).")
     ] = None,
     out: Annotated[
         Path | None, typer.Option(help="Engine directory (default: <bundle>-engines/<target>).")
     ] = None,
-    recipe: Annotated[str | None, typer.Option(help="Recipe, if the bundle has no plan.")] = None,
+    precision: Annotated[
+        str | None, typer.Option(help="Recipe (see `recipes`), if the bundle has no plan.")
+    ] = None,
 ) -> None:
     """Compile a bundle's engine plan with TensorRT on this device (needs the target's GPU)."""
     from citrus_edge.engines import build_bundle_engines
 
     with console.status("building TensorRT engines"):
-        built = build_bundle_engines(bundle, target, out, recipe=recipe)
+        built = build_bundle_engines(bundle, target, out, recipe=precision)
     for name, path in built.engines.items():
         typer.echo(f"{name}: {path}")
 
 
 @app.command("run")
 def run_cmd(
-    bundle: Annotated[Path, typer.Argument(help="Bundle directory from `citrus-edge build`.")],
-    input: Annotated[Path, typer.Argument(help="DICOM, PNG or JPEG image (or multi-frame DICOM).")],
+    bundle: Annotated[
+        Path,
+        typer.Argument(
+            exists=True, file_okay=False, help="Bundle directory from `citrus-edge build`."
+        ),
+    ],
+    input: Annotated[
+        Path,
+        typer.Argument(
+            exists=True, dir_okay=False, help="DICOM, PNG or JPEG image (or multi-frame DICOM)."
+        ),
+    ],
     prompt: Annotated[
         str, typer.Option(help="Question for the model.")
     ] = "Please help segment the lesion in this scan.",
     frame: Annotated[
-        int, typer.Option(help="Frame of a multi-frame input (key frame in --video).")
+        int, typer.Option(min=0, help="Frame of a multi-frame input (key frame in --video).")
     ] = 0,
     video: Annotated[
         bool, typer.Option(help="Full model on --frame, then SAM2 only on each following frame.")
@@ -274,35 +386,45 @@ def run_cmd(
         list[str] | None,
         typer.Option(help="ONNX Runtime execution provider (repeatable; default CPU)."),
     ] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Generation limit.")] = 96,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation limit.")] = 96,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the result JSON on stdout instead of a table.")
+    ] = False,
 ) -> None:
-    """Run a bundle on an image: report text, boxes, masks (RLE JSON + PNG overlay), sizes in mm."""
-    from citrus_edge.runtime.output import write_json, write_overlay
+    """Run a bundle on an image: report text, boxes, masks (RLE JSON + PNG overlay), sizes in mm.
+
+    Results are named after the input, with the frame for a multi-frame input
+    (`<stem>.frame0015.json`), so runs on different frames never overwrite each other.
+    """
+    from citrus_edge.runtime.output import result_to_dict, write_json, write_overlay
     from citrus_edge.runtime.pipeline import Pipeline
 
     pipe = Pipeline.from_bundle(
         bundle, backend=backend, providers=provider, max_new_tokens=max_new_tokens
     )
-    out.mkdir(parents=True, exist_ok=True)
-    stem = input.stem
-    if not video:
-        g = pipe.ground(input, prompt, frame=frame)
-        j = write_json(g.result, out / f"{stem}.json")
-        o = write_overlay(g.image.pixels, g.result, out / f"{stem}.overlay.png")
-        Console().print(_result_table(g.result))
-        typer.echo(f"wrote {j}\nwrote {o}")
+    if video:
+        _run_video(pipe, input, prompt, frame, out / input.stem)
         return
-    _run_video(pipe, input, prompt, frame, out / stem)
+    g = pipe.ground(input, prompt, frame=frame)
+    name = input.stem if g.image.n_frames <= 1 else f"{input.stem}.frame{frame:04d}"
+    j = write_json(g.result, out / f"{name}.json")
+    o = write_overlay(g.image.pixels, g.result, out / f"{name}.overlay.png")
+    if as_json:
+        _print_json(result_to_dict(g.result))
+    else:
+        _stdout().print(_result_table(g.result))
+    console.print(Text(f"wrote {j}\nwrote {o}"))
 
 
 def _result_table(result) -> Table:
-    table = Table(title=f"bundle {result.bundle_id}", show_header=False)
-    table.add_row("text", result.text)
+    table = Table(title=Text(f"bundle {result.bundle_id}"), show_header=False)
+    table.add_row("text", _cell(result.text))
     table.add_row("masks", str(len(result.masks)))
-    for i, m in enumerate(result.measurements):
-        table.add_row(f"lesion {i + 1}", f"{m.area_mm2:.1f} mm², {m.longest_diameter_mm:.1f} mm")
+    for m in result.measurements:
+        size = f"{m.area_mm2:.1f} mm², {m.longest_diameter_mm:.1f} mm"
+        table.add_row(f"lesion {m.mask + 1}" if hasattr(m, "mask") else "lesion", size)
     table.add_row("boxes", "; ".join(f"{[round(v) for v in b.as_list()]}" for b in result.boxes))
-    table.add_row("total ms", f"{sum(result.timings_ms.values()):.1f}")
+    table.add_row("total ms", f"{result.timings_ms['total']:.1f}")
     return table
 
 
@@ -316,7 +438,6 @@ def _run_video(pipe, input: Path, prompt: str, key_frame: int, out: Path) -> Non
     from citrus_edge.runtime.video import run_video
 
     n = load_image(input, frame=key_frame).n_frames
-    out.mkdir(parents=True, exist_ok=True)
     latencies = []
     with Progress(console=console) as progress:
         task = progress.add_task("frames", total=n - key_frame)
@@ -325,14 +446,24 @@ def _run_video(pipe, input: Path, prompt: str, key_frame: int, out: Path) -> Non
             if fr.key_frame:
                 rgb = load_image(input, frame=fr.frame).pixels
                 write_overlay(rgb, fr.result, out / f"frame_{fr.frame:04d}.overlay.png")
+                if fr.result.n_seg == 0:
+                    break  # no [SEG] state to track: the following frames would have no masks
             else:
                 latencies.append(fr.latency_ms)
             progress.advance(task)
-    if latencies:
-        typer.echo(
-            f"tracked {len(latencies)} frames: median {statistics.median(latencies):.1f} ms/frame"
+    console.print(Text(f"wrote {out}"))
+    if not latencies:
+        console.print(
+            Text(
+                f"nothing tracked: the answer on key frame {key_frame} has no [SEG] token, so "
+                f"there is no mask to follow (answer: {fr.result.text!r}); try another --frame "
+                "or a segmentation prompt"
+            )
         )
-    typer.echo(f"wrote {out}")
+        raise typer.Exit(EXIT_NOTHING_TRACKED)
+    typer.echo(
+        f"tracked {len(latencies)} frames: median {statistics.median(latencies):.1f} ms/frame"
+    )
 
 
 @app.command("build")
@@ -347,7 +478,9 @@ def build_cmd(
     ] = None,
     calib: Annotated[Path | None, typer.Option(help="Calibration manifest.")] = None,
     eval_data: Annotated[Path | None, typer.Option("--eval", help="Evaluation manifest.")] = None,
-    eval_limit: Annotated[int, typer.Option(help="Eval records measured at build time.")] = 90,
+    eval_limit: Annotated[
+        int, typer.Option(min=1, help="Eval records measured at build time.")
+    ] = 90,
     budget: Annotated[
         str | None, typer.Option(help="Accuracy budget vs FP32, e.g. 'dice=1,tokens=99'.")
     ] = None,
@@ -375,7 +508,8 @@ def build_cmd(
 
 
 def _build_table(manifest: dict, out: Path) -> Table:
-    table = Table(title=f"bundle {manifest['bundle_id']} for {manifest['target']['name']} -> {out}")
+    title = f"bundle {manifest['bundle_id']} for {manifest['target']['name']} -> {out}"
+    table = Table(title=Text(title))
     for col in ("component", "precision", "file", "MB"):
         table.add_column(col)
     files = manifest["files"]
@@ -396,27 +530,22 @@ def _build_table(manifest: dict, out: Path) -> Table:
         table.caption = f"accuracy not measured here: {acc.get('reason')}"
     if "engine_plan" in manifest:
         table.caption += " | portable bundle: run `citrus-edge engines build` on the device"
+    table.caption = Text(table.caption)
     return table
-
-
-def entry() -> None:
-    """Console entry point: the library's typed errors become one readable line and exit code 1."""
-    try:
-        app()
-    except (ValueError, RuntimeError, FileNotFoundError, FileExistsError) as e:
-        console.print(f"[bold red]error:[/] {type(e).__name__}: {e}", markup=True, highlight=False)
-        raise SystemExit(1) from None
-
-
-if __name__ == "__main__":
-    entry()
 
 
 @app.command("quantize")
 def quantize_cmd(
-    export_dir: Annotated[Path, typer.Argument(help="An FP32 export from `citrus-edge export`.")],
+    export_dir: Annotated[
+        Path,
+        typer.Argument(
+            exists=True, file_okay=False, help="An FP32 export from `citrus-edge export`."
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="Directory for the quantized graphs.")],
-    recipe: Annotated[str, typer.Option(help="Recipe name, e.g. int8, int8-w4, fp8.")] = "int8",
+    precision: Annotated[
+        str, typer.Option(help="Recipe name, e.g. int8, int8-w4, fp8 (see `recipes`).")
+    ] = "int8",
     target: Annotated[str, typer.Option(help="Target name (see `citrus-edge targets`).")] = "cpu",
     calib: Annotated[Path | None, typer.Option(help="Calibration manifest.")] = None,
     budget: Annotated[
@@ -445,7 +574,7 @@ def quantize_cmd(
 
         report = quantize(
             export_dir,
-            recipe,
+            precision,
             target,
             calib_manifest=calib,
             budget=parse_budget(budget) if budget else DEFAULT_BUDGET,
@@ -455,11 +584,11 @@ def quantize_cmd(
             progress=progress,
         )
     header, *rows = report.rows()
-    table = Table(title=f"{report.recipe['name']} for {report.target} -> {out}")
+    table = Table(title=Text(f"{report.recipe['name']} for {report.target} -> {out}"))
     for h in header:
         table.add_column(h)
     for r in rows:
-        table.add_row(*r)
+        table.add_row(*map(_cell, r))
     m = report.measured or {}
     table.caption = (
         f"graph bytes x{report.size_ratio:.3f}, bundle payload x{report.payload_ratio:.3f} of "
@@ -469,4 +598,47 @@ def quantize_cmd(
         for k, v in m.items()
         if not isinstance(v, dict | list)
     )
-    Console().print(table)
+    _stdout().print(table)
+
+
+@functools.cache
+def command() -> Any:
+    """The click command behind `citrus-edge`, with `-v/--verbose` accepted after any command's
+    name too (the root option, copied onto every leaf command; it sets the log level)."""
+    root = typer.main.get_command(app)
+    (verbose,) = (p for p in root.params if p.name == "verbose")
+
+    def add_verbose(group: Any) -> None:
+        for cmd in group.commands.values():
+            if hasattr(cmd, "commands"):
+                add_verbose(cmd)
+                continue
+            option = copy.copy(verbose)
+            option.expose_value, option.callback = False, _verbose_after_command
+            cmd.params.append(option)
+
+    add_verbose(root)
+    return root
+
+
+def error_line(e: BaseException) -> str:
+    """The one line a typed error prints: `error: <Type>: <message on one line>`."""
+    message = " ".join(str(e).split())
+    return f"error: {type(e).__name__}: {message}"
+
+
+def entry(argv: list[str] | None = None) -> None:
+    """Console entry point: typed errors become one plain line on stderr and exit code 1;
+    usage errors exit 2 (click's convention); an interrupt exits 130."""
+    try:
+        command().main(argv, prog_name="citrus-edge")
+    except (ValueError, RuntimeError, OSError) as e:
+        typer.secho(error_line(e), err=True, fg="red", bold=True)
+        raise SystemExit(EXIT_ERROR) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise SystemExit(EXIT_INTERRUPTED) from None
+
+
+if __name__ == "__main__":
+    entry(sys.argv[1:])
