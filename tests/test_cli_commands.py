@@ -1,0 +1,92 @@
+"""Every command of the README's table and every documented default, through the real entry
+point, asserting what they print and write (not exit codes alone)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_cli import cli
+
+from citrus_edge import __version__
+from citrus_edge.defaults import DEMO_MODEL_DIR, default_phantom_manifest, resolve_model
+
+
+def test_version(capsys):
+    code, out, _ = cli(capsys, "--version")
+    assert code == 0 and out.strip() == f"citrus-edge {__version__}"
+
+
+def test_without_model_every_command_uses_the_demo_model(tmp_path):
+    assert resolve_model(None) == DEMO_MODEL_DIR
+    assert (DEMO_MODEL_DIR / "model.safetensors").is_file()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        resolve_model(tmp_path)
+
+
+def test_data_phantoms_writes_a_set_and_refuses_to_overwrite(capsys, tmp_path):
+    out = tmp_path / "set"
+    code, printed, err = cli(
+        capsys, "data", "phantoms", "--out", str(out), "--n", "4", "--seed", "5"
+    )
+    assert code == 0, err
+    manifest = Path(printed.strip())
+    assert manifest == out / "manifest.jsonl"
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    images = {r["image"] for r in records}
+    assert len(images) == 4 and all((out / i).is_file() for i in images)
+    first = (out / sorted(images)[0]).read_bytes()
+    code, _, err = cli(capsys, "data", "phantoms", "--out", str(out), "--n", "4", "--seed", "6")
+    assert code == 1 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert (out / sorted(images)[0]).read_bytes() == first  # untouched
+    code, _, _ = cli(capsys, "data", "phantoms", "--out", str(out), "--n", "4", "--seed", "6", "--overwrite")  # fmt: skip
+    assert code == 0 and (out / sorted(images)[0]).read_bytes() != first
+
+
+def test_export_validates_each_graph_at_the_sizes_asked(capsys, tiny_checkpoint, tmp_path):
+    out = tmp_path / "export"
+    code, printed, err = cli(
+        capsys, "export", "--model", str(tiny_checkpoint), "--out", str(out),
+        "--image-size", "56x84", "--image-size", "112X56",
+    )  # fmt: skip
+    assert code == 0, err
+    manifest = json.loads((out / "export_manifest.json").read_text())
+    graphs = manifest["graphs"]
+    assert set(graphs) == {"vision", "llm", "sam_encoder", "mask_decoder"}
+    assert all(g["max_abs_error"] < 1e-3 for g in graphs.values()), graphs
+    for name in graphs:
+        assert name in printed
+    code, _, err = cli(capsys, "export", "--out", str(tmp_path / "x"), "--image-size", "56by84")
+    assert code == 2 and "HEIGHTxWIDTH" in err and not (tmp_path / "x").exists()
+
+
+def test_eval_scores_a_model_on_a_manifest(capsys, tiny_checkpoint, small_phantom_set, tmp_path):
+    report = tmp_path / "report.json"
+    code, printed, err = cli(
+        capsys, "eval", "--model", str(tiny_checkpoint), "--data", str(small_phantom_set),
+        "--limit", "2", "--out", str(report),
+    )  # fmt: skip
+    assert code == 0, err
+    summary = json.loads(printed.strip().splitlines()[-1])
+    assert summary["n"] == 2
+    assert json.loads(report.read_text())["summary"] == summary
+
+
+def test_eval_without_arguments_is_the_demo_model_on_the_default_set(capsys):
+    code, printed, err = cli(capsys, "eval", "--limit", "6")
+    assert code == 0, err
+    title = "".join(printed.split())  # the table's title, wherever the terminal wrapped it
+    assert f"demo_modelon{default_phantom_manifest()}[eval]" in title
+    assert json.loads(printed.strip().splitlines()[-1])["n"] == 6
+
+
+def test_a_provider_that_cannot_load_is_refused_in_one_line(capsys, tiny_fp32_bundle, tmp_path):
+    from pydicom import examples
+
+    code, _, err = cli(
+        capsys, "run", str(tiny_fp32_bundle), str(examples.get_path("rgb_color")),
+        "--provider", "CUDAExecutionProvider", "--out", str(tmp_path),
+    )  # fmt: skip
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "CUDAExecutionProvider" in err and not any(tmp_path.iterdir())
