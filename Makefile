@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export PYTHONHASHSEED := 0
 
-.PHONY: install test test-slow lint format demo demo-model data bench clean
+.PHONY: install test test-slow test-defaults lint format demo demo-model data bench clean
 
 $(BIN)/citrus-edge: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: install
 
 test-slow: install
 	$(BIN)/pytest -q -m slow
+
+# The slow tests that guard a path users get without flags (e.g. `make demo`'s no-flag build).
+test-defaults: install
+	$(BIN)/pytest -q -m "slow and default_path"
 
 lint: install
 	$(BIN)/ruff check .
