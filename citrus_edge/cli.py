@@ -387,6 +387,14 @@ def run_cmd(
         typer.Option(help="ONNX Runtime execution provider (repeatable; default CPU)."),
     ] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation limit.")] = 96,
+    max_context_tokens: Annotated[
+        int,
+        typer.Option(
+            min=2,
+            help="Cap on prompt (template + image + text) + new tokens; the model's own context "
+            "also applies. Longer prompts are refused before any graph runs.",
+        ),
+    ] = 2048,  # runtime.pipeline.RuntimeConfig's default (prompts.DEFAULT_MAX_CONTEXT_TOKENS)
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the result JSON on stdout instead of a table.")
     ] = False,
@@ -400,7 +408,11 @@ def run_cmd(
     from citrus_edge.runtime.pipeline import Pipeline
 
     pipe = Pipeline.from_bundle(
-        bundle, backend=backend, providers=provider, max_new_tokens=max_new_tokens
+        bundle,
+        backend=backend,
+        providers=provider,
+        max_new_tokens=max_new_tokens,
+        max_context_tokens=max_context_tokens,
     )
     if video:
         _run_video(pipe, input, prompt, frame, out / input.stem)

@@ -179,3 +179,24 @@ def test_video_without_seg_on_the_key_frame_says_so_and_exits_4(capsys, tiny_fp3
         "frame_0000.json",
         "frame_0000.overlay.png",
     ]
+
+
+def test_run_context_cap_default_is_the_runtime_default():
+    import inspect
+
+    from citrus_edge.cli import run_cmd
+    from citrus_edge.prompts import DEFAULT_MAX_CONTEXT_TOKENS
+
+    default = inspect.signature(run_cmd).parameters["max_context_tokens"].default
+    assert default == DEFAULT_MAX_CONTEXT_TOKENS
+
+
+def test_run_refuses_a_prompt_past_the_cap_in_one_line(capsys, tiny_fp32_bundle, tmp_path):
+    from pydicom import examples
+
+    code, _, err = cli(
+        capsys, "run", str(tiny_fp32_bundle), str(examples.get_path("rgb_color")),
+        "--prompt", "lesion " * 400, "--max-context-tokens", "300", "--out", str(tmp_path),
+    )  # fmt: skip
+    assert code == 1 and err.startswith("error: PromptTooLongError: ")
+    assert len(err.strip().splitlines()) == 1 and "300" in err and not any(tmp_path.iterdir())
