@@ -38,7 +38,7 @@ from .errors import (
     NotDicomError,
     UnreadableImageError,
 )
-from .spacing import PixelSpacing, dicom_spacing
+from .spacing import Calibration, PixelSpacing, dicom_calibration, dicom_spacing
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ PLAIN_MODALITY = ""  # modality reported for non-DICOM images
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "Calibration",
     "LoadedImage",
     "PixelSpacing",
     "is_dicom",
@@ -57,14 +58,29 @@ __all__ = [
 
 @dataclass(frozen=True)
 class LoadedImage:
-    """One frame of an image, ready for preprocessing."""
+    """One frame of an image, ready for preprocessing.
+
+    `spacing` is the one pixel size the file states for its image (see
+    `spacing.dicom_spacing`); measurements use `calibration` instead, which knows where in the
+    image each stated pixel size holds and what was refused (`spacing.dicom_calibration`). An
+    image built with a `spacing` and no `calibration` (an in-memory frame) is calibrated by
+    that spacing over the whole image (`calibration_of`).
+    """
 
     pixels: np.ndarray  # [H, W, 3] uint8 RGB
-    modality: str  # DICOM Modality ("US", "CT", ...); "" for ordinary images
+    modality: str  # DICOM Modality ("US", "CT", ...); "" where none is stated (ordinary images)
     n_frames: int
     frame: int
     spacing: PixelSpacing | None  # None when the file states none; never guessed
     path: str
+    calibration: Calibration | None = None  # where each pixel size holds (None: see spacing)
+    dicom: bool = False  # read from a DICOM file
+
+    def calibration_of(self) -> Calibration | None:
+        """`calibration`, else the whole image at `spacing`, else None (nothing to measure by)."""
+        if self.calibration is not None:
+            return self.calibration
+        return None if self.spacing is None else Calibration.whole_image(self.spacing)
 
 
 def is_dicom(path: str | os.PathLike) -> bool:
@@ -157,11 +173,21 @@ class _DicomSource:
         if self.plugins == ("",):  # uncompressed: the length is known before decoding
             check_native_length(ds, path)
         self.spacing = dicom_spacing(ds, path)
+        self.calibration = dicom_calibration(ds, path)
         self.modality = str(ds.get("Modality", "") or "")
 
     def frame(self, index: int) -> LoadedImage:
         pixels = decode_frame(self.ds, index, self.plugins, self.path)
-        return LoadedImage(pixels, self.modality, self.n_frames, index, self.spacing, self.path)
+        return LoadedImage(
+            pixels,
+            self.modality,
+            self.n_frames,
+            index,
+            self.spacing,
+            self.path,
+            self.calibration,
+            dicom=True,
+        )
 
 
 class _PillowSource:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 
 from citrus_edge.result import Box
@@ -32,6 +33,35 @@ def _from_json(text: str) -> list[tuple[list[float], str]] | None:
                 out.append(([float(v) for v in it["bbox_2d"]], str(it.get("label", ""))))
             except (TypeError, ValueError):
                 continue
+    return out
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def detection_list(text: str) -> list[tuple[list[float], str]] | None:
+    """The boxes of an answer that is exactly a detection list, else None.
+
+    Strict, unlike `parse_boxes_resized`: the (optionally fenced) JSON must parse and be a
+    non-empty list of objects (or one object) whose every `bbox_2d` holds 4 numbers.
+    """
+    m = _JSON_BLOCK.search(text)
+    try:
+        items = json.loads(m.group(1) if m else text)
+    except (json.JSONDecodeError, TypeError):
+        return None
+    items = [items] if isinstance(items, dict) else items
+    if not isinstance(items, list) or not items:
+        return None
+    out = []
+    for it in items:
+        box = it.get("bbox_2d") if isinstance(it, dict) else None
+        if not isinstance(box, list) or len(box) != 4:
+            return None
+        if not all(_is_number(v) for v in box):
+            return None
+        out.append(([float(v) for v in box], str(it.get("label", ""))))
     return out
 
 

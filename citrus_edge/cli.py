@@ -431,12 +431,24 @@ def run_cmd(
 def _result_table(result) -> Table:
     table = Table(title=Text(f"bundle {result.bundle_id}"), show_header=False)
     table.add_row("text", _cell(result.text))
+    q = result.quality
+    if q is not None:
+        logprob = "-" if q.mean_logprob is None else f"{q.mean_logprob:.3f} / {q.min_logprob:.3f}"
+        parses = {True: "yes", False: "NO", None: "-"}[q.parses]
+        table.add_row("task, answer parses", f"{q.task or '-'}, {parses}")
+        table.add_row(
+            "log-prob mean / min", logprob + (" (low confidence)" if q.low_confidence else "")
+        )
+    sizes = {m.mask: m for m in result.measurements}
+    for i, score in enumerate(result.mask_scores):
+        m = sizes.get(i)
+        size = "no mm" if m is None else f"{m.area_mm2:.1f} mm², {m.longest_diameter_mm:.1f} mm"
+        table.add_row(f"mask {i}", f"predicted IoU {score:.2f}; {size}")
     table.add_row("masks", str(len(result.masks)))
-    for m in result.measurements:
-        size = f"{m.area_mm2:.1f} mm², {m.longest_diameter_mm:.1f} mm"
-        table.add_row(f"lesion {m.mask + 1}" if hasattr(m, "mask") else "lesion", size)
     table.add_row("boxes", "; ".join(f"{[round(v) for v in b.as_list()]}" for b in result.boxes))
     table.add_row("total ms", f"{result.timings_ms['total']:.1f}")
+    for w in result.warnings:
+        table.add_row("warning", _cell(w))
     return table
 
 

@@ -5,6 +5,13 @@ Both branches of Citrus-V see the same RGB uint8 image:
   cuts the image into flattened 14x14 patches, two temporal copies each, in merge-window order;
 - the SAM2 branch resizes to a square input (no padding) and normalises with ImageNet mean/std.
 Everything here is numpy + Pillow so the cart runs the exact code the reference runs.
+
+Images whose short side is below `PreprocessConfig.factor` (28 px: one merged 2x2 patch of
+14 px) or whose long side is over `MAX_ASPECT` times the short one are refused
+(`ImageTooSmallError`) rather than upsampled: a 1x1 PNG would otherwise become a 336x336 blur of
+one colour that the model answers anyway. 28 px is the smallest side that gives the vision
+encoder one whole merged patch of real pixels (earlier transformers releases of Qwen2-VL's
+`smart_resize` refused sides below it too); the aspect bound is Qwen2.5-VL's own.
 """
 
 from __future__ import annotations
@@ -21,6 +28,27 @@ QWEN_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 # ImageNet mean/std used by SAM2.
 SAM_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 SAM_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+MAX_ASPECT = 200  # Qwen2.5-VL refuses images more elongated than this
+
+
+class ImageTooSmallError(ValueError):
+    """An image too small (short side) or too elongated (aspect ratio) to be read reliably."""
+
+
+def check_image_size(height: int, width: int, min_side: int, source: str = "") -> None:
+    """Raise `ImageTooSmallError` for a side below `min_side` pixels or an aspect over 200;
+    the message starts with `source` (the input's path) when given."""
+    name = f"{source}: image" if source else "image"
+    if min(height, width) < min_side:
+        raise ImageTooSmallError(
+            f"{name} is {height}x{width} pixels (height x width): its short side is below the "
+            f"minimum of {min_side} px the model can read; use the original, larger image"
+        )
+    if max(height, width) > MAX_ASPECT * min(height, width):
+        raise ImageTooSmallError(
+            f"{name} is {height}x{width} pixels: its aspect ratio is over {MAX_ASPECT}, which "
+            "Qwen2.5-VL cannot take; crop it to the region of interest"
+        )
 
 
 def smart_resize(
@@ -30,8 +58,7 @@ def smart_resize(
 
     Returns (resized_height, resized_width). Aspect ratio is kept as closely as the grid allows.
     """
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"aspect ratio {height}x{width} is over 200, Qwen2.5-VL cannot take it")
+    check_image_size(height, width, 1)
     h_bar = max(factor, round(height / factor) * factor)
     w_bar = max(factor, round(width / factor) * factor)
     if h_bar * w_bar > max_pixels:
@@ -74,8 +101,12 @@ class QwenPixels:
 
 
 def qwen_pixels(rgb: np.ndarray, cfg: PreprocessConfig) -> QwenPixels:
-    """Resize (bicubic, as the Qwen2-VL image processor does) and patchify an RGB uint8 image."""
+    """Resize (bicubic, as the Qwen2-VL image processor does) and patchify an RGB uint8 image.
+
+    Raises `ImageTooSmallError` for a short side below `cfg.factor` (28 px) or an aspect over 200.
+    """
     h, w = rgb.shape[:2]
+    check_image_size(h, w, cfg.factor)
     rh, rw = smart_resize(h, w, cfg.factor, cfg.min_pixels, cfg.max_pixels)
     resized = np.asarray(Image.fromarray(rgb).resize((rw, rh), Image.BICUBIC), dtype=np.float32)
     x = (resized / 255.0 - QWEN_MEAN) / QWEN_STD  # [H, W, C]
@@ -91,7 +122,11 @@ def qwen_pixels(rgb: np.ndarray, cfg: PreprocessConfig) -> QwenPixels:
 
 
 def sam_pixels(rgb: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
-    """Resize to the square SAM2 input (bilinear, no padding), ImageNet-normalise. [1, 3, S, S]."""
+    """Resize to the square SAM2 input (bilinear, no padding), ImageNet-normalise. [1, 3, S, S].
+
+    Refuses the images `qwen_pixels` refuses (`ImageTooSmallError`), e.g. a tracked video frame.
+    """
+    check_image_size(*rgb.shape[:2], cfg.factor)
     s = cfg.sam_image_size
     resized = np.asarray(Image.fromarray(rgb).resize((s, s), Image.BILINEAR), dtype=np.float32)
     x = (resized / 255.0 - SAM_MEAN) / SAM_STD

@@ -19,18 +19,25 @@ from citrus_edge.boxes import parse_boxes
 from citrus_edge.model import CitrusV
 from citrus_edge.postprocess import select_masks
 from citrus_edge.preprocess import qwen_pixels, sam_pixels
-from citrus_edge.prompts import n_image_tokens, prompt_ids
+from citrus_edge.prompts import (
+    DEFAULT_MAX_CONTEXT_TOKENS,
+    ContextLimit,
+    n_image_tokens,
+    prompt_ids,
+)
+from citrus_edge.quality import assess
 from citrus_edge.result import GroundingResult
 from citrus_edge.timing import StageTimer
 
 
 @dataclass
 class Generation:
-    """Greedy tokens and the captured `[SEG]` states."""
+    """Greedy tokens with their log-probabilities and the captured `[SEG]` states."""
 
     tokens: list[int]
     seg_hidden: torch.Tensor  # [N_seg, H]
     stopped_by: str
+    logprobs: tuple[float, ...] = ()  # natural log-probability of each of `tokens` (float64)
 
 
 def mrope_inputs(model: CitrusV, ids: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
@@ -66,14 +73,17 @@ def greedy_generate(
     next_pos = int(pos.max()) + 1
     hidden = out.last_hidden_state[:, -1]  # [1, H]
     tokens: list[int] = []
+    logprobs: list[float] = []
     seg_states: list[torch.Tensor] = []
     stopped_by = "max_new_tokens"
     for _ in range(max_new_tokens):
-        token = int(model.mllm.lm_head(hidden).argmax(-1))
+        logits = model.mllm.lm_head(hidden)  # [1, V]
+        token = int(logits.argmax(-1))
         if token == tok.eos:
             stopped_by = "eos"
             break
         tokens.append(token)
+        logprobs.append(float(torch.log_softmax(logits[0].double(), -1)[token]))
         if token == tok.seg:
             seg_states.append(hidden[0])
         if len(tokens) == max_new_tokens:
@@ -86,16 +96,25 @@ def greedy_generate(
         hidden = out.last_hidden_state[:, -1]
     h = model.config.text.hidden_size
     seg = torch.stack(seg_states) if seg_states else torch.zeros(0, h)
-    return Generation(tokens, seg, stopped_by)
+    return Generation(tokens, seg, stopped_by, tuple(logprobs))
 
 
 class ReferencePipeline:
     """Image (+ prompt) -> `GroundingResult`, in PyTorch eager. The oracle for every backend."""
 
-    def __init__(self, model: CitrusV, tokenizer: Tokenizer, max_new_tokens: int = 96):
+    def __init__(
+        self,
+        model: CitrusV,
+        tokenizer: Tokenizer,
+        max_new_tokens: int = 96,
+        max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS,
+    ):
+        """`max_context_tokens` caps prompt + `max_new_tokens` as `RuntimeConfig`'s field does
+        (the model's context applies too): past it, `PromptTooLongError` before the model runs."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
+        self.max_context_tokens = max_context_tokens
         self.cfg = model.config
 
     @classmethod
@@ -114,7 +133,10 @@ class ReferencePipeline:
             qp = qwen_pixels(rgb, cfg.preprocess)
             sp = torch.from_numpy(sam_pixels(rgb, cfg.preprocess))
             n_img = n_image_tokens(qp.grid_thw, cfg.vision.spatial_merge_size)
-            ids = torch.from_numpy(prompt_ids(self.tokenizer, prompt, n_img))[None]
+            limit = ContextLimit(
+                cfg.text.max_position_embeddings, self.max_context_tokens, self.max_new_tokens
+            )
+            ids = torch.from_numpy(prompt_ids(self.tokenizer, prompt, n_img, limit))[None]
         with timer.stage("generate"):
             gen = greedy_generate(
                 self.model,
@@ -135,12 +157,16 @@ class ReferencePipeline:
                     low.numpy(), iou.numpy(), cfg.sam2.image_size, rgb.shape[:2]
                 )
         boxes = parse_boxes(text, qp.resized_hw, rgb.shape[:2])
+        quality, warnings = assess(text, prompt, gen.logprobs, gen.stopped_by, scores)
         return GroundingResult(
             text=text,
             token_ids=gen.tokens,
             boxes=boxes,
             masks=masks,
             mask_scores=scores,
+            token_logprobs=list(gen.logprobs),
+            quality=quality,
+            warnings=warnings,
             timings_ms=timer.ms,
             image_hw=tuple(rgb.shape[:2]),
             stopped_by=gen.stopped_by,

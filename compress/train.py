@@ -28,7 +28,7 @@ from citrus_edge.calib_data.phantom import PhantomConfig, centroid, generate_pha
 from citrus_edge.config import CitrusVConfig
 from citrus_edge.model import CitrusV, build_model
 from citrus_edge.preprocess import qwen_pixels, sam_pixels
-from citrus_edge.prompts import chat_text, n_image_tokens
+from citrus_edge.prompts import n_image_tokens, prompt_ids
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def make_sample(model_cfg: CitrusVConfig, tokenizer, seed: int, phantom_cfg: Pha
     task = tasks.TASKS[seed % len(tasks.TASKS)]
     prompt, answer = task_text(task, ph, qp.resized_hw)
     n_img = n_image_tokens(qp.grid_thw, model_cfg.vision.spatial_merge_size)
-    p_ids = tokenizer.encode(chat_text(prompt, n_img)).ids
+    p_ids = prompt_ids(tokenizer, prompt, n_img).tolist()  # the runtime's own encoding
     a_ids = tokenizer.encode(answer).ids + [model_cfg.tokens.eos]
     union = np.zeros(ph.image.shape, dtype=bool)
     for les in ph.lesions:

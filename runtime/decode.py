@@ -5,6 +5,8 @@ the prompt's 3-D mRoPE positions, then one-token steps at position `max + 1`, `m
 all three axes; the token is the argmax of the last logits; EOS stops (and is not kept);
 `max_new_tokens` caps the answer. The `[SEG]` state is the final-norm hidden state of the step
 whose logits produced `[SEG]`. The KV cache stays inside the backend's runner between steps.
+Each kept token also records its log-probability under the step's softmax (`token_logprob`), the
+answer-confidence signal of `citrus_edge.quality`.
 """
 
 from __future__ import annotations
@@ -23,12 +25,21 @@ from .backends import STEP_INPUTS, KvStepRunner
 
 @dataclass(frozen=True)
 class Generation:
-    """Greedy tokens, the captured `[SEG]` states and how decoding ended."""
+    """Greedy tokens with their log-probabilities, the captured `[SEG]` states and how decoding
+    ended."""
 
     tokens: list[int]
     seg_hidden: np.ndarray  # [N_seg, H] float32
     stopped_by: str  # "eos" or "max_new_tokens"
     steps: int  # one-token steps run after the prefill
+    logprobs: tuple[float, ...] = ()  # natural log-probability of each of `tokens`
+
+
+def token_logprob(logits: np.ndarray, token: int) -> float:
+    """log softmax(logits)[token] in float64, stable for any logit range (max subtracted)."""
+    x = np.asarray(logits, dtype=np.float64).reshape(-1)  # [V]
+    top = x.max()
+    return float(x[token] - top - np.log(np.exp(x - top).sum()))
 
 
 def step_feeds(
@@ -61,6 +72,7 @@ def greedy_generate(
     with timer.stage("prefill"):
         logits, hidden = runner({k: prefill[k] for k in STEP_INPUTS})  # [V], [H]
     out: list[int] = []
+    logprobs: list[float] = []
     seg: list[np.ndarray] = []
     stopped_by, steps = "max_new_tokens", 0
     with timer.stage("decode"):
@@ -70,6 +82,7 @@ def greedy_generate(
                 stopped_by = "eos"
                 break
             out.append(token)
+            logprobs.append(token_logprob(logits, token))
             if token == tokens.seg:
                 seg.append(hidden.copy())
             if len(out) == max_new_tokens:
@@ -78,4 +91,4 @@ def greedy_generate(
             logits, hidden = runner(feeds)
             steps += 1
     seg_hidden = np.stack(seg) if seg else np.zeros((0, len(hidden)), np.float32)
-    return Generation(out, seg_hidden.astype(np.float32), stopped_by, steps)
+    return Generation(out, seg_hidden.astype(np.float32), stopped_by, steps, tuple(logprobs))

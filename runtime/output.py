@@ -11,13 +11,14 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from citrus_edge.result import RESULT_SCHEMA, GroundingResult
+from citrus_edge.result import RESULT_SCHEMA, AnswerQuality, GroundingResult
 
 OVERLAY_ALPHA = 0.45
 PALETTE = (  # RGB, one per mask / box in order
@@ -54,30 +55,64 @@ def decode_rle(rle: dict[str, Any]) -> np.ndarray:
     return np.repeat(values, counts).reshape((h, w), order="F")
 
 
+def quality_to_dict(quality: AnswerQuality | None) -> dict[str, Any] | None:
+    """JSON-ready `AnswerQuality` (None when the answer was not assessed)."""
+    if quality is None:
+        return None
+    return {
+        "task": quality.task,
+        "answer_parses": quality.parses,
+        "mean_logprob": quality.mean_logprob,
+        "min_logprob": quality.min_logprob,
+        "n_tokens": quality.n_tokens,
+        "low_confidence": quality.low_confidence,
+    }
+
+
 def result_to_dict(result: GroundingResult) -> dict[str, Any]:
-    """JSON-ready content of a result. Measurements are present only where the image had a
-    pixel spacing; otherwise the list is empty and no mm value appears anywhere."""
+    """JSON-ready content of a result (schema `RESULT_SCHEMA`).
+
+    `input` (path, sha256, frame; path and sha256 null for in-memory pixels), `prompt`,
+    `bundle_id` and `runtime` (the runtime settings) trace the result to what produced it.
+    `masks[i].predicted_iou` is SAM2's predicted IoU of the kept mask (schema 1 called it
+    `score`). `measurements[j].mask` is the index of the measured mask: a
+    measurement exists only for a mask lying wholly where the image states a plausible pixel
+    spacing, so without one the list is empty and no mm value appears anywhere; `warnings`
+    says why each missing one is missing. `quality` holds the answer's task, format check and
+    token log-probability summary (`token_logprobs` one per `token_ids`).
+    """
+    source = result.input
     return {
         "schema": RESULT_SCHEMA,
+        "input": None if source is None else asdict(source),
+        "prompt": result.prompt,
         "bundle_id": result.bundle_id,
         "backend": result.backend,
+        "runtime": dict(result.runtime),
         "image_hw": list(result.image_hw),
         "text": result.text,
         "token_ids": list(result.token_ids),
+        "token_logprobs": [float(v) for v in result.token_logprobs],
         "stopped_by": result.stopped_by,
+        "quality": quality_to_dict(result.quality),
+        "warnings": list(result.warnings),
         "boxes": [{"bbox": [b.x1, b.y1, b.x2, b.y2], "label": b.label} for b in result.boxes],
         "masks": [
-            {**encode_rle(m), "score": float(s), "area_px": int(np.count_nonzero(m))}
+            {
+                **encode_rle(m),
+                "predicted_iou": float(s),
+                "area_px": int(np.count_nonzero(m)),
+            }
             for m, s in zip(result.masks, result.mask_scores, strict=True)
         ],
         "measurements": [
             {
-                "mask": i,
+                "mask": m.mask,
                 "area_mm2": m.area_mm2,
                 "longest_diameter_mm": m.longest_diameter_mm,
                 "spacing_source": m.spacing_source,
             }
-            for i, m in enumerate(result.measurements)
+            for m in result.measurements
         ],
         "timings_ms": {k: round(v, 3) for k, v in result.timings_ms.items()},
     }

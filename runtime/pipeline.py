@@ -22,9 +22,16 @@ import numpy as np
 
 from citrus_edge.boxes import parse_boxes
 from citrus_edge.calib_data.load import LoadedImage
+from citrus_edge.calib_data.spacing import PixelSpacing
 from citrus_edge.export.host_inputs import llm_prefill_inputs, vision_inputs
-from citrus_edge.preprocess import qwen_pixels
-from citrus_edge.prompts import n_image_tokens, prompt_ids
+from citrus_edge.preprocess import check_image_size, qwen_pixels
+from citrus_edge.prompts import (
+    DEFAULT_MAX_CONTEXT_TOKENS,
+    ContextLimit,
+    n_image_tokens,
+    prompt_ids,
+)
+from citrus_edge.quality import answer_warnings, assess, image_warnings, mask_warnings
 from citrus_edge.result import GroundingResult
 from citrus_edge.timing import StageTimer
 
@@ -32,8 +39,8 @@ from .artifacts import GRAPHS, BundleArtifacts, open_bundle
 from .backends import Backend, create_backend
 from .decode import Generation, greedy_generate
 from .engine_folder import EngineFolder, default_engine_folder, open_engine_folder
-from .inputs import ImageInput, load_input
-from .measure import measure_masks
+from .inputs import ImageInput, input_record, load_input
+from .measure import measure_image
 from .segment import Segmenter
 
 log = logging.getLogger(__name__)
@@ -48,6 +55,9 @@ class RuntimeConfig:
     backend: str = "onnxruntime"
     providers: tuple[str, ...] | None = None
     max_new_tokens: int = 96
+    # Tokens one answer may hold: prompt (template + image + text) + max_new_tokens; the model's
+    # own context (max_position_embeddings) applies too. Default 2048: see prompts.
+    max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS
     engines: str | None = None  # engines folder (`citrus-edge engines build`); see from_bundle
     verify_bundle: bool = True  # sha256 of every file on load; refuse an altered bundle
     version: int = RUNTIME_CONFIG_VERSION
@@ -57,6 +67,11 @@ class RuntimeConfig:
             object.__setattr__(self, "providers", tuple(self.providers))
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.max_context_tokens <= self.max_new_tokens:
+            raise ValueError(
+                f"max_context_tokens {self.max_context_tokens} leaves no room for a prompt "
+                f"beside max_new_tokens {self.max_new_tokens}; raise it or lower max_new_tokens"
+            )
         if self.version != RUNTIME_CONFIG_VERSION:
             raise ValueError(
                 f"runtime config version {self.version} is not {RUNTIME_CONFIG_VERSION}"
@@ -125,12 +140,15 @@ class Pipeline:
         providers: list[str] | tuple[str, ...] | None = None,
         max_new_tokens: int = 96,
         engines: str | Path | None = None,
+        max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS,
     ) -> Pipeline:
         """Verify the bundle at `path` and open its graphs on `backend`.
 
         `engines` is a folder from `citrus-edge engines build`: required by `tensorrt` (default:
         the one `<bundle>-engines/<target>/` holding TensorRT engines), optional for
         `onnxruntime` (the `cpu` target's optimized graphs; default: the bundle's ONNX graphs).
+        `max_context_tokens` caps prompt (template + image + text) + `max_new_tokens`, as does
+        the model's context; a call past either raises `PromptTooLongError` before any graph runs.
 
         Raises `BundleError` naming an altered or missing file (bundle or engines folder),
         `UnknownBackendError`, `OnnxRuntimeSetupError` / `TensorRTSetupError` when the backend
@@ -142,6 +160,7 @@ class Pipeline:
             providers=providers,
             max_new_tokens=max_new_tokens,
             engines=None if engines is None else str(engines),
+            max_context_tokens=max_context_tokens,
         )
         return cls.from_config(path, cfg)
 
@@ -171,24 +190,42 @@ class Pipeline:
     def bundle_id(self) -> str:
         return self.artifacts.bundle_id
 
-    def __call__(self, image: ImageInput, prompt: str, frame: int = 0) -> GroundingResult:
-        """Ground `prompt` in `image`: an RGB uint8 [H, W, 3] array, a DICOM/PNG/JPEG path (frame
-        `frame`; a DICOM's pixel spacing gives measurements in mm) or a `LoadedImage`."""
-        return self.ground(image, prompt, frame).result
+    def __call__(
+        self,
+        image: ImageInput,
+        prompt: str,
+        frame: int = 0,
+        spacing: PixelSpacing | None = None,
+    ) -> GroundingResult:
+        """Ground `prompt` in `image`: an RGB uint8 [H, W, 3] array (with `spacing`, the pixel
+        size the caller states for it), a DICOM/PNG/JPEG path (frame `frame`; a DICOM's
+        calibrated regions give measurements in mm) or a `LoadedImage`. The result carries
+        quality signals (`quality`, `mask_scores`) and `warnings`."""
+        return self.ground(image, prompt, frame, spacing).result
 
-    def ground(self, image: ImageInput, prompt: str, frame: int = 0) -> Grounding:
+    def ground(
+        self,
+        image: ImageInput,
+        prompt: str,
+        frame: int = 0,
+        spacing: PixelSpacing | None = None,
+    ) -> Grounding:
         """`__call__` keeping the `[SEG]` states and the loaded image (for video mode)."""
         t0 = time.perf_counter()
         timer = StageTimer()
         with timer.stage("load"):
-            loaded = load_input(image, frame)
+            loaded = load_input(image, frame, spacing)
+            check_image_size(
+                *loaded.pixels.shape[:2], self.model_config.preprocess.factor, loaded.path
+            )
         gen, resized_hw = self._generate(loaded.pixels, prompt, timer)
         with timer.stage("detokenize"):
             text = self.tokenizer.decode(gen.tokens, skip_special_tokens=False)
             boxes = parse_boxes(text, resized_hw, loaded.pixels.shape[:2])
         masks, scores = self.segmenter.segment(loaded.pixels, gen.seg_hidden, timer)
         with timer.stage("measure"):
-            measurements = measure_masks(masks, loaded.spacing)
+            measured = measure_image(masks, loaded)
+        quality, warnings = assess(text, prompt, gen.logprobs, gen.stopped_by, scores)
         timer.ms["total"] = (time.perf_counter() - t0) * 1e3
         result = GroundingResult(
             text=text,
@@ -196,12 +233,22 @@ class Pipeline:
             boxes=boxes,
             masks=masks,
             mask_scores=scores,
-            measurements=measurements,
+            measurements=measured.measurements,
+            token_logprobs=list(gen.logprobs),
+            quality=quality,
+            warnings=[
+                *image_warnings(loaded.modality, loaded.dicom),
+                *warnings,
+                *measured.warnings,
+            ],
             timings_ms=timer.ms,
             image_hw=tuple(loaded.pixels.shape[:2]),
             stopped_by=gen.stopped_by,
             backend=self.backend.label,
             bundle_id=self.bundle_id,
+            prompt=prompt,
+            input=input_record(loaded),
+            runtime=self.config.to_dict(),
         )
         return Grounding(result, gen.seg_hidden, loaded, gen)
 
@@ -212,7 +259,12 @@ class Pipeline:
         with timer.stage("preprocess"):
             qp = qwen_pixels(rgb, cfg.preprocess)
             n_img = n_image_tokens(qp.grid_thw, cfg.vision.spatial_merge_size)
-            ids = prompt_ids(self.tokenizer, prompt, n_img)  # [S]
+            limit = ContextLimit(
+                cfg.text.max_position_embeddings,
+                self.config.max_context_tokens,
+                self.config.max_new_tokens,
+            )
+            ids = prompt_ids(self.tokenizer, prompt, n_img, limit)  # [S]; PromptTooLongError
             feeds = vision_inputs(qp.pixel_values, qp.grid_thw, cfg.vision)
         with timer.stage("vision_encoder"):
             features = self.vision.run(feeds)["image_features"]  # [n_img, H]
@@ -231,29 +283,51 @@ class Pipeline:
         )
         return gen, qp.resized_hw
 
-    def track(self, image: ImageInput, key: Grounding, frame: int = 0) -> GroundingResult:
+    def track(
+        self,
+        image: ImageInput,
+        key: Grounding,
+        frame: int = 0,
+        spacing: PixelSpacing | None = None,
+    ) -> GroundingResult:
         """Masks of `key`'s `[SEG]` states on a new image, running only SAM2 (encoder + decoder).
 
-        The text and tokens are the key frame's; boxes are not carried over (they were read from
-        the key frame's text and are not re-located), so `boxes` is empty.
+        The text, tokens and answer quality are the key frame's; boxes are not carried over
+        (they were read from the key frame's text and are not re-located), so `boxes` is empty.
         """
         t0 = time.perf_counter()
         timer = StageTimer()
         with timer.stage("load"):
-            loaded = load_input(image, frame)
+            loaded = load_input(image, frame, spacing)
+            check_image_size(
+                *loaded.pixels.shape[:2], self.model_config.preprocess.factor, loaded.path
+            )
         masks, scores = self.segmenter.segment(loaded.pixels, key.seg_hidden, timer)
         with timer.stage("measure"):
-            measurements = measure_masks(masks, loaded.spacing)
+            measured = measure_image(masks, loaded)
+        quality = key.result.quality
+        answer = answer_warnings(quality, key.result.stopped_by) if quality else []
         timer.ms["total"] = (time.perf_counter() - t0) * 1e3
         return GroundingResult(
             text=key.result.text,
             token_ids=list(key.result.token_ids),
             masks=masks,
             mask_scores=scores,
-            measurements=measurements,
+            measurements=measured.measurements,
+            token_logprobs=list(key.result.token_logprobs),
+            quality=quality,
+            warnings=[
+                *image_warnings(loaded.modality, loaded.dicom),
+                *answer,
+                *mask_warnings(scores),
+                *measured.warnings,
+            ],
             timings_ms=timer.ms,
             image_hw=tuple(loaded.pixels.shape[:2]),
             stopped_by=key.result.stopped_by,
             backend=self.backend.label,
             bundle_id=self.bundle_id,
+            prompt=key.result.prompt,
+            input=input_record(loaded),
+            runtime=self.config.to_dict(),
         )

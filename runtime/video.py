@@ -9,6 +9,7 @@ RGB uint8 frames / `LoadedImage`s.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -50,8 +51,8 @@ def _frames(source: VideoSource, spacing: PixelSpacing | None) -> Iterator[Loade
         if isinstance(frame, LoadedImage):
             yield frame
             continue
-        pixels = from_array(frame).pixels
-        yield LoadedImage(pixels, "", 0, index, spacing, "")  # n_frames 0: a stream, unknown
+        # n_frames 0: a stream, its length unknown
+        yield dataclasses.replace(from_array(frame, spacing), n_frames=0, frame=index)
 
 
 def run_video(
@@ -64,8 +65,8 @@ def run_video(
     """Yield a `FrameResult` for frame `key_frame` and every frame after it.
 
     Frames before `key_frame` are skipped (decoded, not processed). `spacing` gives in-memory
-    frames a physical pixel spacing (files carry their own). Raises ValueError when the source
-    ends before `key_frame`.
+    frames a physical pixel spacing over the whole frame (files carry their own calibration).
+    Raises ValueError when the source ends before `key_frame`.
     """
     key: Grounding | None = None
     for index, frame in enumerate(_frames(source, spacing)):

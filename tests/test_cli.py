@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -148,6 +149,20 @@ def test_run_names_results_per_frame_and_prints_the_total(capsys, tiny_fp32_bund
         printed = json.loads(out)
         saved = json.loads((tmp_path / f"{Path(cine).stem}.frame{int(frame):04d}.json").read_text())
         assert printed["token_ids"] == saved["token_ids"]
+        # The result traces to its input, prompt, bundle and settings.
+        assert saved["input"] == {
+            "path": str(cine),
+            "sha256": hashlib.sha256(Path(cine).read_bytes()).hexdigest(),
+            "frame": int(frame),
+        }
+        assert saved["prompt"] == "Please help segment the lesion in this scan."
+        assert (
+            saved["bundle_id"]
+            == json.loads((tiny_fp32_bundle / "manifest.json").read_text())["bundle_id"]
+        )
+        assert (
+            saved["runtime"]["max_new_tokens"] == 4 and saved["runtime"]["backend"] == "onnxruntime"
+        )
         totals.append(saved["timings_ms"]["total"])
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".json", ".png", ".png"]
     code, out, _ = cli(

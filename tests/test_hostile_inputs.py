@@ -122,6 +122,17 @@ def one_pixel_png(d: Path) -> Path:
     return p
 
 
+def ct_dicom(d: Path) -> Path:
+    return Path(shutil.copy(examples.get_path("ct"), d / "ct.dcm"))
+
+
+def absurd_spacing(d: Path) -> Path:
+    ds = pydicom.dcmread(examples.get_path("palette_color"))
+    for region in ds.SequenceOfUltrasoundRegions:
+        region.PhysicalDeltaX = region.PhysicalDeltaY = 1e6  # cm per pixel
+    return _saved(ds, d / "absurd_spacing.dcm")
+
+
 def cine(d: Path) -> Path:
     return Path(shutil.copy(examples.get_path("ybr_color"), d / "cine.dcm"))
 
@@ -135,6 +146,7 @@ class Case:
     error: str | None
     words: tuple[str, ...] = ()
     options: tuple[str, ...] = ()
+    warning: str | None = None  # for a result: a warning it must carry
 
 
 CASES = {
@@ -157,6 +169,11 @@ CASES = {
     "100k-character prompt": Case(
         unicode_png, "PromptTooLongError", ("needs", "1024"), ("--prompt", "x" * 100_000)
     ),
+    "CT, not ultrasound": Case(
+        ct_dicom, None, warning="not an ultrasound image: the DICOM states Modality CT"
+    ),
+    # No mm (the TINY model draws no mask here; tests/test_hardening_results.py measures one).
+    "1e6 cm per pixel": Case(absurd_spacing, None),
     "control tokens typed in the prompt": Case(
         unicode_png,
         None,
@@ -192,7 +209,13 @@ def test_hostile_input(name, capsys, tiny_fp32_bundle, tmp_path):
     if case.error is None:
         assert code == 0, err
         result = json.loads((out / f"{path.stem}.json").read_text())
-        assert result["image_hw"] == [120, 160]
+        image = pydicom.dcmread(path) if path.suffix == ".dcm" else None
+        assert result["image_hw"] == ([image.Rows, image.Columns] if image else [120, 160])
+        assert result["measurements"] == []  # nothing here has a usable calibration
+        if case.warning:
+            assert any(case.warning in w for w in result["warnings"]), result["warnings"]
+            squeeze = "".join  # the table may wrap a warning over lines
+            assert squeeze(case.warning.split()) in squeeze(stdout.split())  # printed too
         return
     if case.error == "usage":
         assert code == 2 and "Error: Invalid value" in err
@@ -208,18 +231,19 @@ def test_hostile_input(name, capsys, tiny_fp32_bundle, tmp_path):
 
 
 def test_tampered_bundle_is_refused_naming_the_file(capsys, tiny_fp32_bundle, tmp_path):
-    for damage in ("flip", "delete", "extra"):
+    """A listed file altered or missing. (A file the manifest does not list is never read, so
+    the runtime ignores it; `build` refuses to replace a folder that holds one.)"""
+    for damage in ("flip", "delete"):
         bundle = Path(shutil.copytree(tiny_fp32_bundle, tmp_path / damage))
         target = bundle / "mask_decoder.onnx"
         if damage == "flip":
             data = bytearray(target.read_bytes())
             data[len(data) // 2] ^= 0xFF
             target.write_bytes(bytes(data))
-        elif damage == "delete":
-            target.unlink()
         else:
-            (bundle / "notes.txt").write_text("mine")
+            target.unlink()
         image = unicode_png(tmp_path)
         code, _, err = cli(capsys, "run", str(bundle), str(image), "--out", str(tmp_path / "o"))
         assert code == 1 and err.startswith("error: BundleError: "), (damage, err)
-        assert ("notes.txt" if damage == "extra" else "mask_decoder.onnx") in err
+        assert "mask_decoder.onnx" in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "o").exists()

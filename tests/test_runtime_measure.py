@@ -171,7 +171,7 @@ def test_json_file_is_complete_and_atomic(tmp_path):
     assert data["bundle_id"] == "abc" and data["backend"].startswith("onnxruntime")
     assert data["boxes"] == [{"bbox": [2.0, 3.0, 20.0, 30.0], "label": "lesion"}]
     assert np.array_equal(decode_rle(data["masks"][0]), result.masks[0])
-    assert data["masks"][0]["score"] == 0.75 and data["masks"][0]["area_px"] == 200
+    assert data["masks"][0]["predicted_iou"] == 0.75 and data["masks"][0]["area_px"] == 200
     assert sorted(p.name for p in path.parent.iterdir()) == ["result.json"]  # no temp left
 
 

@@ -1,0 +1,210 @@
+"""Quality signals a cart can act on, beside every result (torch-free).
+
+- answer confidence: mean and minimum natural log-probability of the answer tokens, "low
+  confidence" below `QualityThresholds` (measured on the phantom eval split, see below);
+- format: whether the answer parses in the format of the task its prompt asks for (the product's
+  three task prompts of `calib_data.tasks`: detection JSON list, `[SEG]` answer, report); None
+  for any other prompt, since the pipeline itself is prompt-agnostic;
+- masks: SAM2's predicted IoU of each kept mask, "low predicted IoU" below the threshold;
+- the image: "not an ultrasound image" when a DICOM's Modality is not US.
+
+Each concern becomes one line in `GroundingResult.warnings`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from citrus_edge.boxes import detection_list
+from citrus_edge.result import AnswerQuality
+
+QUALITY_THRESHOLDS_VERSION = 1
+
+_TASK_FORMAT = {  # the words a "does not parse" warning uses for each task's format
+    "segment": "a segmentation answer ([SEG] or no lesion)",
+    "detect": "a detection list",
+    "report": "a report (lesion count and every field of each lesion)",
+}
+
+
+@dataclass(frozen=True)
+class LogprobBounds:
+    """An answer is "low confidence" when the mean or the minimum of its answer-token natural
+    log-probabilities falls below these."""
+
+    mean: float
+    min: float
+
+    def __post_init__(self) -> None:
+        if not (self.mean <= 0 and self.min <= 0):
+            raise ValueError(f"log-probability bounds must be <= 0, got {self.mean}, {self.min}")
+
+
+# Measured 2026-12-02 with `scripts/measure_confidence.py` (PyTorch reference, shipped demo model
+# stage 7, default phantom set n600 seed 0, eval split: 180 answers, 60 per task):
+#   task     mean log-prob: min / p1 / p5 / p50          min log-prob: min / p1 / p5 / p50
+#   segment  -0.050 / -0.048 / -0.016 / -0.000            -0.301 / -0.286 / -0.108 / -0.001
+#   detect   -0.368 / -0.361 / -0.351 / -0.298            -1.924 / -1.922 / -1.850 / -1.697
+#   report   -0.256 / -0.255 / -0.243 / -0.184            -2.122 / -2.096 / -2.064 / -1.768
+#   all      -0.368 / -0.355 / -0.332 / -0.165            -2.122 / -2.073 / -2.031 / -1.438
+#   mask predicted IoU (47 masks): min 0.414, p1 0.415, p5 0.424, p50 0.769
+# Each bound is the task's 1st percentile rounded outwards (about 1 in 100 in-distribution
+# answers is flagged); prompts of no known task use the bounds of all answers. The tasks differ
+# five-fold, so one bound would never flag a segmentation answer: out-of-distribution inputs
+# (pydicom's two ultrasound examples, noise) gave segmentation answers of mean -0.19 to -0.31,
+# all flagged, while their detection and report answers stayed within the eval range and are
+# caught by the format check instead (9 of 9 did not parse).
+DEMO_LOGPROB_BOUNDS = {
+    "segment": LogprobBounds(mean=-0.05, min=-0.30),
+    "detect": LogprobBounds(mean=-0.37, min=-1.95),
+    "report": LogprobBounds(mean=-0.26, min=-2.10),
+}
+DEMO_OTHER_BOUNDS = LogprobBounds(mean=-0.36, min=-2.10)
+DEMO_MASK_IOU = 0.41  # below every mask of the eval split (min 0.414)
+
+
+@dataclass(frozen=True)
+class QualityThresholds:
+    """Below these a result is flagged: answer-token log-probabilities per task (`other` for a
+    prompt of no known task) and the kept masks' predicted IoU.
+
+    The defaults belong to the shipped demo model; another model needs its own (measure them
+    with scripts/measure_confidence.py on its eval split).
+    """
+
+    segment: LogprobBounds = DEMO_LOGPROB_BOUNDS["segment"]
+    detect: LogprobBounds = DEMO_LOGPROB_BOUNDS["detect"]
+    report: LogprobBounds = DEMO_LOGPROB_BOUNDS["report"]
+    other: LogprobBounds = DEMO_OTHER_BOUNDS
+    mask_iou: float = DEMO_MASK_IOU
+    version: int = QUALITY_THRESHOLDS_VERSION
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.mask_iou <= 1:
+            raise ValueError(f"the mask IoU threshold must lie in [0, 1], got {self.mask_iou}")
+        if self.version != QUALITY_THRESHOLDS_VERSION:
+            raise ValueError(
+                f"quality thresholds version {self.version} is not {QUALITY_THRESHOLDS_VERSION}"
+            )
+
+    def for_task(self, task: str | None) -> LogprobBounds:
+        """The log-probability bounds of `task` (None: `other`)."""
+        return self.other if task is None else getattr(self, task)
+
+
+DEFAULT_THRESHOLDS = QualityThresholds()
+
+
+@functools.cache
+def _tasks() -> dict[str, str]:
+    """Normalised prompt -> task name. calib_data holds the task texts; imported here, on
+    first use, so that the shared core does not import a stage when it is imported."""
+    from citrus_edge.calib_data.tasks import PROMPTS
+
+    return {_normalise(prompt): task for task, prompt in PROMPTS.items()}
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.split()).lower()
+
+
+def recognise_task(prompt: str) -> str | None:
+    """The product task `prompt` asks for (case and spacing ignored), or None."""
+    return _tasks().get(_normalise(prompt))
+
+
+def answer_parses(task: str | None, text: str) -> bool | None:
+    """Whether `text` is in the answer format of `task`; None when `task` is None."""
+    if task is None:
+        return None
+    from citrus_edge.calib_data.tasks import NO_LESION, parse_report
+
+    if _normalise(text) == _normalise(NO_LESION):
+        return True  # the no-lesion sentence answers every task
+    if task == "segment":
+        return "[SEG]" in text
+    if task == "detect":
+        return detection_list(text) is not None
+    if task == "report":
+        report = parse_report(text)
+        return (
+            report is not None
+            and report.count is not None
+            and report.count == len(report.lesions) > 0
+            and all(v is not None for lesion in report.lesions for v in lesion.values())
+        )
+    raise ValueError(f"unknown task {task!r}; expected one of {tuple(_TASK_FORMAT)}")
+
+
+def answer_quality(
+    text: str,
+    prompt: str,
+    logprobs: Sequence[float],
+    thresholds: QualityThresholds = DEFAULT_THRESHOLDS,
+) -> AnswerQuality:
+    """Task, format check and log-probability summary of one answer."""
+    task = recognise_task(prompt)
+    values = [float(v) for v in logprobs]
+    mean = math.fsum(values) / len(values) if values else None
+    low = min(values) if values else None
+    bounds = thresholds.for_task(task)
+    flagged = mean is not None and (mean < bounds.mean or low < bounds.min)
+    return AnswerQuality(task, answer_parses(task, text), mean, low, len(values), flagged)
+
+
+def answer_warnings(
+    quality: AnswerQuality, stopped_by: str, thresholds: QualityThresholds = DEFAULT_THRESHOLDS
+) -> list[str]:
+    """One line per reason not to trust the answer text."""
+    out = []
+    if quality.parses is False:
+        out.append(f"answer does not parse as {_TASK_FORMAT[quality.task]}")
+    if quality.n_tokens == 0:
+        out.append("empty answer: the model stopped before its first token")
+    if quality.low_confidence:
+        bounds = thresholds.for_task(quality.task)
+        out.append(
+            f"low confidence: answer-token log-probability mean {quality.mean_logprob:.3f}, "
+            f"min {quality.min_logprob:.3f} (flagged below mean {bounds.mean} or min {bounds.min} "
+            f"for {quality.task or 'a prompt of no known task'})"
+        )
+    if stopped_by == "max_new_tokens":
+        out.append(f"answer cut off after {quality.n_tokens} tokens (max_new_tokens)")
+    return out
+
+
+def mask_warnings(
+    scores: Sequence[float], thresholds: QualityThresholds = DEFAULT_THRESHOLDS
+) -> list[str]:
+    """A line for each mask whose predicted IoU is below the threshold."""
+    return [
+        f"masks[{i}]: low predicted IoU {s:.3f} (flagged below {thresholds.mask_iou})"
+        for i, s in enumerate(scores)
+        if s < thresholds.mask_iou
+    ]
+
+
+def image_warnings(modality: str, dicom: bool) -> list[str]:
+    """The "not an ultrasound image" warning for a DICOM whose Modality is not US (the model was
+    made for ultrasound only); nothing for ordinary images and arrays, which state no modality."""
+    if dicom and modality != "US":
+        stated = f"Modality {modality}" if modality else "no Modality"
+        return [f"not an ultrasound image: the DICOM states {stated}; the model reads US only"]
+    return []
+
+
+def assess(
+    text: str,
+    prompt: str,
+    logprobs: Sequence[float],
+    stopped_by: str,
+    mask_scores: Sequence[float],
+    thresholds: QualityThresholds = DEFAULT_THRESHOLDS,
+) -> tuple[AnswerQuality, list[str]]:
+    """`answer_quality` of one answer and its warnings (answer, then masks)."""
+    quality = answer_quality(text, prompt, logprobs, thresholds)
+    warnings = answer_warnings(quality, stopped_by, thresholds)
+    return quality, warnings + mask_warnings(mask_scores, thresholds)
