@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from .files import atomic_path
+from citrus_edge.atomic import atomic_path
 
 US_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
 PATIENT_NAME = "PHANTOM^SYNTHETIC"

@@ -17,8 +17,9 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from citrus_edge.atomic import atomic_path
+
 from .errors import ManifestError
-from .files import atomic_path
 from .tasks import TASKS
 
 SCHEMA = 1

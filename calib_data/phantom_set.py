@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from citrus_edge.atomic import make_staging_dir
 from citrus_edge.preprocess import smart_resize
 
 from .dicom_writer import write_us_dicom
@@ -132,9 +132,7 @@ def write_phantom_set(
     out = Path(out_dir)
     old_files = _check_target(out, overwrite)
     hw = spec.resized_hw
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(staging, 0o755)  # mkdtemp makes it owner-only; it becomes out_dir
+    staging = make_staging_dir(out, "tmp")
     try:
         start = time.perf_counter()
         files = _build(staging, spec, tuple(hw))

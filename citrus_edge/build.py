@@ -1,8 +1,10 @@
 """`citrus-edge build`: export -> quantize -> (engine plan | engines) -> validate -> bundle.
 
-Only chains the stage functions. The bundle is assembled in a temporary sibling directory and
-renamed at the end (`bundle.staged_directory`): an interrupted build leaves no half bundle and
-does not damage the previous one.
+Only chains the stage functions. `--out` is checked first (`bundle.check_bundle_out`: absent,
+empty, or a bundle holding nothing but its listed files), before any model is loaded. The bundle
+is assembled in a temporary sibling directory and renamed at the end
+(`bundle.staged_directory`): an interrupted build (an error, Ctrl-C or SIGTERM) leaves no half
+bundle and no scratch folder, and does not damage the previous one.
 """
 
 from __future__ import annotations
@@ -16,7 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from citrus_edge.bundle import staged_directory, tool_versions, write_manifest
+from citrus_edge.bundle import (
+    check_bundle_out,
+    sigterm_cleanup,
+    staged_directory,
+    tool_versions,
+    write_manifest,
+)
 from citrus_edge.recipes import Recipe, get_recipe
 from citrus_edge.targets import Target, check_recipe, get_target
 
@@ -43,6 +51,23 @@ class BuildConfig:
     budget: str | None = None  # e.g. "dice=1,tokens=99" (see compress.budget)
     version: int = BUILD_CONFIG_VERSION
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model_dir", Path(self.model_dir))
+        for name in ("calib", "eval_data"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
+        if isinstance(self.eval_limit, bool) or not isinstance(self.eval_limit, int):
+            raise ValueError(
+                f"eval_limit must be a whole number of records, got {self.eval_limit!r}"
+            )
+        if self.eval_limit < 1:
+            raise ValueError(
+                f"eval_limit {self.eval_limit}: the build measures the bundle on at least one "
+                "eval record; pass --eval-limit 1 or more"
+            )
+        if self.version != BUILD_CONFIG_VERSION:
+            raise ValueError(f"build config version {self.version} is not {BUILD_CONFIG_VERSION}")
+
     def resolved(self) -> tuple[Target, Recipe]:
         """Target and recipe, refusing a precision the target cannot run."""
         target = get_target(self.target)
@@ -60,49 +85,61 @@ Progress = Callable[[str], None]
 
 
 def build(cfg: BuildConfig, out: Path, progress: Progress = lambda stage: None) -> dict:
-    """Build a bundle for `cfg.target` at `out`; returns the bundle manifest."""
+    """Build a bundle for `cfg.target` at `out`; returns the bundle manifest.
+
+    Refuses before any work (`bundle.OutputFolderError`) an `out` that exists and is not a
+    bundle holding only the files its manifest lists; a user's files are never touched.
+    """
+    out = Path(out)
+    check_bundle_out(out)  # first: a wrong --out costs no export
+    target, recipe = cfg.resolved()
+    with sigterm_cleanup():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.scratch-", dir=out.parent))
+        try:
+            return _build_in(cfg, out, target, recipe, scratch, progress)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _build_in(
+    cfg: BuildConfig, out: Path, target: Target, recipe: Recipe, scratch: Path, progress: Progress
+) -> dict:
     from citrus_edge.checkpoint import load_checkpoint
     from citrus_edge.export.manifest import checkpoint_source_hash
     from citrus_edge.export.pipeline import export_all
 
-    target, recipe = cfg.resolved()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.scratch-", dir=out.parent))
-    try:
-        progress("export")
-        fp32_dir = scratch / "fp32"
-        model = load_checkpoint(cfg.model_dir)
-        export_all(
-            model,
-            fp32_dir,
-            source_hash=checkpoint_source_hash(cfg.model_dir),
-            tokenizer_json=cfg.model_dir / "tokenizer.json",
-        )
-        graphs_dir, quant = fp32_dir, None
-        if any(p in LOW_BIT for _, p in recipe.items()):
-            progress("quantize")
-            graphs_dir, quant = _quantize(cfg, fp32_dir, recipe, target, scratch / "quantized")
-        with staged_directory(out) as tmp:
-            _copy_tree(graphs_dir, tmp)
-            info = _describe(cfg, target, recipe, quant)
-            info["components"] = _components(tmp, recipe)
-            if target.tensorrt:
-                progress("engine plan")
-                info["engine_plan"] = _engine_plan(tmp, target, recipe)
-            write_manifest(tmp, info)  # hashes first, so the runtime can verify what it measures
-            progress("validate")
-            info["accuracy"] = measure_accuracy(cfg, tmp, target, recipe)
-            manifest = write_manifest(tmp, info)
-        if target.tensorrt and matching_gpu(target) is not None:
-            progress("engines")
-            from citrus_edge.engines import build_bundle_engines
+    progress("export")
+    fp32_dir = scratch / "fp32"
+    model = load_checkpoint(cfg.model_dir)
+    export_all(
+        model,
+        fp32_dir,
+        source_hash=checkpoint_source_hash(cfg.model_dir),
+        tokenizer_json=cfg.model_dir / "tokenizer.json",
+    )
+    graphs_dir, quant = fp32_dir, None
+    if any(p in LOW_BIT for _, p in recipe.items()):
+        progress("quantize")
+        graphs_dir, quant = _quantize(cfg, fp32_dir, recipe, target, scratch / "quantized")
+    with staged_directory(out) as tmp:
+        _copy_tree(graphs_dir, tmp)
+        info = _describe(cfg, target, recipe, quant)
+        info["components"] = _components(tmp, recipe)
+        if target.tensorrt:
+            progress("engine plan")
+            info["engine_plan"] = _engine_plan(tmp, target, recipe)
+        write_manifest(tmp, info)  # hashes first, so the runtime can verify what it measures
+        progress("validate")
+        info["accuracy"] = measure_accuracy(cfg, tmp, target, recipe)
+        manifest = write_manifest(tmp, info)
+    if target.tensorrt and matching_gpu(target) is not None:
+        progress("engines")
+        from citrus_edge.engines import build_bundle_engines
 
-            built = build_bundle_engines(out, target.name)
-            log.info("compiled %d engines into %s", len(built.engines), built.out_dir)
-        return manifest
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        built = build_bundle_engines(out, target.name)
+        log.info("compiled %d engines into %s", len(built.engines), built.out_dir)
+    return manifest
 
 
 def matching_gpu(target: Target):
@@ -129,17 +166,23 @@ def matching_gpu(target: Target):
 
 
 def _copy_tree(src: Path, dst: Path) -> None:
+    """Copy the files of `src` into `dst`; new files, so their mode follows the umask (copy2
+    would keep a source's owner-only mode, e.g. of external data written by onnx)."""
     for p in sorted(src.rglob("*")):
         if p.is_file():
             rel = p.relative_to(src)
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(p, dst / rel)
+            shutil.copyfile(p, dst / rel)
 
 
 def _describe(cfg: BuildConfig, target: Target, recipe: Recipe, quant: Any) -> dict:
+    from citrus_edge.targets import resolve_target
 
+    request = resolve_target(cfg.target).to_dict()  # the name typed and the target it became
+    assert request["resolved"] == target.name, (request, target.name)
     return {
         "target": target.to_dict(),
+        "target_request": request,
         "recipe": recipe.to_dict(),
         "build_config": cfg.to_dict(),
         "model": {"dir_name": cfg.model_dir.name},
@@ -166,10 +209,11 @@ def _components(bundle_dir: Path, recipe: Recipe) -> dict:
 
 
 def _quantize(cfg: BuildConfig, fp32_dir: Path, recipe: Recipe, target: Target, out: Path):
-    from citrus_edge.compress.budget import DEFAULT_BUDGET, parse_budget
+    from citrus_edge.compress.budget import default_budget, parse_budget
     from citrus_edge.compress.quantize import quantize
 
-    budget = parse_budget(cfg.budget) if cfg.budget else DEFAULT_BUDGET
+    base = default_budget(recipe.llm)
+    budget = parse_budget(cfg.budget, base) if cfg.budget else base
     report = quantize(
         fp32_dir,
         recipe,

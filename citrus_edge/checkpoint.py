@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from citrus_edge.bundle import replace_directory
+from citrus_edge.atomic import make_staging_dir, umask_mode
+from citrus_edge.bundle import foreign_entries, replace_directory
 from citrus_edge.config import CitrusVConfig
 from citrus_edge.model import CitrusV
 from citrus_edge.sam2_keys import hf_to_original, original_to_hf
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 MLLM, SAM2, PROJ = "mllm.", "grounding_encoder.sam2_model.", "seg_projector."
 INDEX = "model.safetensors.index.json"
+SAVED_FILES = ("config.json", "model.safetensors", "tokenizer.json")  # what save_checkpoint writes
 
 
 class CheckpointError(ValueError):
@@ -98,17 +100,38 @@ def state_dict_official(model: CitrusV) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(model: CitrusV, path: Path, tokenizer_json: Path | None = None) -> None:
-    """Write `config.json` + `model.safetensors` (+ tokenizer) atomically into directory `path`."""
+    """Write `config.json` + `model.safetensors` (+ tokenizer) atomically into directory `path`.
+
+    An existing `path` is replaced only when it is empty or a checkpoint this function wrote
+    (`config.json` and nothing but `SAVED_FILES`); otherwise `CheckpointError` names the files
+    that would be lost. Modes follow the umask.
+    """
     path = Path(path)
-    if path.exists() and not (path / "config.json").is_file():
-        raise CheckpointError(f"{path} exists and is not a checkpoint; choose a new directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp is owner-only; this directory is shipped
-    model.config.save(tmp / "config.json")
-    save_file(state_dict_official(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    if tokenizer_json is not None:
-        (tmp / "tokenizer.json").write_bytes(Path(tokenizer_json).read_bytes())
-    for f in tmp.iterdir():
-        os.chmod(f, 0o644)
-    replace_directory(tmp, path)
+    _check_replaceable(path)
+    tmp = make_staging_dir(path, "saving")
+    try:
+        model.config.save(tmp / "config.json")
+        weights = tmp / "model.safetensors"
+        save_file(state_dict_official(model), str(weights), metadata={"format": "pt"})
+        if tokenizer_json is not None:
+            (tmp / "tokenizer.json").write_bytes(Path(tokenizer_json).read_bytes())
+        for f in tmp.iterdir():
+            os.chmod(f, umask_mode(0o666))
+        _check_replaceable(path)  # a file may have been put there meanwhile
+        replace_directory(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _check_replaceable(path: Path) -> None:
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return
+    if not path.is_dir():
+        raise CheckpointError(f"{path} exists and is not a folder; choose a new directory")
+    stray = foreign_entries(path, SAVED_FILES)
+    if not (path / "config.json").is_file() or stray:
+        raise CheckpointError(
+            f"refusing to replace {path}: it is not a checkpoint save_checkpoint wrote (it "
+            f"holds {stray or 'no config.json'}); choose a new directory or move them away"
+        )

@@ -55,7 +55,7 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _stdout() -> Console:
-    return Console(highlight=False)
+    return Console(highlight=False, soft_wrap=True)
 
 
 def _print_json(data: Any) -> None:
@@ -216,7 +216,7 @@ def plan_cmd(
 @app.command("targets")
 def targets_cmd(as_json: JsonFlag = False) -> None:
     """The targets table: GPU, memory, bandwidth, precisions, DLA, default recipe."""
-    from citrus_edge.targets import TARGETS
+    from citrus_edge.targets import TARGETS, family_lines
 
     if as_json:
         _print_json([t.to_dict() for t in TARGETS.values()])
@@ -240,7 +240,11 @@ def targets_cmd(as_json: JsonFlag = False) -> None:
             str(t.dla_cores),
             t.default_recipe,
         )
-    _stdout().print(table)
+    out = _stdout()
+    out.print(table)
+    out.print(Text("Family names (what `--target` also takes):"))
+    for line in family_lines():
+        out.print(Text(f"  {line}"))
 
 
 @app.command("recipes")
@@ -295,13 +299,18 @@ def export_cmd(
     """Export the four ONNX graphs (vision, LLM step, SAM2 encoder, mask decoder), validated."""
     import time
 
-    from citrus_edge.checkpoint import load_checkpoint
     from citrus_edge.defaults import resolve_model
-    from citrus_edge.export.manifest import checkpoint_source_hash
+    from citrus_edge.export.manifest import check_export_out, checkpoint_source_hash
+
+    # Refuse a wrong --out, a bad size or a missing model before torch is imported.
+    check_export_out(out, overwrite)
+    sizes = [_parse_hw(s) for s in image_size] if image_size else None
+    model_dir = resolve_model(model)
+
+    from citrus_edge.checkpoint import load_checkpoint
     from citrus_edge.export.pipeline import DEFAULT_IMAGE_SIZES, export_all
 
-    model_dir = resolve_model(model)
-    sizes = [_parse_hw(s) for s in image_size] if image_size else list(DEFAULT_IMAGE_SIZES)
+    sizes = sizes or list(DEFAULT_IMAGE_SIZES)
     t0 = time.perf_counter()
     with console.status(f"exporting {model_dir.name}"):
         manifest = export_all(
@@ -506,17 +515,23 @@ def build_cmd(
         int, typer.Option(min=1, help="Eval records measured at build time.")
     ] = 90,
     budget: Annotated[
-        str | None, typer.Option(help="Accuracy budget vs FP32, e.g. 'dice=1,tokens=99'.")
+        str | None,
+        typer.Option(
+            help="Accuracy budget vs FP32, e.g. 'dice=1,tokens=99' (default: that; tokens=90 "
+            "for recipes with a 4-bit LLM). Keys left out keep the default."
+        ),
     ] = None,
 ) -> None:
     """Build a deployable bundle: export -> quantize -> engine plan -> validate -> manifest."""
     from citrus_edge.build import BuildConfig, build
     from citrus_edge.defaults import resolve_model
     from citrus_edge.recipes import get_recipe
-    from citrus_edge.targets import check_recipe, get_target
+    from citrus_edge.targets import check_recipe, resolve_target
 
-    tgt = get_target(target)
+    resolution = resolve_target(target)
+    tgt = resolution.target
     check_recipe(tgt, get_recipe(precision or tgt.default_recipe))  # refuse before any work
+    console.print(Text(f"{resolution.describe()}, recipe {precision or tgt.default_recipe}"))
     cfg = BuildConfig(
         target=target,
         model_dir=resolve_model(model),
@@ -528,7 +543,7 @@ def build_cmd(
     )
     with console.status("building") as status:
         manifest = build(cfg, out, progress=lambda stage: status.update(f"build: {stage}"))
-    Console().print(_build_table(manifest, out))
+    _stdout().print(_build_table(manifest, out))
 
 
 def _build_table(manifest: dict, out: Path) -> Table:
@@ -573,7 +588,11 @@ def quantize_cmd(
     target: Annotated[str, typer.Option(help="Target name (see `citrus-edge targets`).")] = "cpu",
     calib: Annotated[Path | None, typer.Option(help="Calibration manifest.")] = None,
     budget: Annotated[
-        str | None, typer.Option(help="Accuracy budget vs FP32, e.g. 'dice=1,tokens=99'.")
+        str | None,
+        typer.Option(
+            help="Accuracy budget vs FP32, e.g. 'dice=1,tokens=99' (default: that; tokens=90 "
+            "for recipes with a 4-bit LLM). Keys left out keep the default."
+        ),
     ] = None,
     method: Annotated[
         str | None, typer.Option(help="Calibration: minmax, entropy or percentile.")
@@ -585,8 +604,11 @@ def quantize_cmd(
     """Post-training quantization with an accuracy budget; per-component table at the end."""
     from rich.progress import Progress
 
-    from citrus_edge.compress.budget import DEFAULT_BUDGET, parse_budget
+    from citrus_edge.compress.budget import default_budget, parse_budget
     from citrus_edge.compress.quantize import quantize
+    from citrus_edge.recipes import get_recipe
+
+    base = default_budget(get_recipe(precision).llm)
 
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("quantize", total=None)
@@ -601,7 +623,7 @@ def quantize_cmd(
             precision,
             target,
             calib_manifest=calib,
-            budget=parse_budget(budget) if budget else DEFAULT_BUDGET,
+            budget=parse_budget(budget, base) if budget else base,
             out_dir=out,
             method=method,
             checkpoint=checkpoint,

@@ -6,9 +6,6 @@ ONNX Runtime pipeline and TensorRT engines are scored by the same code.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from citrus_edge.atomic import write_json_atomic
 from citrus_edge.calib_data.load import load_image
 from citrus_edge.calib_data.manifest import Record
 from citrus_edge.calib_data.tasks import REPORT_FIELDS, parse_report
@@ -62,12 +60,8 @@ class EvalReport:
 
     def save(self, path: Path) -> None:
         """JSON with the summary and per-sample scores, written atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"summary": self.summary(), "samples": [asdict(s) for s in self.samples]}, f)
-        os.replace(tmp, path)
+        data = {"summary": self.summary(), "samples": [asdict(s) for s in self.samples]}
+        write_json_atomic(path, data, indent=None)
 
 
 def union_mask(record: Record, manifest_dir: Path, hw: tuple[int, int]) -> np.ndarray:

@@ -1,7 +1,12 @@
 """Deployment targets: what each machine has and which precisions it can run (torch-free).
 
-The runtime on a cart imports this module, so it imports the standard library and
-`citrus_edge.recipes` only. Device figures come from /work/shared/ANCHORS.md (NVIDIA data
+The runtime on a cart imports this module, so it imports the standard library,
+`citrus_edge.recipes` and `citrus_edge.jetson` (standard library only) and nothing else.
+
+Users name targets as they say them: an exact name (`orin-nano-8`) or a family (`orin`,
+`orin-agx`, `orin-nx`, `orin-nano`; `thor` is both). `resolve_target` turns a family into one
+member: on a Jetson of that family, the module this machine is (device tree + memory size,
+`citrus_edge.jetson`); elsewhere the family's documented default member (`FAMILIES`). Device figures come from /work/shared/ANCHORS.md (NVIDIA data
 sheets and the TensorRT Edge-LLM support matrix); each number carries its source in a comment.
 Figures marked "representative" describe one card we picked for a class of machine, and figures
 marked "assumption" are our own choices (memory kept for the OS and the cart's software, engine
@@ -16,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from citrus_edge.jetson import JetsonModule, detect_jetson
 from citrus_edge.recipes import COMPONENTS, PRECISIONS, RECIPES, Recipe
 
 KINDS = ("cpu", "jetson", "x86-gpu")
@@ -324,12 +330,151 @@ _TARGETS = (
 TARGETS: dict[str, Target] = {t.name: t for t in _TARGETS}
 
 
+@dataclass(frozen=True)
+class Family:
+    """Targets users name together, e.g. `orin`. `default` is the member a family name means on
+    a machine that is not one of its Jetsons (a workstation cross-building for the device)."""
+
+    name: str
+    members: tuple[str, ...]
+    default: str
+
+    def __post_init__(self) -> None:
+        if self.default not in self.members or not set(self.members) <= set(TARGETS):
+            raise ValueError(f"family {self.name}: members must be targets, default a member")
+
+
+# The default of each family is its largest module (the one TensorRT Edge-LLM publishes for):
+# a bundle built for it plans the widest engine profiles; `citrus-edge engines build` on a
+# smaller module re-plans for that module (engines are built on the device anyway).
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("orin", ("orin-agx-64", "orin-agx-32", "orin-nx-16", "orin-nano-8"), "orin-agx-64"),
+        Family("orin-agx", ("orin-agx-64", "orin-agx-32"), "orin-agx-64"),
+        Family("orin-nx", ("orin-nx-16",), "orin-nx-16"),
+        Family("orin-nano", ("orin-nano-8",), "orin-nano-8"),
+    )
+}
+# Device-tree family (citrus_edge.jetson.family_of) -> the targets that are such a module.
+MODULE_FAMILIES: dict[str, tuple[str, ...]] = {
+    "orin-agx": ("orin-agx-64", "orin-agx-32"),
+    "orin-nx": ("orin-nx-16",),
+    "orin-nano": ("orin-nano-8",),
+    "thor": ("thor",),
+}
+# MemTotal is below the nominal size (carve-outs: ~7.6 GB of an 8 GB Orin Nano) and a module
+# with half the memory must not pass for the larger one: accept [0.75, 1.25] x nominal.
+MEMORY_TOLERANCE = (0.75, 1.25)
+
+
+class UnknownModuleError(ValueError):
+    """This Jetson is a module no target describes (e.g. an Orin NX 8GB, an Orin Nano 4GB)."""
+
+
+@dataclass(frozen=True)
+class TargetResolution:
+    """How a target name a user typed became a target.
+
+    `how`: "exact" (a target name), "this device" (a family name on a Jetson of that family:
+    the module this machine is), or "family default" (a family name anywhere else).
+    `device`: the Jetson's device-tree model and memory where one was read, else None.
+    """
+
+    requested: str
+    target: Target
+    how: str
+    device: str | None = None
+
+    def describe(self) -> str:
+        """One line for a summary, e.g. "orin -> orin-agx-64 (the orin family's default ...)"."""
+        if self.how == "exact":
+            return f"target {self.target.name}"
+        if self.how == "this device":
+            return f"target {self.requested} -> {self.target.name} (this device: {self.device})"
+        members = ", ".join(FAMILIES[self.requested].members)
+        return (
+            f"target {self.requested} -> {self.target.name} (no {self.requested} Jetson here: "
+            f"the family's default; members {members}; pass one of them to choose)"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "requested": self.requested,
+            "resolved": self.target.name,
+            "how": self.how,
+            "device": self.device,
+        }
+
+
+def module_target(module: JetsonModule) -> Target:
+    """The target a detected Jetson module is; UnknownModuleError if none describes it."""
+    members = MODULE_FAMILIES.get(module.family or "", ())
+    if not members:
+        raise UnknownModuleError(
+            f"this Jetson ({module.describe()}) is none of the targets' modules; pass an exact "
+            f"--target ({', '.join(TARGETS)}) or add the module to citrus_edge/targets.py"
+        )
+    if module.memory_gb is None:
+        if len(members) == 1:
+            return TARGETS[members[0]]
+        raise UnknownModuleError(
+            f"cannot read /proc/meminfo to tell {', '.join(members)} apart on {module.model}; "
+            "pass the exact --target"
+        )
+    lo, hi = MEMORY_TOLERANCE
+    fits = [
+        m
+        for m in members
+        if lo * TARGETS[m].memory_gb <= module.memory_gb <= hi * TARGETS[m].memory_gb
+    ]
+    if not fits:
+        sizes = ", ".join(f"{m} {TARGETS[m].memory_gb:g} GB" for m in members)
+        raise UnknownModuleError(
+            f"this Jetson ({module.describe()}) has a memory size no target has ({sizes}); "
+            "pass an exact --target to build for one of those modules anyway, or add this "
+            "module to citrus_edge/targets.py"
+        )
+    return TARGETS[max(fits, key=lambda m: TARGETS[m].memory_gb)]
+
+
+def resolve_target(name: str, root: Any = None) -> TargetResolution:
+    """The target `name` means here: an exact target name, or a family (see `FAMILIES`).
+
+    root: the file-system root the Jetson detection reads (`citrus_edge.jetson`; tests pass a
+    folder of fake device-tree files). ValueError listing the names otherwise;
+    UnknownModuleError on a Jetson of the family that no target describes.
+    """
+    if name in TARGETS:
+        return TargetResolution(name, TARGETS[name], "exact")
+    family = FAMILIES.get(name)
+    if family is None:
+        raise ValueError(
+            f"unknown target {name!r}; choose one of {', '.join(TARGETS)} or a family "
+            f"({', '.join(FAMILIES)})"
+        )
+    module = detect_jetson(root)
+    if module is not None and set(MODULE_FAMILIES.get(module.family or "", ())) & set(
+        family.members
+    ):
+        target = module_target(module)
+        return TargetResolution(name, target, "this device", module.describe())
+    device = None if module is None else module.describe()
+    return TargetResolution(name, TARGETS[family.default], "family default", device)
+
+
 def get_target(name: str) -> Target:
-    """The target called `name`; ValueError listing the known names otherwise."""
-    try:
-        return TARGETS[name]
-    except KeyError:
-        raise ValueError(f"unknown target {name!r}; choose one of {', '.join(TARGETS)}") from None
+    """The target called `name` (an exact name or a family, see `resolve_target`); ValueError
+    listing the known names otherwise."""
+    return resolve_target(name).target
+
+
+def family_lines() -> list[str]:
+    """One line per family name, for `citrus-edge targets`: what it resolves to and where."""
+    return [
+        f"{f.name}: {', '.join(f.members)} (on such a Jetson: this module; elsewhere: {f.default})"
+        for f in FAMILIES.values()
+    ]
 
 
 def targets_supporting(precision: str) -> list[str]:

@@ -26,6 +26,11 @@ INT4 graphs use only standard opset-21 blocked DequantizeLinear, which ONNX Runt
 the CPU with the same result with optimizations on and off (TINY LLM logits 18.6 dB either way,
 and MatMulNBits int4 gives 18.7-19.7 dB on the same graph): they are checked in "reference" mode.
 
+AWQ-lite runs with node fusion off (`awqlite_fuse_nodes=False`, `ModelOptInt4Settings.
+awq_fuse_nodes`): ModelOpt 0.23-0.47's fused path calls cupy's `.get()` on numpy arrays on every
+machine without a GPU, Jetsons included (`AttributeError: 'numpy.ndarray' object has no
+attribute 'get'`); `test_quantize_modelopt.py` fails once an upgrade fixes it.
+
 ModelOpt's ONNX AWQ concatenates the calibration activations of all samples, so they must share
 one sequence length: the recorded prefill feeds are cut to the shortest one (a shorter prompt
 prefix is still a valid prefill: same positions, mask and cache).
@@ -214,6 +219,7 @@ class ModelOptInt4Quantizer:
                 use_external_data_format=self.external,
                 output_path=str(dst),
                 log_level="WARNING",
+                **_awq_options(s),
             )
 
     def describe(self) -> dict:
@@ -227,6 +233,24 @@ class ModelOptInt4Quantizer:
             },
             "validated_by": "ort-reference",
         }
+
+
+def _awq_options(s: ModelOptInt4Settings) -> dict:
+    """ModelOpt INT4 keyword options of `s`: node fusion off unless asked (see the settings)."""
+    if s.method != "awq_lite":
+        return {}
+    if s.awq_fuse_nodes and not _cupy_on_gpu():
+        raise UnsupportedQuantizationError(
+            "llm: awq_fuse_nodes=True needs cupy on a CUDA GPU (ModelOpt's fused AWQ-lite calls "
+            "cupy's .get() and fails on numpy); build with awq_fuse_nodes=False"
+        )
+    return {"awqlite_fuse_nodes": s.awq_fuse_nodes}
+
+
+def _cupy_on_gpu() -> bool:
+    from modelopt.onnx.quantization import int4
+
+    return bool(getattr(int4, "has_cupy", False))
 
 
 def _check_int4(request: QuantRequest) -> None:

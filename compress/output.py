@@ -10,17 +10,21 @@ place; an existing `out_dir` is replaced only when a previous `quantize` wrote i
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from citrus_edge.bundle import replace_directory, sha256_file
-from citrus_edge.export.manifest import umask_mode
+from citrus_edge.atomic import make_staging_dir
+from citrus_edge.bundle import (
+    OutputFolderError,
+    check_replaceable,
+    replace_directory,
+    sha256_file,
+)
+from citrus_edge.export.manifest import EXPORT_KIND
 from citrus_edge.recipes import COMPONENTS
 
 from .report import REPORT_FILE, ComponentReport, QuantizeReport, json_db
@@ -46,20 +50,18 @@ def read_export(export_dir: Path) -> dict[str, Any]:
 
 def check_out_dir(out_dir: Path, overwrite: bool) -> None:
     """Refuse an existing `out_dir` unless `overwrite` and a previous `quantize` wrote it (and
-    it holds nothing but the files it listed)."""
+    it holds nothing but the files it listed): `bundle.check_replaceable`."""
     if not out_dir.exists():
         return
     if not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
-    if not (out_dir / REPORT_FILE).is_file() or not (out_dir / EXPORT_MANIFEST).is_file():
-        raise FileExistsError(
-            f"refusing to replace {out_dir}: it is not a folder `quantize` wrote "
-            f"(no {REPORT_FILE} + {EXPORT_MANIFEST})"
+    hint = "move them away or choose another out_dir"
+    listed = check_replaceable(out_dir, EXPORT_MANIFEST, EXPORT_KIND, "`quantize`", hint)
+    if listed is not None and REPORT_FILE not in listed:
+        raise OutputFolderError(
+            f"refusing to replace {out_dir}: it is not a folder `quantize` wrote (its "
+            f"{EXPORT_MANIFEST} lists no {REPORT_FILE}); {hint}"
         )
-    listed = set(json.loads((out_dir / EXPORT_MANIFEST).read_text())["files"])
-    stray = sorted(p.name for p in out_dir.iterdir() if p.name not in listed | {EXPORT_MANIFEST})
-    if stray:
-        raise FileExistsError(f"refusing to replace {out_dir}: it holds other files: {stray}")
 
 
 def copy_graph(src: Path, dst_dir: Path) -> Path:
@@ -116,12 +118,18 @@ def payload_bytes(files: list[Path]) -> int:
 
 
 def write_quantized_export(
-    export_dir: Path, export: dict, qdir: Path, report: QuantizeReport, out_dir: Path
+    export_dir: Path,
+    export: dict,
+    qdir: Path,
+    report: QuantizeReport,
+    out_dir: Path,
+    overwrite: bool = False,
 ) -> None:
     """Copy the export with the quantized graphs of `qdir` (`<component>.onnx`, for every
-    component the report marks quantized) in place, update the manifests, rename into place."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    os.chmod(staging, umask_mode(0o777))  # mkdtemp makes it 0700
+    component the report marks quantized) in place, update the manifests, rename into place.
+
+    `out_dir` is checked again (`check_out_dir`) just before the rename."""
+    staging = make_staging_dir(out_dir, "writing")
     quantized = [c for c, r in report.components.items() if r.status == "quantized"]
     try:
         replaced = {f"{c}.onnx" for c in quantized}
@@ -140,6 +148,7 @@ def write_quantized_export(
             _update_graph_manifest(staging, c, report.components[c])
         _write_json(staging / REPORT_FILE, report.to_dict())
         _write_json(staging / EXPORT_MANIFEST, _export_manifest(export, staging, report))
+        check_out_dir(out_dir, overwrite)  # a file may have been put there meanwhile
         _move_into_place(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -16,7 +16,8 @@ Steps (each a function below):
 6. write the quantized export folder (same layout, graphs replaced, manifests updated,
    `quantize_report.json`) into a temporary folder and rename it into place.
 
-`progress(QuantizeProgress)` is called at every stage and record.
+`progress(QuantizeProgress)` is called at every stage and record. What the quantizer libraries
+print goes to this module's log (`quantizer_output_to_log`), never to stdout.
 """
 
 from __future__ import annotations
@@ -29,21 +30,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
-from citrus_edge.bundle import tool_versions
+from citrus_edge.bundle import sigterm_cleanup, tool_versions
 from citrus_edge.calib_data.manifest import Record, read_manifest
 from citrus_edge.recipes import COMPONENTS, Recipe, get_precision, get_recipe
 from citrus_edge.targets import Target, check_recipe, get_target
 
 from .budget import (
-    DEFAULT_BUDGET,
     Budget,
     BudgetNotMeasurableError,
     BudgetNotMetError,
     Measured,
+    default_budget,
 )
 from .calibrate import PipelineRun, bundle_view, run_pipeline
 from .compact import CompactFacts, compact_graph
@@ -58,6 +59,7 @@ from .output import (
     write_quantized_export,
 )
 from .qdq_check import check_graph, require_ok
+from .quantizer_log import quantizer_output_to_log
 from .registry import (
     GraphQuantizer,
     QuantRequest,
@@ -150,7 +152,7 @@ def quantize(
     recipe: Recipe | str,
     target: Target | str,
     calib_manifest: str | os.PathLike | None = None,
-    budget: Budget | None = DEFAULT_BUDGET,
+    budget: Budget | None | Literal["recipe"] = "recipe",
     out_dir: str | os.PathLike | None = None,
     method: str | None = None,
     *,
@@ -167,7 +169,8 @@ def quantize(
         calib_manifest: a calib_data manifest with "calib" and "eval" splits; None: the default
             phantom set (`defaults.default_phantom_manifest`).
         budget: the accuracy budget against FP32 (`budget.parse_budget` reads the CLI form);
-            None measures and reports without a gate.
+            "recipe": the recipe's default (`budget.default_budget`: 4-bit LLMs get a lower
+            token-agreement floor); None measures and reports without a gate.
         out_dir: the folder to create (same layout as `export_dir`, plus `quantize_report.json`).
         method: activation calibration, "minmax", "entropy" or "percentile"; None: the
             backend's measured default (`settings.DEFAULT_METHODS`: percentile for ONNX
@@ -188,6 +191,7 @@ def quantize(
     t0 = time.perf_counter()
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
     target = get_target(target) if isinstance(target, str) else target
+    budget = default_budget(recipe.llm) if budget == "recipe" else budget
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     method = resolve_method(target, method)
     plans = plan_components(recipe, target, config, method, checkpoint)
@@ -202,14 +206,18 @@ def quantize(
         _split(manifest, "eval", config.max_eval_records),
     )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.quantize-", dir=out_dir.parent) as s:
+    with (
+        sigterm_cleanup(),
+        quantizer_output_to_log(),
+        tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.quantize-", dir=out_dir.parent) as s,
+    ):
         job = _Job(export_dir, Path(s), recipe, target, method, budget, config, progress)
         job.checkpoint, job.embeddings_file = checkpoint, export["embeddings"]["file"]
         job.record(calib, evals, manifest.parent)
         job.prepare(plans)
         job.run_search()
         report = job.report(export_dir, out_dir, manifest, t0)
-        write_quantized_export(export_dir, export, job.qdir, report, out_dir)
+        write_quantized_export(export_dir, export, job.qdir, report, out_dir, overwrite)
     log.info("quantized %s -> %s (%s on %s)", export_dir, out_dir, recipe.name, target.name)
     return report
 

@@ -199,7 +199,18 @@ class ModelOptLlmSettings:
 class ModelOptInt4Settings:
     """NVIDIA ModelOpt ONNX INT4 weight-only (W4A16, blocked DequantizeLinear, opset 21) of the
     LLM step graph for TensorRT: AWQ ("awq_lite", "awq_clip") on the recorded prefill feeds, or
-    round-to-nearest ("rtn_dq")."""
+    round-to-nearest ("rtn_dq").
+
+    `awq_fuse_nodes` (ModelOpt's `awqlite_fuse_nodes`, True in ModelOpt): one mean AWQ scale per
+    shared activation, folded into the RMSNorm weight before it. Off here: from ModelOpt 0.23
+    through 0.47 that folding calls cupy's `.get()` on a numpy array whenever cupy has no GPU
+    (`int4._quantize_awq_lite`, no `has_cupy` check), which is every build machine without a
+    GPU and every Jetson (ModelOpt's `[onnx]` extra installs no cupy on aarch64):
+    `AttributeError: 'numpy.ndarray' object has no attribute 'get'`. Unfused, each weight keeps
+    its own AWQ scale (searched per weight, not averaged) as a `Mul` on its input, which TensorRT
+    runs as one elementwise op before the GEMM. `test_quantize_modelopt.py::
+    test_modelopt_awq_fusion_defect_is_still_there` fails once a ModelOpt upgrade fixes it.
+    """
 
     method: str = "awq_lite"
     block_size: int = 128
@@ -208,12 +219,15 @@ class ModelOptInt4Settings:
     skip_last: int = 0
     op_types: tuple[str, ...] = ("MatMul",)
     calibration_eps: tuple[str, ...] = ("cpu",)
+    awq_fuse_nodes: bool = False
     scheme: str = "modelopt-onnx-int4"
 
     def __post_init__(self) -> None:
         _check_common(self)
         if self.method not in ("awq_lite", "awq_clip", "rtn_dq"):
             raise ValueError(f"method {self.method!r} is not awq_lite, awq_clip or rtn_dq")
+        if self.awq_fuse_nodes and self.method != "awq_lite":
+            raise ValueError("awq_fuse_nodes is an awq_lite option; leave it False")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 16, got {self.block_size}")
 

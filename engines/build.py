@@ -19,8 +19,9 @@ from typing import Any
 
 from citrus_edge.bundle import MANIFEST, BundleError, load_bundle
 from citrus_edge.recipes import Recipe, get_recipe
-from citrus_edge.targets import get_target
+from citrus_edge.targets import resolve_target
 
+from .device import jetson_target
 from .errors import EnginePlanError
 from .output import AUTO, ENGINES_MANIFEST, timing_cache_path
 from .plan import PLAN_FILE, EnginePlan, load_config, make_engine_plan, plans_from
@@ -98,6 +99,9 @@ def select_plan(
 ) -> EnginePlan:
     """The plan to build: the stored plan for `target` (or the only one), else a new one.
 
+    `target`: an exact name or a family (`targets.resolve_target`); None takes, on a Jetson, the
+    module this machine is (a bundle built off the device for `orin` is planned for
+    orin-agx-64: on a Nano it is re-planned for orin-nano-8), elsewhere the only stored plan.
     A new plan is made from the bundle's graphs and `config.json` when the bundle carries no
     plan for `target` (with the recipe its plans or manifest name), or when `recipe` differs
     from the stored plan's.
@@ -105,12 +109,15 @@ def select_plan(
     bundle_dir = Path(bundle_dir)
     manifest = _manifest(bundle_dir)
     plans = stored_plans(bundle_dir, manifest)
-    if target is None:
-        if len(plans) != 1:
-            known = ", ".join(sorted(plans)) or "none"
-            raise EnginePlanError(f"{bundle_dir}: pass --target (stored plans: {known})")
+    if target is not None:
+        target = resolve_target(target).target.name  # a family ("orin") -> this module
+    elif (here := jetson_target()) is not None:
+        target = here  # on a Jetson: its own module, whatever module the bundle was planned for
+    elif len(plans) != 1:
+        known = ", ".join(sorted(plans)) or "none"
+        raise EnginePlanError(f"{bundle_dir}: pass --target (stored plans: {known})")
+    else:
         target = next(iter(plans))
-    get_target(target)  # ValueError listing the known targets
     plan = plans.get(target)
     if isinstance(recipe, str):
         recipe = get_recipe(recipe)

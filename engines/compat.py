@@ -1,8 +1,11 @@
 """Is an engine usable on this device? Pure Python: compares an engine's sidecar with the runtime.
 
 TensorRT engines are not portable across TensorRT versions or GPUs (ANCHORS.md, "Known
-pitfalls"). An engine built for another TensorRT version or SM is refused with an
-`EngineMismatchError` that carries the exact command that rebuilds it on this device.
+pitfalls"): an engine is tuned for the GPU model it was built on, not only its SM. An engine
+built for another TensorRT version, SM, GPU name or Jetson module is refused with an
+`EngineMismatchError` that carries the exact command that rebuilds it on this device. Jetson
+Orin AGX, NX and Nano are all sm_87 and CUDA names each GPU "Orin", so on a Jetson the module
+(device tree model and memory, recorded in the sidecar's `device.module`) is compared too.
 """
 
 from __future__ import annotations
@@ -91,26 +94,42 @@ def check_engine_compat(
     runtime_trt_version: str,
     device_sm: str,
     bundle: str | None = None,
+    *,
+    device_name: str | None = None,
+    module: str | None = None,
+    module_target: str | None = None,
 ) -> None:
-    """Raise `EngineMismatchError` unless the engine was built with this TensorRT on this SM.
+    """Raise `EngineMismatchError` unless the engine was built with this TensorRT on this GPU.
 
     sidecar: the engine's JSON sidecar (`tensorrt_builder` writes it: `tensorrt_version`,
-    `device.sm`, `target`, `bundle`). runtime_trt_version: `tensorrt.__version__` here.
-    device_sm: this GPU's compute capability ("8.7", "sm_87"). bundle: the bundle path to put
-    in the command (default: the one the engine was built from). The error's `command`
-    attribute is the exact rebuild command.
+    `device.sm`, `device.name`, `device.module`, `target`, `bundle`). runtime_trt_version:
+    `tensorrt.__version__` here. device_sm: this GPU's compute capability ("8.7", "sm_87").
+    bundle: the bundle path to put in the command (default: the one the engine was built from).
+    device_name: this GPU's name (compared when given). module: this Jetson's module
+    (`CudaDevice.module`; None off a Jetson), compared with the sidecar's whenever either side
+    has one. module_target: the target this Jetson is, for the rebuild command. The error's
+    `command` attribute is the exact rebuild command.
     """
     component, built_version, built_sm = _sidecar_fields(sidecar)
+    built_device = sidecar["device"]
     problems = []
     if not same_tensorrt(built_version, runtime_trt_version):
         problems.append(f"TensorRT {built_version} (this device runs {runtime_trt_version})")
     sm = normalize_sm(device_sm)
     if normalize_sm(built_sm) != sm:
         problems.append(f"sm {normalize_sm(built_sm)} (this GPU is sm {sm})")
+    built_name = built_device.get("name")
+    if device_name is not None and built_name is not None and built_name != device_name:
+        problems.append(f"the GPU {built_name!r} (this GPU is {device_name!r})")
+    built_module = built_device.get("module")
+    if (module is not None or built_module is not None) and built_module != module:
+        problems.append(
+            f"the module {built_module or 'not recorded'} (this device is {module or 'no Jetson'})"
+        )
     if not problems:
         return
     where = bundle or str(sidecar.get("bundle") or "BUNDLE")
-    command, remark = rebuild_command(where, sidecar.get("target"), sm)
+    command, remark = rebuild_command(where, module_target or sidecar.get("target"), sm)
     raise EngineMismatchError(
         f"the {component} engine was built for {' and '.join(problems)}; TensorRT engines are "
         f"not portable across TensorRT versions or GPUs. Rebuild it on this device:\n"

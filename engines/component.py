@@ -58,6 +58,14 @@ FP32_LAYER_PATTERNS: dict[str, tuple[str, ...]] = {
     "vision": (r"(^|/)norm[12](_\d+)?/", r"(^|/)ln_q(_\d+)?/"),
 }
 FP32_FOR_PRECISIONS = frozenset({"fp16"})  # bf16 has fp32's exponent range
+# Strongly typed (Q/DQ) graphs are parsed from an fp16-carrier copy (`engines.float16`) so their
+# unquantized layers run FP16, not FP32/TF32; these nodes stay float32 in it (regexes on ONNX
+# node names): the vision RMSNorms (the fp16 overflow above) and the LLM's RMSNorms, which
+# Qwen2's own code computes in float32 (`hidden_states.to(torch.float32)`).
+FP16_CARRIER_KEEP_FP32: dict[str, tuple[str, ...]] = {
+    "vision": FP32_LAYER_PATTERNS["vision"],
+    "llm": (r"(^|/)(input_layernorm|post_attention_layernorm|norm)(_\d+)?/",),
+}
 DLA_COMPONENTS = ("sam_encoder",)
 DLA_PRECISIONS = frozenset({"fp16"})
 
@@ -88,6 +96,7 @@ class ComponentEngine:
     dla_core: int | None = None
     quant_types: tuple[str, ...] = ()
     external_data: tuple[DataFile, ...] = ()
+    fp16_carrier: bool = False  # parse an fp16-carrier copy of the Q/DQ graph (engines.float16)
 
     def __post_init__(self) -> None:
         where = f"components[{self.component}]"
@@ -142,6 +151,11 @@ class ComponentEngine:
             )
         if self.fp32_layers and self.strongly_typed:
             raise EnginePlanError(f"{where}.fp32_layers: not allowed on a strongly typed network")
+        if self.fp16_carrier and not self.strongly_typed:
+            raise EnginePlanError(
+                f"{where}.fp16_carrier: only strongly typed (Q/DQ) graphs are rewritten to fp16 "
+                "carriers; a weakly typed one takes the FP16 builder flag"
+            )
         for pattern in self.fp32_layers:
             try:
                 re.compile(pattern)
@@ -177,6 +191,7 @@ class ComponentEngine:
             "fp32_layers": list(self.fp32_layers),
             "fp32_nodes_matched": self.fp32_nodes_matched,
             "dla_core": self.dla_core,
+            "fp16_carrier": self.fp16_carrier,
             "engine": self.engine,
             "profiles": [p.to_dict() for p in self.profiles],
         }
@@ -204,6 +219,7 @@ class ComponentEngine:
             fp32_layers=f.str_tuple(d, "fp32_layers", where),
             fp32_nodes_matched=f.field(d, "fp32_nodes_matched", int, where),
             dla_core=f.field(d, "dla_core", (int, type(None)), where),
+            fp16_carrier=f.field(d, "fp16_carrier", bool, where, default=False),
             engine=f.field(d, "engine", str, where),
             profiles=tuple(
                 OptimizationProfile.from_dict(p, f"{where}.profiles[{i}]")

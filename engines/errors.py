@@ -7,8 +7,9 @@ from __future__ import annotations
 
 INSTALL_HINT = (
     "run `citrus-edge engines build BUNDLE` on the target device, in an environment made with "
-    "`pip install 'citrus-edge[tensorrt]'` (on Jetson, JetPack ships TensorRT: use its Python "
-    "package, e.g. a venv made with --system-site-packages)"
+    "`pip install 'citrus-edge[tensorrt]'` (TensorRT 10.x, cuda-python 12.x); on Jetson, "
+    "JetPack 6.1/6.2 ships TensorRT 10.3: use its Python package from a venv made with "
+    "--system-site-packages and add `pip install 'cuda-python>=12.6,<13'`"
 )
 
 

@@ -36,11 +36,13 @@ def write_json(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
-def write_bytes(path: Path, data: bytes) -> Path:
-    """Write `data` via a temporary file and `os.replace` (a reader never sees half a file)."""
+def write_bytes(path: Path, data: Any) -> Path:
+    """Write `data` (bytes or any buffer, e.g. TensorRT's `IHostMemory`, written without a copy)
+    via a temporary file and `os.replace` (a reader never sees half a file)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
+    with open(tmp, "wb") as f:
+        f.write(data)
     os.replace(tmp, path)
     return path
 

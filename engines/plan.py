@@ -410,6 +410,7 @@ def _plan_component(
         fp32_layers=fp32,
         fp32_nodes_matched=matched,
         dla_core=core,
+        fp16_carrier=strongly_typed,  # its float parts in FP16, not FP32 (engines.float16)
         engine=f"{name}.engine",
         profiles=tuple(resolve_profile(a, graph.inputs, name) for a in axes),
     )

@@ -1,7 +1,8 @@
 """Build the TensorRT engines of an `EnginePlan` on the device they will run on.
 
 Uses the TensorRT 10 Python API directly: `trt.Builder`, `create_network` (STRONGLY_TYPED for
-Q/DQ graphs), `trt.OnnxParser.parse_from_file`, `create_builder_config`, the workspace memory
+Q/DQ graphs, parsed from an fp16-carrier copy so that their unquantized layers run FP16:
+`engines.float16`; needs `onnx` on the device), `trt.OnnxParser.parse_from_file`, `create_builder_config`, the workspace memory
 pool, precision flags only on weakly typed networks, FP32 layer constraints, one optimisation
 profile per plan profile, a timing cache shared by the components and saved after the build,
 DLA with GPU fallback where planned, and `build_serialized_network`. Each engine gets a JSON
@@ -17,16 +18,24 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from citrus_edge.bundle import sha256_file
 from citrus_edge.targets import get_target
 
-from .compat import ENGINE_SIDECAR_KIND, SIDECAR_SCHEMA, normalize_sm, rebuild_command
+from .compat import (
+    BUILD_COMMAND,
+    ENGINE_SIDECAR_KIND,
+    SIDECAR_SCHEMA,
+    normalize_sm,
+    rebuild_command,
+)
 from .compat import version_tuple as _version
-from .device import CudaDevice, cuda_device, import_tensorrt
+from .device import CudaDevice, cuda_device, import_tensorrt, jetson_target
 from .errors import (
     DeviceMismatchError,
     EngineBuildError,
@@ -55,9 +64,25 @@ def sidecar_path(engine: Path) -> Path:
     return Path(engine).with_name(Path(engine).name + SIDECAR_SUFFIX)
 
 
-def check_device(plan: EnginePlan, device: CudaDevice, trt_version: str, bundle: str) -> None:
-    """Refuse a GPU that is not the plan's target's, or a TensorRT older than the plan needs."""
+def check_device(
+    plan: EnginePlan,
+    device: CudaDevice,
+    trt_version: str,
+    bundle: str,
+    module_target: str | None = None,
+) -> None:
+    """Refuse a GPU that is not the plan's target's, a Jetson module that is not the plan's
+    target (`module_target`: the target this Jetson is; Orin AGX, NX and Nano are all sm_87),
+    or a TensorRT older than the plan needs."""
     target = get_target(plan.target)
+    if module_target is not None and module_target != plan.target:
+        command = BUILD_COMMAND.format(bundle=bundle, target=module_target)
+        raise DeviceMismatchError(
+            f"the plan is for {plan.target} but this device is {device.module}, which is "
+            f"{module_target}; engines must be built for the module they run on (profiles and "
+            f"workspace follow its memory). For this device run:\n  {command}",
+            command,
+        )
     if normalize_sm(target.sm) != normalize_sm(device.sm):
         command, remark = rebuild_command(bundle, plan.target, device.sm)
         raise DeviceMismatchError(
@@ -83,6 +108,21 @@ def check_device(plan: EnginePlan, device: CudaDevice, trt_version: str, bundle:
             plan.target,
             trt_version,
         )
+
+
+def fp16_carrier_copy(comp: ComponentEngine, path: Path, folder: Path) -> Path:
+    """`path` rewritten with fp16 carriers (`engines.float16`) into `folder`: what a strongly
+    typed Q/DQ component is parsed from, so that its unquantized layers run FP16."""
+    import onnx
+
+    from .component import FP16_CARRIER_KEEP_FP32
+    from .float16 import fp16_carrier
+
+    model = fp16_carrier(onnx.load(str(path)), FP16_CARRIER_KEEP_FP32.get(comp.component, ()))
+    out = folder / path.name
+    large = model.ByteSize() > 1_800_000_000  # protobuf's 2 GB limit
+    onnx.save(model, str(out), save_as_external_data=large, location=f"{path.name}.data")
+    return out
 
 
 def _parse(trt: Any, builder: Any, logger: Any, comp: ComponentEngine, path: Path) -> tuple:
@@ -190,7 +230,7 @@ def _attach_cache(config: Any, cache: Any, cache_bytes: bytes, path: Path | None
 def _sidecar(
     plan: EnginePlan,
     comp: ComponentEngine,
-    engine: bytes,
+    engine: Any,
     device: CudaDevice,
     trt_version: str,
     bundle: str,
@@ -211,6 +251,7 @@ def _sidecar(
         "source_onnx_sha256": comp.onnx_sha256,
         "precision": comp.precision,
         "strongly_typed": comp.strongly_typed,
+        "fp16_carrier": comp.fp16_carrier,
         "builder_flags": list(comp.builder_flags),
         "cleared_flags": list(comp.cleared_flags),
         "fp32_layers": list(comp.fp32_layers),
@@ -247,7 +288,7 @@ def build_engines(
     bundle_dir, out_dir = Path(bundle_dir).resolve(), Path(out_dir)
     trt = import_tensorrt()
     device = cuda_device()
-    check_device(plan, device, trt.__version__, str(bundle_dir))
+    check_device(plan, device, trt.__version__, str(bundle_dir), jetson_target())
     verify_sources(plan, bundle_dir)
     cache_path = timing_cache_path(timing_cache, out_dir, plan.timing_cache)
     logger = trt.Logger(trt.Logger.WARNING)
@@ -255,8 +296,9 @@ def build_engines(
     with staged_output(out_dir) as stage:
         for comp in plan.components:
             engine, side = build.component(comp, bundle_dir)
-            write_bytes(stage / comp.engine, engine)
+            write_bytes(stage / comp.engine, engine)  # from TensorRT's buffer, not a copy
             write_json(sidecar_path(stage / comp.engine), side)
+            del engine  # frees the builder's buffer before the next component is built
         write_engines_manifest(stage, _manifest_info(plan, bundle_dir, trt.__version__, device))
     build.save_cache()
     return {c.component: out_dir / c.engine for c in plan.components}
@@ -273,11 +315,20 @@ class _Build:
         self.cache_bytes = _read_cache(cache_path)
         self.cache: Any = None
 
-    def component(self, comp: ComponentEngine, bundle_dir: Path) -> tuple[bytes, dict[str, Any]]:
-        """(serialized engine, sidecar) of one component."""
+    def component(self, comp: ComponentEngine, bundle_dir: Path) -> tuple[Any, dict[str, Any]]:
+        """(serialized engine, sidecar) of one component.
+
+        The engine is TensorRT's own `IHostMemory` (buffer protocol), written and hashed where it
+        lies: a `bytes` copy would hold the plan twice (on Jetson, in the memory the GPU shares).
+        """
         t0 = time.perf_counter()
         trt, builder = self.trt, self.builder
-        network, parser = _parse(trt, builder, self.logger, comp, bundle_dir / comp.onnx)
+        with tempfile.TemporaryDirectory(prefix="citrus-fp16-") as tmp:
+            source = bundle_dir / comp.onnx
+            if comp.fp16_carrier:
+                source = fp16_carrier_copy(comp, source, Path(tmp))
+            network, parser = _parse(trt, builder, self.logger, comp, source)
+            parsed = sha256_file(source) if comp.fp16_carrier else comp.onnx_sha256
         config, pinned = _builder_config(trt, builder, network, comp, self.plan)
         self.cache = _attach_cache(config, self.cache, self.cache_bytes, self.cache_path)
         log.info("%s: building %s engine on %s", comp.component, comp.precision, self.device.name)
@@ -289,20 +340,21 @@ class _Build:
                 f"{[p.name for p in comp.profiles]}. Raise EngineOptions.workspace_fraction if "
                 "the log reports too little memory"
             )
-        engine = memoryview(serialized).tobytes()
-        del network, parser, config, serialized  # free the builder's copies before the next one
+        engine = serialized
+        del network, parser, config  # free the builder's network before the next component
         seconds = time.perf_counter() - t0
-        log.info("%s: %d bytes in %.1f s", comp.component, len(engine), seconds)
+        log.info("%s: %d bytes in %.1f s", comp.component, memoryview(engine).nbytes, seconds)
         version = self.trt.__version__
         side = _sidecar(
             self.plan, comp, engine, self.device, version, str(bundle_dir), pinned, seconds
         )
+        side["parsed_onnx_sha256"] = parsed  # the fp16-carrier copy's, where one was made
         return engine, side
 
     def save_cache(self) -> None:
         """Write the timing cache back (it grew by every tactic timed in this build)."""
         if self.cache is not None and self.cache_path is not None:
-            write_bytes(self.cache_path, memoryview(self.cache.serialize()).tobytes())
+            write_bytes(self.cache_path, self.cache.serialize())  # IHostMemory, no copy
             log.info("timing cache saved to %s", self.cache_path)
 
 

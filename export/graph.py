@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 import torch
 
+from citrus_edge.atomic import umask_mode
 from citrus_edge.model import CitrusV
 
 from .config import ExportConfig
@@ -184,6 +185,7 @@ def _save_graph(proto: onnx.ModelProto, path: Path, external: bool) -> list[Path
             location=files[1].name,
             size_threshold=1024,
         )
+        os.chmod(files[1], umask_mode(0o666))  # onnx writes external data owner-only (0600)
     else:
         onnx.save_model(proto, str(path))
     onnx.checker.check_model(str(path))

@@ -10,27 +10,49 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from citrus_edge.bundle import sha256_file, tool_versions
+from citrus_edge.atomic import write_json_atomic
+from citrus_edge.bundle import check_replaceable, sha256_file, tool_versions
 
 __all__ = [
+    "EXPORT_KIND",
+    "EXPORT_MANIFEST",
     "MANIFEST_SCHEMA",
+    "check_export_out",
     "checkpoint_source_hash",
     "library_versions",
     "manifest_path",
     "random_source_hash",
     "read_manifest",
     "sha256_file",
-    "umask_mode",
     "write_json_atomic",
 ]
 
 MANIFEST_SCHEMA = 1
 MANIFEST_SUFFIX = ".manifest.json"
+EXPORT_MANIFEST = "export_manifest.json"  # the listing of an export folder
+EXPORT_KIND = "export_bundle"
+
+
+def check_export_out(out_dir: Path, overwrite: bool) -> None:
+    """Refuse an export `out_dir` that exists, unless `overwrite` and it is a previous export
+    (or quantized export) holding nothing but the files its `export_manifest.json` lists.
+
+    Torch-free and cheap: call it before loading a model, so a wrong folder is refused at once.
+    Raises `bundle.OutputFolderError` (a FileExistsError) naming the files that are not ours.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace a previous export")
+    check_replaceable(
+        out_dir,
+        EXPORT_MANIFEST,
+        EXPORT_KIND,
+        "the export",
+        "move them away or choose another output folder",
+    )
 
 
 def manifest_path(artifact: Path) -> Path:
@@ -57,28 +79,6 @@ def random_source_hash(config_name: str) -> str:
 def library_versions() -> dict[str, str]:
     """Versions of the tools an export depends on, as bundles record them (package names)."""
     return tool_versions(("transformers",))
-
-
-def umask_mode(mode: int) -> int:
-    """`mode` less the process umask: what `open` or `mkdir` would have given (mkstemp gives 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return mode & ~umask
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write `data` as indented JSON to a temporary file beside `path`, then `os.replace` it."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, umask_mode(0o666))
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_manifest(path: Path) -> dict[str, Any]:

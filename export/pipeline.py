@@ -9,33 +9,33 @@ beside `out_dir` and renamed into place once every graph has been validated.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from citrus_edge.bundle import replace_directory
+from citrus_edge.atomic import make_staging_dir
+from citrus_edge.bundle import replace_directory, sigterm_cleanup
 from citrus_edge.model import CitrusV
 
 from .config import ExportConfig
 from .graph import GraphResult, export_component
 from .llm import write_embeddings
 from .manifest import (
+    EXPORT_KIND,
+    EXPORT_MANIFEST,
     MANIFEST_SCHEMA,
+    check_export_out,
     library_versions,
-    read_manifest,
     sha256_file,
-    umask_mode,
     write_json_atomic,
 )
 from .spec import REGISTRY
 
 log = logging.getLogger(__name__)
 
-BUNDLE_MANIFEST = "export_manifest.json"
+BUNDLE_MANIFEST = EXPORT_MANIFEST
 DEFAULT_IMAGE_SIZES = ((224, 224), (168, 280), (280, 196))
 
 
@@ -54,7 +54,8 @@ def export_all(
     Args:
         model: the Citrus-V to export (float32; put in eval mode here).
         out_dir: the folder to create. An existing folder is an error unless `overwrite`, and
-            even then only a previous export holding nothing but its listed files is replaced.
+            even then only a previous export holding nothing but its listed files is replaced
+            (`manifest.check_export_out`, before any work and again before the rename).
         image_sizes: (height, width) pixels, multiples of 28, at whose grids the one vision
             graph is validated.
         source_hash: `manifest.checkpoint_source_hash(checkpoint_dir)` of the weights, or
@@ -63,55 +64,45 @@ def export_all(
         opset: ONNX opset (>= 17).
 
     Returns the content of `export_manifest.json`. Raises `ExportValidationError` when a graph
-    disagrees with PyTorch; nothing is left at `out_dir` then.
+    disagrees with PyTorch, `FileExistsError` (`bundle.OutputFolderError`) for an `out_dir`
+    that is not ours to replace; nothing is left at `out_dir` then. On SIGTERM the staging
+    folder is removed before the process ends (`bundle.sigterm_cleanup`).
     """
     t0 = time.perf_counter()
     export_cfg = ExportConfig(image_sizes=tuple(image_sizes), opset=opset)
     out_dir = Path(out_dir)
-    _check_target(out_dir, overwrite)
+    check_export_out(out_dir, overwrite)
     if tokenizer_json is not None and not Path(tokenizer_json).is_file():
         raise FileNotFoundError(f"tokenizer_json {tokenizer_json} is not a file")
     from . import components  # noqa: F401  (registers every component)
 
     model.eval()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    os.chmod(staging, umask_mode(0o777))  # mkdtemp makes it 0700
-    try:
-        results = [
-            export_component(name, model, staging, source_hash=source_hash, export_cfg=export_cfg)
-            for name in REGISTRY
-        ]
-        embeddings = write_embeddings(model, staging, source_hash)
-        model.config.save(staging / "config.json")
-        if tokenizer_json is not None:
-            shutil.copyfile(tokenizer_json, staging / "tokenizer.json")
-        seconds = time.perf_counter() - t0
-        manifest = _bundle_manifest(model, staging, results, embeddings, export_cfg, source_hash)
-        manifest["total_seconds"] = round(seconds, 2)
-        write_json_atomic(staging / BUNDLE_MANIFEST, manifest)
-        _move_into_place(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with sigterm_cleanup():
+        staging = make_staging_dir(out_dir, "exporting")
+        try:
+            results = [
+                export_component(
+                    name, model, staging, source_hash=source_hash, export_cfg=export_cfg
+                )
+                for name in REGISTRY
+            ]
+            embeddings = write_embeddings(model, staging, source_hash)
+            model.config.save(staging / "config.json")
+            if tokenizer_json is not None:
+                shutil.copyfile(tokenizer_json, staging / "tokenizer.json")
+            seconds = time.perf_counter() - t0
+            manifest = _bundle_manifest(
+                model, staging, results, embeddings, export_cfg, source_hash
+            )
+            manifest["total_seconds"] = round(seconds, 2)
+            write_json_atomic(staging / BUNDLE_MANIFEST, manifest)
+            check_export_out(out_dir, overwrite)  # a file may have been put there meanwhile
+            _move_into_place(staging, out_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     _log_summary(results, out_dir, seconds)
     return manifest
-
-
-def _check_target(out_dir: Path, overwrite: bool) -> None:
-    if not out_dir.exists():
-        return
-    if not overwrite:
-        raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace a previous export")
-    listed = out_dir / BUNDLE_MANIFEST
-    if not listed.is_file():
-        raise FileExistsError(f"refusing to replace {out_dir}: it holds no {BUNDLE_MANIFEST}")
-    known = set(read_manifest(listed)["files"]) | {BUNDLE_MANIFEST}
-    stray = sorted(p.name for p in out_dir.iterdir() if p.name not in known)
-    if stray:
-        raise FileExistsError(
-            f"refusing to replace {out_dir}: it holds files the export did not write: {stray}"
-        )
 
 
 def _move_into_place(staging: Path, out_dir: Path) -> None:
@@ -139,7 +130,7 @@ def _bundle_manifest(
     files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
     return {
         "schema": MANIFEST_SCHEMA,
-        "kind": "export_bundle",
+        "kind": EXPORT_KIND,
         "model_config": model.config.name,
         "model_config_version": model.config.version,
         "source": source_hash,

@@ -4,10 +4,21 @@ Sessions are checked after creation (`get_providers()`): ONNX Runtime drops a pr
 load without an error, and a silent move to the CPU is refused here. The LLM step runs through
 IOBinding: `present_*` outputs stay in ONNX Runtime buffers on the provider's device and are
 bound as the next step's `past_*`, so the cache is never copied to numpy between tokens.
+
+A GPU provider named without options gets them here (`provider_options`): without any, ONNX
+Runtime's TensorRT provider builds FP32 engines and rebuilds them in every session. It gets the
+bundle's precision (`trt_fp16_enable` for fp16 components and for Q/DQ graphs, whose float parts
+TensorRT would otherwise run in FP32; `trt_int8_enable` for INT8 Q/DQ; RMSNorm's Pow/Reduce kept
+FP32, the Qwen2.5-VL fp16 pitfall), an engine cache and a timing cache in
+`<bundle>-engines/onnxruntime-tensorrt/` (never inside the bundle, whose files are hashed), and
+explicit profiles: one per input covering every optimisation profile of the bundle's engine plan
+(the LLM's prefill and decode ranges of the KV inputs together), tuned for the last (decode).
+Options a caller passes with a provider (`("TensorrtExecutionProvider", {...})`) are kept as given.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -52,10 +63,97 @@ NUMPY_DTYPE = {
 }
 
 Provider = str | tuple[str, dict]
+TRT_EP, CUDA_EP = "TensorrtExecutionProvider", "CUDAExecutionProvider"
+EP_CACHE_DIR = "onnxruntime-tensorrt"  # under <bundle>-engines/, beside the TensorRT engines
+# Component precisions whose graph TensorRT may run with FP16 kernels (fp16 itself, and the
+# float parts of fp32-carrier Q/DQ graphs); fp32 stays fp32, bf16 has no option here.
+FP16_PRECISIONS = frozenset({"fp16", "int8", "int4", "fp8"})
 
 
 def _provider_name(p: Provider) -> str:
     return p if isinstance(p, str) else p[0]
+
+
+def _bundle_root(graph: Path) -> Path | None:
+    """The bundle folder holding `graph` (the nearest `manifest.json` above it), or None."""
+    for folder in (graph.parent, graph.parent.parent):
+        if (folder / "manifest.json").is_file():
+            return folder
+    return None
+
+
+def _plan_profiles(manifest: Mapping[str, Any], component: str) -> list[dict]:
+    """The component's optimisation profiles in the bundle's engine plan ([] without a plan)."""
+    plan = manifest.get("engine_plan") or {}
+    if plan and plan.get("kind") is None and len(plan) == 1:  # plans keyed by target
+        plan = next(iter(plan.values()))
+    for entry in plan.get("components", []):
+        if entry.get("component") == component:
+            return list(entry.get("profiles", []))
+    return []
+
+
+def _shape_list(shapes: Mapping[str, Sequence[int]]) -> str:
+    return ",".join(f"{n}:{'x'.join(str(int(d)) for d in s)}" for n, s in shapes.items())
+
+
+def profile_shapes(profiles: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """`trt_profile_min/opt/max_shapes` covering every profile: per input the elementwise
+    min and max over the profiles, opt from the last profile that names it."""
+    lo: dict[str, list[int]] = {}
+    hi: dict[str, list[int]] = {}
+    opt: dict[str, list[int]] = {}
+    for profile in profiles:
+        for name, s in profile["inputs"].items():
+            lo[name] = [min(a, b) for a, b in zip(lo.get(name, s["min"]), s["min"], strict=True)]
+            hi[name] = [max(a, b) for a, b in zip(hi.get(name, s["max"]), s["max"], strict=True)]
+            opt[name] = list(s["opt"])
+    if not lo:
+        return {}
+    return {
+        "trt_profile_min_shapes": _shape_list(lo),
+        "trt_profile_opt_shapes": _shape_list(opt),
+        "trt_profile_max_shapes": _shape_list(hi),
+    }
+
+
+def provider_options(provider: str, graph: Path, component: str, device_id: int = 0) -> dict:
+    """Options for `provider` (named without any) running `component`'s `graph` (see the module
+    docstring). OnnxRuntimeSetupError for a precision the provider cannot be told to run."""
+    if provider == CUDA_EP:
+        return {"device_id": device_id}
+    if provider != TRT_EP:
+        return {}
+    root = _bundle_root(graph)
+    manifest = json.loads((root / "manifest.json").read_text()) if root else {}
+    precision = manifest.get("components", {}).get(component, {}).get("precision", "fp32")
+    if precision == "bf16":
+        raise OnnxRuntimeSetupError(
+            f"{component}: the bundle is bf16, which ONNX Runtime's TensorRT provider is not "
+            "told to run here; run it with backend='tensorrt' (citrus-edge engines build)"
+        )
+    base = root if root is not None else graph.parent
+    cache = base.parent / f"{base.name}-engines" / EP_CACHE_DIR
+    fp16 = precision in FP16_PRECISIONS
+    options: dict[str, Any] = {
+        "device_id": device_id,
+        "trt_fp16_enable": fp16,
+        "trt_int8_enable": precision == "int8",
+        "trt_layer_norm_fp32_fallback": fp16,
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(cache),
+        "trt_timing_cache_enable": True,
+        "trt_timing_cache_path": str(cache),
+    }
+    shapes = profile_shapes(_plan_profiles(manifest, component))
+    if not shapes:
+        log.warning(
+            "%s: the bundle carries no engine plan, so ONNX Runtime's TensorRT provider gets no "
+            "explicit profiles and rebuilds its engine whenever an input outgrows the last one; "
+            "build the bundle for a TensorRT target to get them",
+            component,
+        )
+    return {**options, **shapes}
 
 
 def _dtype_of(arg, component: str) -> np.dtype:
@@ -127,10 +225,9 @@ class OnnxRuntimeBackend:
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only; provider drops are checked below
         options.intra_op_num_threads = self.threads
+        providers = self.session_providers(Path(path), component)
         try:
-            session = ort.InferenceSession(
-                str(path), sess_options=options, providers=self.providers
-            )
+            session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as e:  # ORT raises its own pybind exception types
             raise OnnxRuntimeSetupError(
                 f"{path}: ONNX Runtime cannot load the {component} graph ({e}); re-export the "
@@ -139,6 +236,19 @@ class OnnxRuntimeBackend:
         check_session_providers(session, self.provider_names, f"{component} ({path.name})")
         log.debug("%s: %s on %s", component, path.name, session.get_providers())
         return session
+
+    def session_providers(self, path: Path, component: str) -> list[Provider]:
+        """The providers for one graph: GPU providers named bare get `provider_options`."""
+        out: list[Provider] = []
+        for p in self.providers:
+            if isinstance(p, str) and p in (TRT_EP, CUDA_EP):
+                options = provider_options(p, path, component, self.device_id)
+                if p == TRT_EP:
+                    Path(options["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
+                out.append((p, options))
+            else:
+                out.append(p)
+        return out
 
     def open_graph(self, path: Path, component: str) -> OrtGraph:
         return OrtGraph(self.session(path, component), component)

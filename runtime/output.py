@@ -7,10 +7,7 @@ set). `decode_rle(encode_rle(m))` gives `m` back exactly.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -18,6 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from citrus_edge.atomic import atomic_path, write_json_atomic
 from citrus_edge.result import RESULT_SCHEMA, AnswerQuality, GroundingResult
 
 OVERLAY_ALPHA = 0.45
@@ -118,26 +116,9 @@ def result_to_dict(result: GroundingResult) -> dict[str, Any]:
     }
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp)` on a temporary file beside `path`, then move it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_json(result: GroundingResult, path: str | os.PathLike) -> Path:
     """Write `result_to_dict(result)` as JSON at `path`, atomically."""
-    text = json.dumps(result_to_dict(result), indent=1) + "\n"
-    return _atomic_write(Path(path), lambda tmp: tmp.write_text(text))
+    return write_json_atomic(path, result_to_dict(result), indent=1)
 
 
 def render_overlay(rgb: np.ndarray, result: GroundingResult) -> Image.Image:
@@ -160,4 +141,6 @@ def render_overlay(rgb: np.ndarray, result: GroundingResult) -> Image.Image:
 def write_overlay(rgb: np.ndarray, result: GroundingResult, path: str | os.PathLike) -> Path:
     """Write `render_overlay(rgb, result)` as a PNG at `path`, atomically."""
     image = render_overlay(rgb, result)
-    return _atomic_write(Path(path), lambda tmp: image.save(tmp, format="PNG"))
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+    return Path(path)

@@ -8,6 +8,13 @@ bindings, not torch. The LLM step keeps its KV cache in two sets of device buffe
 roles each step (`present_*` written into one set becomes the next step's `past_*`), so a
 decode step copies one token's inputs in and one row of logits and hidden state out.
 
+Optimisation profiles: the LLM engine has two (`engines/profiles.py`: `prefill`, past = 0, and
+`decode`, seq = 1, past >= 1). A new execution context runs profile 0, and `set_input_shape`
+refuses a shape outside the active profile, so every run first picks the profile whose
+min..max range (`get_tensor_profile_shape`) holds all its input shapes (`select_profile`) and
+switches to it with `set_optimization_profile_async` when it is not the active one (as
+polygraphy's TensorRT runner does); the input shapes are set after the switch.
+
 `tensorrt` and `cuda-python` are imported when the backend is created, never at module import.
 """
 
@@ -34,8 +41,9 @@ from .errors import BackendRunError, RuntimeSetupError, TensorRTSetupError
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = (
-    "install it with pip install 'citrus-edge[tensorrt]' (TensorRT 10 + cuda-python); engines "
-    "come from `citrus-edge engines build`"
+    "install it with pip install 'citrus-edge[tensorrt]' (TensorRT 10.x + cuda-python 12.x; on "
+    "Jetson use JetPack's TensorRT from a venv made with --system-site-packages and pip install "
+    "'cuda-python>=12.6,<13'); engines come from `citrus-edge engines build`"
 )
 
 
@@ -47,9 +55,11 @@ def import_tensorrt() -> Any:
         raise TensorRTSetupError(
             f"the tensorrt backend needs the tensorrt package: {INSTALL_HINT}"
         ) from e
-    if int(trt.__version__.split(".")[0]) < 10:
+    major = int(trt.__version__.split(".")[0])
+    if major != 10:
         raise TensorRTSetupError(
-            f"TensorRT {trt.__version__} is too old (10 needed): {INSTALL_HINT}"
+            f"TensorRT {trt.__version__} is not TensorRT 10, which this runtime is written "
+            f"for (10.3 or later 10.x): {INSTALL_HINT}"
         )
     return trt
 
@@ -133,6 +143,28 @@ class DeviceBuffer:
             self.ptr = 0
 
 
+Bounds = dict[str, tuple[tuple[int, ...], tuple[int, ...]]]  # input -> (min shape, max shape)
+
+
+def select_profile(
+    profiles: Sequence[Bounds], shapes: Mapping[str, Sequence[int]], active: int = 0
+) -> int | None:
+    """The profile whose (min, max) range holds every shape in `shapes`: `active` if it does
+    (no switch), else the first that does; None when none does."""
+
+    def holds(bounds: Bounds) -> bool:
+        for name, shape in shapes.items():
+            lo, hi = bounds[name]
+            if len(shape) != len(lo):
+                return False
+            if any(not a <= d <= b for a, d, b in zip(lo, shape, hi, strict=True)):
+                return False
+        return True
+
+    order = [active, *(i for i in range(len(profiles)) if i != active)]
+    return next((i for i in order if i < len(profiles) and holds(profiles[i])), None)
+
+
 class Engine:
     """A deserialized engine, its execution context and one device buffer per I/O tensor."""
 
@@ -153,6 +185,40 @@ class Engine:
         self.output_names = tuple(n for n in names if n not in self.input_names)
         self.dtypes = {n: self._dtype(n) for n in names}
         self.buffers = {n: DeviceBuffer(cuda) for n in names}
+        self.profiles = self._profile_bounds()
+        self.profile = 0  # a new execution context runs optimisation profile 0
+
+    def _profile_bounds(self) -> list[Bounds]:
+        """Each optimisation profile's (min, max) shape per input, as the engine reports it."""
+        bounds = []
+        for index in range(self.engine.num_optimization_profiles):
+            per_input = {}
+            for name in self.input_names:
+                lo, _, hi = self.engine.get_tensor_profile_shape(name, index)
+                per_input[name] = (tuple(int(d) for d in lo), tuple(int(d) for d in hi))
+            bounds.append(per_input)
+        return bounds
+
+    def use_profile_for(self, shapes: Mapping[str, Sequence[int]]) -> int:
+        """Make the profile that holds `shapes` the active one (before any `set_input_shape`)."""
+        index = select_profile(self.profiles, shapes, self.profile)
+        if index is None:
+            ranges = [
+                {n: f"{list(lo)}..{list(hi)}" for n, (lo, hi) in p.items() if n in shapes}
+                for p in self.profiles
+            ]
+            raise BackendRunError(
+                f"{self.component}: input shapes {dict(shapes)} fit none of the engine's "
+                f"{len(self.profiles)} optimisation profiles {ranges}; rebuild the engine with "
+                "larger shape ranges (citrus-edge engines build)"
+            )
+        if index != self.profile:
+            if not self.context.set_optimization_profile_async(index, self.cuda.stream_handle):
+                raise BackendRunError(
+                    f"{self.component}: TensorRT refused to switch to optimisation profile {index}"
+                )
+            self.profile = index
+        return index
 
     def _dtype(self, name: str) -> np.dtype:
         trt_type = self.engine.get_tensor_dtype(name)
@@ -166,9 +232,14 @@ class Engine:
     def static_shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.engine.get_tensor_shape(name))
 
-    def set_input(self, name: str, value: np.ndarray, buffer: DeviceBuffer | None = None):
-        """Shape, copy and bind one host input; returns the array (keep it until synchronize)."""
-        host = np.ascontiguousarray(value, dtype=self.dtypes[name])
+    def host_input(self, name: str, value: np.ndarray) -> np.ndarray:
+        """`value` as a contiguous array of the engine tensor's dtype."""
+        return np.ascontiguousarray(value, dtype=self.dtypes[name])
+
+    def set_input(self, name: str, host: np.ndarray, buffer: DeviceBuffer | None = None):
+        """Shape, copy and bind one host input (`host_input`'s array; keep it until synchronize).
+
+        The active profile must hold the shape: call `use_profile_for` first."""
         self.set_shape(name, host.shape)
         buffer = buffer or self.buffers[name]
         ptr = buffer.reserve(host.nbytes)
@@ -216,16 +287,17 @@ class TrtGraph:
         self.input_names, self.output_names = engine.input_names, engine.output_names
 
     def max_leading_dim(self, name: str) -> int | None:
-        """The first dimension's maximum in the engine's optimisation profile 0."""
-        _, _, largest = self.engine.engine.get_tensor_profile_shape(name, 0)
-        return int(largest[0])
+        """The first dimension's maximum over the engine's optimisation profiles."""
+        return max(p[name][1][0] for p in self.engine.profiles)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         e = self.engine
         missing = set(self.input_names) - set(feeds)
         if missing:
             raise BackendRunError(f"{e.component}: feeds lack {sorted(missing)}")
-        held = [e.set_input(n, feeds[n]) for n in self.input_names]
+        hosts = {n: e.host_input(n, feeds[n]) for n in self.input_names}
+        e.use_profile_for({n: h.shape for n, h in hosts.items()})
+        held = [e.set_input(n, h) for n, h in hosts.items()]
         outputs = {n: np.empty(e.bind_output(n), e.dtypes[n]) for n in self.output_names}
         e.execute()
         for name, host in outputs.items():
@@ -259,8 +331,13 @@ class TrtKvStep:
     def __call__(self, feeds: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         e = self.engine
         check_batch_one(feeds, e.component)
-        held = [e.set_input(n, feeds[n]) for n in STEP_INPUTS]
+        hosts = {n: e.host_input(n, feeds[n]) for n in STEP_INPUTS}
         past_shape = (1, self.kv_heads, self.cache_len, self.head_dim)
+        # prefill (empty cache) and decode steps fall in different profiles (engines/profiles)
+        e.use_profile_for(
+            {**{n: h.shape for n, h in hosts.items()}, **dict.fromkeys(self.past, past_shape)}
+        )
+        held = [e.set_input(n, h) for n, h in hosts.items()]
         for name in self.past:
             e.set_shape(name, past_shape)
             e.context.set_tensor_address(name, self.cache[name].ptr)
@@ -310,12 +387,20 @@ class TensorRTBackend:
         return f"{self.name}/{self.trt.__version__}"
 
     def check_engine(self, sidecar: Mapping[str, Any], path: Path) -> None:
-        """Refuse an engine built for another TensorRT version or GPU (EngineMismatchError
-        with the command that rebuilds it here)."""
+        """Refuse an engine built for another TensorRT version, GPU or Jetson module
+        (EngineMismatchError with the command that rebuilds it here)."""
         from citrus_edge.engines.compat import check_engine_compat
-        from citrus_edge.engines.device import cuda_device
+        from citrus_edge.engines.device import cuda_device, jetson_target
 
-        check_engine_compat(sidecar, self.trt.__version__, cuda_device().sm)
+        device = cuda_device()
+        check_engine_compat(
+            sidecar,
+            self.trt.__version__,
+            device.sm,
+            device_name=device.name,
+            module=device.module,
+            module_target=jetson_target() if device.module else None,
+        )
 
     def _engine(self, path: Path, component: str) -> Engine:
         engine = Engine(self.trt, self.cuda, path, component)

@@ -127,6 +127,30 @@ def test_killed_build_leaves_previous_bundle_intact(cpu_bundle, tiny_ckpt, phant
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["bundle"]
 
 
+def test_sigterm_during_build_removes_scratch_and_keeps_previous_bundle(
+    cpu_bundle, tiny_ckpt, phantoms, tmp_path
+):
+    import shutil
+
+    out = tmp_path / "bundle"
+    shutil.copytree(cpu_bundle, out)
+    before = load_bundle(out).bundle_id
+    cmd = [sys.executable, "-m", "citrus_edge.cli", "build", "--target", "cpu", "--precision"]
+    cmd += ["fp32", "--model", str(tiny_ckpt), "--out", str(out), "--eval", str(phantoms)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, writing = time.time() + 120, False
+    while time.time() < deadline and not writing:  # stop it once the export is writing graphs
+        writing = any(p.suffix == ".onnx" for p in tmp_path.glob(".bundle.*/**/*"))
+        time.sleep(0.1)
+    assert writing and proc.poll() is None, "the build was not caught halfway"
+    os.kill(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM  # ended by SIGTERM, after its cleanup
+    assert "Traceback" not in stdout + stderr
+    assert load_bundle(out).bundle_id == before  # verified, unchanged
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no .bundle.scratch-* left
+
+
 def test_no_matching_gpu_here_means_portable_bundle():
     from citrus_edge.build import matching_gpu
     from citrus_edge.targets import get_target

@@ -90,3 +90,21 @@ def test_a_provider_that_cannot_load_is_refused_in_one_line(capsys, tiny_fp32_bu
     )  # fmt: skip
     assert code == 1 and len(err.strip().splitlines()) == 1
     assert "CUDAExecutionProvider" in err and not any(tmp_path.iterdir())
+
+
+def test_export_refuses_a_users_folder_before_loading_the_model(capsys, tmp_path, monkeypatch):
+    import citrus_edge.checkpoint
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(citrus_edge.checkpoint, "load_checkpoint", never)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    for extra in ((), ("--overwrite",)):
+        code, _, err = cli(capsys, "export", "--out", str(out), *extra)
+        assert code == 1 and len(err.strip().splitlines()) == 1, err
+        assert "notes.txt" in err or "exists" in err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert (out / "notes.txt").read_text() == "keep me"

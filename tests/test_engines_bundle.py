@@ -102,3 +102,25 @@ def test_stored_plans_disagreeing_are_refused(export_dir, tmp_path):
     write_manifest(bundle, {"engine_plan": other.to_dict()})
     with pytest.raises(EnginePlanError, match="hold different plans for orin-nx-16"):
         stored_plans(bundle)
+
+
+def test_engines_build_takes_family_names_and_this_jetsons_module(
+    export_dir, tmp_path, monkeypatch
+):
+    """A bundle planned off the device for `orin` (orin-agx-64) is re-planned on a Nano for
+    orin-nano-8 (its profiles and workspace), with no --target, and `--target orin-nano` works."""
+    from citrus_edge.engines import build as engines_build
+    from citrus_edge.engines.plan import workspace_bytes
+    from citrus_edge.targets import get_target
+
+    bundle = _copy(export_dir, tmp_path / "bundle")
+    agx = make_engine_plan(bundle, "orin", FP16, TINY)  # a family name: off a Jetson, the AGX
+    assert agx.target == "orin-agx-64"
+    (bundle / PLAN_FILE).write_text(agx.to_json())
+    assert select_plan(bundle, "orin-nano").target == "orin-nano-8"
+    assert select_plan(bundle, "orin").target == "orin-agx-64"  # no Jetson here
+    monkeypatch.setattr(engines_build, "jetson_target", lambda: "orin-nano-8")  # on a Nano
+    nano = select_plan(bundle)
+    assert nano.target == "orin-nano-8" and nano.recipe == FP16
+    assert nano.workspace_bytes == workspace_bytes(get_target("orin-nano-8")) == 1_375_000_000
+    assert nano.workspace_bytes < agx.workspace_bytes

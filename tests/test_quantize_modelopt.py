@@ -162,3 +162,86 @@ def test_llm_for_tensorrt(data, precision, zero_point):
         assert c.weight_bytes_after < 0.3 * c.weight_bytes_before
     if precision == "fp8":
         assert c.check["custom_ops"]["trt::TRT_FP8QuantizeLinear"] >= 14 and c.sqnr_db is None
+
+
+def _norm_then_two_gemms(path: Path, k: int = 32, n: int = 32) -> Path:
+    """x [4, k] -> Mul(norm weight) -> two MatMuls: the RMSNorm -> q/k pattern AWQ-lite fuses."""
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.uniform(0.5, 1.5, k).astype(np.float32), "norm_w"),
+        numpy_helper.from_array(rng.normal(size=(k, n)).astype(np.float32), "w_a"),
+        numpy_helper.from_array(rng.normal(size=(k, n)).astype(np.float32), "w_b"),
+    ]
+    nodes = [
+        helper.make_node("Mul", ["x", "norm_w"], ["h"], name="norm/Mul"),
+        helper.make_node("MatMul", ["h", "w_a"], ["a"], name="a/MatMul"),
+        helper.make_node("MatMul", ["h", "w_b"], ["b"], name="b/MatMul"),
+    ]
+    f32 = TensorProto.FLOAT
+    graph = helper.make_graph(
+        nodes,
+        "norm_two_gemms",
+        [helper.make_tensor_value_info("x", f32, [4, k])],
+        [helper.make_tensor_value_info(o, f32, [4, n]) for o in ("a", "b")],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    onnx.save(model, str(path))
+    return path
+
+
+def _awq_lite(src: Path, dst: Path, fuse: bool) -> None:
+    from modelopt.onnx.quantization import quantize as modelopt_quantize
+
+    feeds = [
+        {"x": np.random.default_rng(i).normal(size=(4, 32)).astype(np.float32)} for i in (1, 2)
+    ]
+    modelopt_quantize(
+        onnx_path=str(src),
+        quantize_mode="int4",
+        calibration_method="awq_lite",
+        calibration_data_reader=iter(feeds),
+        calibration_eps=["cpu"],
+        block_size=16,
+        output_path=str(dst),
+        log_level="WARNING",
+        awqlite_fuse_nodes=fuse,
+    )
+
+
+def test_modelopt_awq_fusion_defect_is_still_there(tmp_path):
+    """ModelOpt 0.23-0.47's fused AWQ-lite calls cupy's `.get()` on a numpy array without a GPU.
+
+    `settings.ModelOptInt4Settings.awq_fuse_nodes` is False because of it. When this test fails,
+    a ModelOpt upgrade fixed the defect: drop the workaround (and this test).
+    """
+    from modelopt.onnx.quantization import int4
+
+    if int4.has_cupy:
+        pytest.skip("cupy has a GPU here: ModelOpt's fused path works on cupy arrays")
+    src = _norm_then_two_gemms(tmp_path / "g.onnx")
+    with pytest.raises(AttributeError, match="'numpy.ndarray' object has no attribute 'get'"):
+        _awq_lite(src, tmp_path / "fused.onnx", fuse=True)
+
+
+def test_unfused_awq_lite_writes_int4_weights(tmp_path):
+    """The setting we ship: the same graph quantizes, each weight with its own AWQ scale."""
+    from citrus_edge.compress.modelopt_quant import _awq_options
+    from citrus_edge.compress.settings import TRT_LLM
+
+    assert _awq_options(TRT_LLM["int4"]) == {"awqlite_fuse_nodes": False}
+    src = _norm_then_two_gemms(tmp_path / "g.onnx")
+    _awq_lite(src, tmp_path / "q.onnx", fuse=False)
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    inits = {i.name: i for i in model.graph.initializer}
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    int4 = [n for n in dq if inits[n.input[0]].data_type == TensorProto.INT4]
+    assert len(int4) == 2  # both weights, 4-bit
+    assert {n.op_type for n in model.graph.node}.issuperset({"Mul", "MatMul"})
+    pre_scale_muls = [n for n in model.graph.node if n.op_type == "Mul" and n.name != "norm/Mul"]
+    assert len(pre_scale_muls) == 2  # one AWQ input scale per weight, the norm weight untouched
+    original = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(src)).graph.initializer}
+    assert np.array_equal(numpy_helper.to_array(inits["norm_w"]), original["norm_w"])

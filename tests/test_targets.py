@@ -213,3 +213,106 @@ def test_modules_are_torch_free():
         "assert not {'torch', 'transformers'} & set(sys.modules)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- target names as users say them (families, Jetson detection) ----------------------------
+def _jetson(root, model: str | None, mem_kib: int | None):
+    """Fake device-tree and meminfo files under `root` (what /proc holds on a Jetson)."""
+    proc = root / "proc"
+    (proc / "device-tree").mkdir(parents=True, exist_ok=True)
+    if model is not None:
+        (proc / "device-tree" / "model").write_bytes(model.encode() + b"\0")
+    if mem_kib is not None:
+        (proc / "meminfo").write_text(f"MemTotal:       {mem_kib} kB\nMemFree:  1234 kB\n")
+    return root
+
+
+AGX_DEVKIT = "NVIDIA Jetson AGX Orin Developer Kit"
+NX_DEVKIT = "NVIDIA Jetson Orin NX Engineering Reference Developer Kit"
+NANO_DEVKIT = "NVIDIA Jetson Orin Nano Developer Kit"
+
+
+@pytest.mark.parametrize(
+    ("model", "mem_kib", "requested", "expected"),
+    [
+        (AGX_DEVKIT, 64_335_836, "orin", "orin-agx-64"),  # 65.9 GB
+        (AGX_DEVKIT, 30_536_432, "orin", "orin-agx-32"),  # 31.3 GB
+        (AGX_DEVKIT, 30_536_432, "orin-agx", "orin-agx-32"),
+        (NX_DEVKIT, 15_655_372, "orin", "orin-nx-16"),  # 16.0 GB
+        (NX_DEVKIT, 15_655_372, "orin-nx", "orin-nx-16"),
+        (NANO_DEVKIT, 7_620_240, "orin", "orin-nano-8"),  # 7.8 GB
+        (NANO_DEVKIT + " Super", 7_620_240, "orin-nano", "orin-nano-8"),
+    ],
+)
+def test_family_resolves_to_this_jetson(tmp_path, model, mem_kib, requested, expected):
+    from citrus_edge.targets import resolve_target
+
+    res = resolve_target(requested, root=_jetson(tmp_path, model, mem_kib))
+    assert (res.target.name, res.how) == (expected, "this device")
+    assert res.to_dict()["requested"] == requested and res.to_dict()["resolved"] == expected
+    assert model in res.device and f"{mem_kib * 1024 / 1e9:.1f} GB" in res.device
+    assert f"{requested} -> {expected} (this device" in res.describe()
+
+
+@pytest.mark.parametrize(
+    ("requested", "expected"),
+    [("orin", "orin-agx-64"), ("orin-agx", "orin-agx-64"), ("orin-nx", "orin-nx-16")]
+    + [("orin-nano", "orin-nano-8"), ("thor", "thor"), ("orin-nano-8", "orin-nano-8")],
+)
+def test_family_off_a_jetson_is_its_documented_default(tmp_path, requested, expected):
+    from citrus_edge.targets import FAMILIES, resolve_target
+
+    res = resolve_target(requested, root=tmp_path)  # no device tree: a workstation
+    assert res.target.name == expected and res.device is None
+    if requested in FAMILIES:
+        assert res.how == "family default" and FAMILIES[requested].default == expected
+        assert "the family's default" in res.describe()
+    else:
+        assert res.how == "exact" and res.describe() == f"target {expected}"
+    assert get_target(requested).name == expected  # what the CLI and BuildConfig call
+
+
+def test_family_of_another_jetson_is_not_this_device(tmp_path):
+    """`--target orin-nano` typed on an AGX Orin cross-builds for a Nano; an exact name is
+    never replaced by the device it is typed on."""
+    from citrus_edge.targets import resolve_target
+
+    root = _jetson(tmp_path, AGX_DEVKIT, 64_335_836)
+    nano = resolve_target("orin-nano", root=root)
+    assert (nano.target.name, nano.how) == ("orin-nano-8", "family default")
+    assert AGX_DEVKIT in nano.device
+    exact = resolve_target("orin-nx-16", root=root)
+    assert (exact.target.name, exact.how) == ("orin-nx-16", "exact")
+
+
+@pytest.mark.parametrize(
+    ("model", "mem_kib", "needle"),
+    [
+        (NX_DEVKIT, 7_620_240, "orin-nx-16 16 GB"),  # Orin NX 8GB: no such target
+        (NANO_DEVKIT, 3_800_000, "orin-nano-8 8 GB"),  # Orin Nano 4GB
+    ],
+)
+def test_module_no_target_describes_is_refused(tmp_path, model, mem_kib, needle):
+    from citrus_edge.targets import UnknownModuleError, resolve_target
+
+    with pytest.raises(UnknownModuleError) as e:
+        resolve_target("orin", root=_jetson(tmp_path, model, mem_kib))
+    assert needle in str(e.value) and "pass an exact --target" in str(e.value)
+    assert isinstance(e.value, ValueError)  # the CLI prints it as one line
+
+
+def test_jetson_detection_reads_the_device_tree(tmp_path):
+    from citrus_edge.jetson import detect_jetson, family_of
+
+    assert detect_jetson(tmp_path) is None  # no device tree
+    assert detect_jetson(_jetson(tmp_path / "pi", "Raspberry Pi 5 Model B", 8_000_000)) is None
+    m = detect_jetson(_jetson(tmp_path / "agx", AGX_DEVKIT, 64_335_836))
+    assert (m.family, round(m.memory_gb, 2)) == ("orin-agx", 65.88)
+    assert detect_jetson(_jetson(tmp_path / "x", "NVIDIA Jetson Xavier NX", None)).family is None
+    assert family_of("NVIDIA Jetson AGX Thor Developer Kit") == "thor"
+    assert family_of("NVIDIA Jetson Orin NX 16GB") == "orin-nx"
+
+
+def test_unknown_name_lists_targets_and_families():
+    with pytest.raises(ValueError, match="orin-nano-8.*x86-hopper.*family.*orin-agx"):
+        get_target("xavier")
