@@ -22,6 +22,7 @@ import pydicom
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
 from pydicom import examples
 
 from citrus_edge.calib_data.load import load_image
@@ -108,6 +109,12 @@ def _write(data: bytes, folder: Path) -> Path:
     return path
 
 
+def note(outcome: str) -> None:
+    """Count outcomes in hypothesis' statistics (`--hypothesis-show-statistics`)."""
+    if currently_in_test_context():
+        event(outcome)
+
+
 def check_loaded(path: Path) -> np.ndarray | None:
     """Load `path`: the pixels of a correct image, or None after a typed error."""
     try:
@@ -115,12 +122,12 @@ def check_loaded(path: Path) -> np.ndarray | None:
             image = load_image(path)
     except Exception as e:  # noqa: BLE001 - the property is about which exceptions escape
         assert is_typed(e), f"{type(e).__module__}.{type(e).__name__}: {e}"
-        event(f"typed error {type(e).__name__}")
+        note(f"typed error {type(e).__name__}")
         return None
     ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
     assert image.pixels.dtype == np.uint8
     assert image.pixels.shape == (int(ds.Rows), int(ds.Columns), 3)
-    event("image")
+    note("image")
     return image.pixels
 
 
