@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from fixtures import small_ds
 from PIL import Image
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.pixels import apply_color_lut, get_decoder, pixel_array
-from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, generate_uid
+from pydicom.uid import JPEGLSLossless
 
 from citrus_edge.calib_data import dicom_pixels
 from citrus_edge.calib_data.errors import (
@@ -267,23 +268,6 @@ def test_dicom_without_meta_header_is_read_by_content(tmp_path):
 
 
 # --- broken inputs: type and message --------------------------------------------------------
-
-
-def small_ds(rows: int = 4, cols: int = 4) -> Dataset:
-    """A minimal valid Secondary Capture dataset, MONOCHROME2 8-bit."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    ds.Modality = "OT"
-    ds.Rows, ds.Columns, ds.SamplesPerPixel = rows, cols, 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = bytes(range(rows * cols))
-    return ds
 
 
 def expect(error: type[ImageLoadError], path: Path | str, *words: str, **kwargs) -> str:

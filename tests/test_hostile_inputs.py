@@ -16,30 +16,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from fixtures import small_ds
 from PIL import Image
 from pydicom import examples
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
 from test_cli import cli
 
 SEGMENT = "Please help segment the lesion in this scan."
-
-
-def small_ds(rows: int = 32, cols: int = 32) -> Dataset:
-    """A minimal valid Secondary Capture dataset, MONOCHROME2 8-bit."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    ds.Modality = "US"
-    ds.Rows, ds.Columns, ds.SamplesPerPixel = rows, cols, 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = bytes(rows * cols)
-    return ds
 
 
 def _saved(ds: Dataset, path: Path) -> Path:
@@ -63,19 +46,19 @@ def cut_header(d: Path) -> Path:
 
 
 def short_pixels(d: Path) -> Path:
-    ds = small_ds()
+    ds = small_ds(32, 32, "US")
     ds.PixelData = bytes(100)
     return _saved(ds, d / "short_pixels.dcm")
 
 
 def zero_rows(d: Path) -> Path:
-    ds = small_ds()
+    ds = small_ds(32, 32, "US")
     ds.Rows, ds.PixelData = 0, b""
     return _saved(ds, d / "rows0.dcm")
 
 
 def nan_pixels(d: Path) -> Path:
-    ds = small_ds(4, 4)
+    ds = small_ds(4, 4, "US")
     del ds.PixelData, ds.BitsStored, ds.HighBit, ds.PixelRepresentation
     ds.BitsAllocated = 32
     values = np.linspace(0, 1, 16, dtype=np.float32)
@@ -85,7 +68,7 @@ def nan_pixels(d: Path) -> Path:
 
 
 def no_pixels(d: Path) -> Path:
-    ds = small_ds()
+    ds = small_ds(32, 32, "US")
     del ds.PixelData
     return _saved(ds, d / "report.dcm")
 
