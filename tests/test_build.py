@@ -10,11 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fixtures import tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
-from citrus_edge.bundle import BundleError, load_bundle
+from citrus_edge.bundle import BundleError, load_bundle, sha256_file
 from citrus_edge.cli import app
 
 
@@ -72,7 +73,16 @@ def test_cpu_bundle_manifest_and_accuracy(cpu_bundle):
     assert "torch" in m["versions"] and "onnx" in m["versions"]
 
 
-def test_run_uses_the_bundle_and_altered_byte_is_refused(cpu_bundle, phantoms, tmp_path):
+def _reference_answer(ckpt, image, prompt):
+    """The PyTorch reference's answer for a DICOM (runtime and CLI default: 96 new tokens)."""
+    from citrus_edge.calib_data.load import load_image
+    from citrus_edge.reference import ReferencePipeline
+
+    pipe = ReferencePipeline.from_checkpoint(ckpt, max_new_tokens=96)
+    return pipe(load_image(image).pixels, prompt)
+
+
+def test_run_uses_the_bundle_and_altered_byte_is_refused(cpu_bundle, tiny_ckpt, phantoms, tmp_path):
     import shutil
 
     image = next((phantoms.parent / "images").glob("*.dcm"))
@@ -80,6 +90,15 @@ def test_run_uses_the_bundle_and_altered_byte_is_refused(cpu_bundle, phantoms, t
     assert res.exit_code == 0, res.output
     out = json.loads((tmp_path / f"{image.stem}.json").read_text())
     assert out["bundle_id"] == load_bundle(cpu_bundle).bundle_id
+    # what the fp32 bundle answered is the PyTorch model's answer on that image: the same 96
+    # greedy tokens (the random TINY model never stops early), text and log-probabilities
+    ref = _reference_answer(tiny_ckpt, image, out["prompt"])
+    assert out["prompt"] == "Please help segment the lesion in this scan."  # the CLI's default
+    assert len(out["token_ids"]) == 96 and out["stopped_by"] == "max_new_tokens"
+    assert out["token_ids"] == ref.token_ids and out["text"] == ref.text
+    np.testing.assert_allclose(out["token_logprobs"], ref.token_logprobs, atol=1e-3)
+    assert len(out["masks"]) == len(ref.masks)
+    assert out["input"]["sha256"] == sha256_file(image) and out["input"]["frame"] == 0
     bad = tmp_path / "altered"
     shutil.copytree(cpu_bundle, bad)
     f = bad / "mask_decoder.onnx"
@@ -151,8 +170,35 @@ def test_sigterm_during_build_removes_scratch_and_keeps_previous_bundle(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no .bundle.scratch-* left
 
 
-def test_no_matching_gpu_here_means_portable_bundle():
+def test_matching_gpu_needs_tensorrt_and_the_targets_sm(monkeypatch):
+    """`build` compiles engines only with TensorRT and a GPU of the target's SM; otherwise it
+    writes a portable bundle (None here). TensorRT and the GPU are faked."""
     from citrus_edge.build import matching_gpu
+    from citrus_edge.engines import device as dev
+    from citrus_edge.engines.errors import TensorRTUnavailableError
     from citrus_edge.targets import get_target
 
-    assert matching_gpu(get_target("orin-agx-64")) is None  # no TensorRT / GPU on this machine
+    orin = get_target("orin-agx-64")
+    assert orin.sm == "8.7"
+    calls = []
+
+    def no_tensorrt():
+        raise TensorRTUnavailableError("TensorRT is not installed here")
+
+    def gpu(sm):
+        def cuda_device(index=None):
+            calls.append(sm)
+            return dev.CudaDevice(index=0, name=f"GPU sm_{sm}", sm=sm)
+
+        return cuda_device
+
+    monkeypatch.setattr(dev, "import_tensorrt", no_tensorrt)
+    monkeypatch.setattr(dev, "cuda_device", gpu("8.7"))
+    assert matching_gpu(orin) is None and calls == []  # no TensorRT: the GPU is not even asked
+    monkeypatch.setattr(dev, "import_tensorrt", lambda: object())
+    monkeypatch.setattr(dev, "cuda_device", gpu("8.9"))  # an Ada card: engines would not load
+    assert matching_gpu(orin) is None and calls == ["8.9"]
+    assert matching_gpu(get_target("x86-ada")) == dev.CudaDevice(0, "GPU sm_8.9", "8.9")
+    monkeypatch.setattr(dev, "cuda_device", gpu("8.7"))
+    assert matching_gpu(orin) == dev.CudaDevice(0, "GPU sm_8.7", "8.7")
+    assert matching_gpu(get_target("x86-ampere")) is None  # 8.6 is not 8.7

@@ -1,4 +1,5 @@
-"""The shipped demo model: its answers depend on the image, and shuffling images breaks scores."""
+"""The shipped demo model: scores at the README's figures, answers that depend on the image,
+degenerate answers flagged, masks in the input's frame, ORT parity with the reference."""
 
 from __future__ import annotations
 
@@ -12,7 +13,16 @@ from citrus_edge.defaults import DEMO_MODEL_DIR
 pytestmark = pytest.mark.skipif(
     not (DEMO_MODEL_DIR / "model.safetensors").is_file(), reason="demo model not trained yet"
 )
-N = 24  # eval-split images used here (the README reports the full split)
+N = 24  # eval records (all tasks) of the ORT-vs-reference parity check
+N_TASK = 60  # the whole eval split per task: the README's figures are measured on these
+# Floors at the README's figures (the shipped model, PyTorch reference, default phantom set's
+# eval split, 60 segmentation and 60 report answers; this test measured the same 0.8567 and
+# 54/60). The model is deterministic; the margins only absorb a platform flipping a borderline
+# answer: Dice 0.857 - 0.020 (per-image SD 0.19, standard error 0.025 at n = 60: the floor is
+# 0.8 SE below), count 0.900 - 0.033 (two of 60 reports; standard error 0.039). A mask-threshold
+# or resize fault costing 0.03 Dice, or three report answers, fails here.
+README_DICE, DICE_MARGIN = 0.857, 0.020
+README_COUNT, COUNT_MARGIN = 0.900, 2 / N_TASK
 
 
 @functools.cache
@@ -28,7 +38,9 @@ def _setup():
 
 def _records(task):
     _, _, recs = _setup()
-    return [r for r in recs if r.task == task][:N]
+    out = [r for r in recs if r.task == task]
+    assert len(out) == N_TASK, (task, len(out))  # the split the README's figures come from
+    return out
 
 
 def _run(records, images):
@@ -43,38 +55,103 @@ def _run(records, images):
     return out
 
 
+@functools.cache
+def _true_scores(task):
+    """Each record scored on its own image (cached: several tests read them)."""
+    recs = _records(task)
+    return _run(recs, recs)
+
+
+def _shuffled_scores(task):
+    """Each record scored on another record's image (a fixed permutation, seed 0)."""
+    recs = _records(task)
+    perm = np.random.default_rng(0).permutation(N_TASK)
+    assert (perm != np.arange(N_TASK)).sum() == 57  # all but 3 images moved
+    return _run(recs, [recs[i] for i in perm])
+
+
+def test_eval_split_scores_are_the_readme_figures():
+    dice = np.mean([s.dice for s in _true_scores("segment")])
+    count = np.mean([s.count_correct for s in _true_scores("report")])
+    print(f"Dice {dice:.4f}, count {count:.4f} on {N_TASK} + {N_TASK} eval answers")
+    assert dice >= README_DICE - DICE_MARGIN, dice
+    assert count >= README_COUNT - COUNT_MARGIN - 1e-9, count
+
+
 def test_answers_depend_on_the_image():
-    recs = _records("report")
-    texts = {s.text for s in _run(recs, recs)}
-    assert len(texts) >= N // 2, texts
+    texts = {s.text for s in _true_scores("report")}
+    assert len(texts) >= 36, texts  # measured: 41 distinct reports of 60
 
 
 def test_shuffled_images_collapse_the_scores():
-    seg, rep = _records("segment"), _records("report")
-    rng = np.random.default_rng(0)
-    true_dice = np.mean([s.dice for s in _run(seg, seg)])
-    shuffled_dice = np.mean([s.dice for s in _run(seg, [seg[i] for i in rng.permutation(N)])])
-    true_count = np.mean([s.count_correct for s in _run(rep, rep)])
-    shuffled_count = np.mean(
-        [s.count_correct for s in _run(rep, [rep[i] for i in rng.permutation(N)])]
+    """Measured on all 60 + 60 answers: Dice 0.857 -> 0.172, count 0.900 -> 0.400 (24 of 60 a
+    shuffled image happens to show the same number of lesions)."""
+    true_dice = np.mean([s.dice for s in _true_scores("segment")])
+    true_count = np.mean([s.count_correct for s in _true_scores("report")])
+    shuffled_dice = np.mean([s.dice for s in _shuffled_scores("segment")])
+    shuffled_count = np.mean([s.count_correct for s in _shuffled_scores("report")])
+    print(
+        f"Dice {true_dice:.3f} -> {shuffled_dice:.3f}, count {true_count:.3f} -> {shuffled_count:.3f}"
     )
-    assert true_dice >= 0.65 and shuffled_dice < true_dice - 0.3, (true_dice, shuffled_dice)
-    assert true_count >= 0.65 and shuffled_count < true_count - 0.25, (true_count, shuffled_count)
+    assert shuffled_dice <= 0.30 and shuffled_dice < true_dice - 0.5, (true_dice, shuffled_dice)
+    assert shuffled_count <= 0.55 and shuffled_count < true_count - 0.3, (
+        true_count,
+        shuffled_count,
+    )
 
 
-def test_real_ultrasound_dicoms_give_answer_and_mask_of_the_right_size():
+def test_real_ultrasound_dicoms_get_their_degenerate_answers_flagged():
+    """pydicom's two ultrasound examples are out of distribution for a phantom-trained model:
+    its answers to the segmentation prompt (measured: 'Sure {" {" {" {"`````````' and 'Sure,19:
+    hypoechoic: lesions.', mean log-prob -0.19 and -1.33 against the bound -0.05) must not
+    pass as answers: each fails the task's format check and is flagged low-confidence, and
+    the result says so in its warnings."""
     from pydicom import examples
 
     from citrus_edge.calib_data.load import load_image
     from citrus_edge.calib_data.tasks import SEGMENT_PROMPT
+    from citrus_edge.quality import DEMO_LOGPROB_BOUNDS
 
     pipe, _, _ = _setup()
     for path in (examples.get_path("palette_color"), examples.get_path("rgb_color")):
         img = load_image(path)
         res = pipe(img.pixels, SEGMENT_PROMPT)
-        assert res.text and res.token_ids
-        for m in res.masks:
-            assert m.shape == img.pixels.shape[:2]
+        q = res.quality
+        assert res.token_ids and q.task == "segment" and q.n_tokens == len(res.token_ids)
+        assert q.parses is False and q.low_confidence is True, (path.name, res.text, q)
+        assert q.mean_logprob < DEMO_LOGPROB_BOUNDS["segment"].mean, q
+        assert q.mean_logprob == pytest.approx(np.mean(res.token_logprobs))
+        assert any("does not parse as a segmentation answer" in w for w in res.warnings)
+        assert any(w.startswith("low confidence") for w in res.warnings), res.warnings
+        assert "[SEG]" not in res.text and res.masks == []  # no mask from an unparsed answer
+
+
+def test_masks_come_back_in_the_input_frame():
+    """Phantoms stretched to 256 x 384 and 300 x 200 (the model sees every image resized):
+    each mask has the stretched image's size and lies on the stretched lesion. Measured on the
+    first four lesion images of the segment split: Dice 0.895 - 0.977 against the stretched
+    ground truth (0.97 - 1.0 unstretched); a mask mapped back without the aspect change would
+    miss by far more."""
+    from PIL import Image
+
+    from citrus_edge.calib_data.load import load_image
+    from citrus_edge.evaluate import union_mask
+    from citrus_edge.metrics import dice
+
+    pipe, root, _ = _setup()
+    lesion_recs = [r for r in _records("segment") if r.lesions][:4]
+    dices = []
+    for rec in lesion_recs:
+        rgb = load_image(rec.abs_image(root)).pixels
+        gt = union_mask(rec, root, rgb.shape[:2])
+        for h, w in ((256, 384), (300, 200)):
+            img = np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
+            res = pipe(img, rec.prompt)
+            assert len(res.masks) == 1 and res.masks[0].shape == (h, w), (rec.id, res.text)
+            stretched = np.asarray(Image.fromarray(gt).resize((w, h), Image.NEAREST))
+            dices.append(dice(res.masks[0], stretched))
+    print("stretched Dice", np.round(dices, 3))
+    assert min(dices) >= 0.85, dices
 
 
 @pytest.fixture(scope="module")

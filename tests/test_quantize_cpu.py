@@ -1,8 +1,10 @@
 """INT8 post-training quantization for the CPU target (ONNX Runtime), on the TINY export.
 
-One quantize run (recipe "int8", target "cpu", calibrated on the calib split of 20 phantoms)
-serves every test here: Q/DQ structure, SQNR per graph, sizes, the written folder, and that the
-runtime runs it. The numbers asserted were measured on this export (see each test).
+Two quantize runs (recipes "int8" and "int8-w4", target "cpu", calibrated on the calib split of
+20 phantoms, about 3 s each) serve every test here: Q/DQ structure, 8- and 4-bit MatMulNBits
+LLMs, SQNR per graph, sizes, the written folder, and that the runtime runs the written graphs
+to the token agreement the report states. The numbers asserted were measured on this export
+(see each test).
 """
 
 from __future__ import annotations
@@ -34,13 +36,20 @@ CONFIG = QuantizeConfig(max_new_tokens=16)
 ENCODERS = ("vision", "sam_encoder", "mask_decoder")
 GEMM = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 FLOAT_OPS = ("Add", "Softmax", "LayerNormalization", "Mul", "Div", "Pow", "ReduceMean", "Sqrt")
-# Worst output SQNR (dB) per graph, measured on this export: vision 30.0, llm 37.5,
+# Worst output SQNR (dB) per graph, measured on this export: vision 30.0, llm 39.8,
 # sam_encoder 29.4, mask_decoder 23.1 (percentile calibration); thresholds keep ~2 dB margin.
 MIN_SQNR_DB = {"vision": 28.0, "llm": 35.0, "sam_encoder": 27.0, "mask_decoder": 20.0}
-# Graph bytes after / before, measured: all four 0.586; weights (initializers + constants)
-# vision 0.274, llm 0.271, sam_encoder 0.400, mask_decoder 0.414.
-MAX_SIZE_RATIO = 0.62
-MAX_WEIGHT_RATIO = {"vision": 0.30, "llm": 0.30, "sam_encoder": 0.43, "mask_decoder": 0.44}
+# int8-w4 (4-bit MatMulNBits LLM, block 64): the encoders and decoder are the int8 recipe's
+# (same floors); the LLM's logits measured 18.6 dB (last hidden state 23.4): floor 16.5.
+MIN_SQNR_DB_W4 = {**MIN_SQNR_DB, "llm": 16.5}
+# Weight SQNR of each dequantized 4-bit MatMulNBits block against the FP32 weight, measured
+# 20.1 - 20.8 dB on the 15 LLM MatMuls (symmetric absmax blocks of 64 on Gaussian weights);
+# 8-bit blocks give ~44 dB, so the upper bound also says the weights really are 4-bit.
+W4_WEIGHT_SQNR_DB = (18.5, 23.0)
+# Graph bytes after / before, measured (compacted graphs): all four 0.335; weights
+# (initializers + constants) vision 0.274, llm 0.269, sam_encoder 0.311, mask_decoder 0.338.
+MAX_SIZE_RATIO = 0.37
+MAX_WEIGHT_RATIO = {"vision": 0.30, "llm": 0.30, "sam_encoder": 0.34, "mask_decoder": 0.37}
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +74,16 @@ def int8(data):
     return report, root / "int8", events
 
 
+@pytest.fixture(scope="module")
+def int8_w4(data):
+    """The same export quantized with `int8-w4` (4-bit MatMulNBits LLM, INT8 Q/DQ elsewhere)."""
+    root, export, manifest = data
+    report = quantize(
+        export, "int8-w4", "cpu", manifest, budget=None, out_dir=root / "int8-w4", config=CONFIG
+    )
+    return report, root / "int8-w4", []
+
+
 def _producers(model):
     return {o: n for n in model.graph.node for o in n.output}
 
@@ -79,9 +98,10 @@ def _weight_gemms(model):
     return [n for n in model.graph.node if n.op_type in GEMM and n.input[1] in weights]
 
 
+@pytest.mark.parametrize("recipe", ["int8", "int8_w4"])
 @pytest.mark.parametrize("component", ENCODERS)
-def test_encoders_get_static_qdq_with_per_channel_weights(int8, data, component):
-    report, out, _ = int8
+def test_encoders_get_static_qdq_with_per_channel_weights(request, data, component, recipe):
+    report, out, _ = request.getfixturevalue(recipe)
     fp32 = onnx.load(str(data[1] / f"{component}.onnx"))
     q = onnx.load(str(out / f"{component}.onnx"))
     producer = _producers(q)
@@ -122,14 +142,61 @@ def test_llm_gets_8bit_matmulnbits_weights(int8, data):
     assert report.components["llm"].scheme == "ort-matmulnbits"
 
 
-def test_sqnr_of_every_graph_against_fp32(int8):
-    report, _, _ = int8
-    for component, floor in MIN_SQNR_DB.items():
+def _dequantize_nbits(node, inits) -> np.ndarray:
+    """The [K, N] float weight a 4-bit MatMulNBits node computes with (ONNX Runtime's contrib
+    op: B uint8 [N, blocks, block/2], two values per byte, low nibble first; scales [N, blocks];
+    no zero points: symmetric, zero point 8)."""
+    a = {x.name: x.i for x in node.attribute}
+    k, n, block = a["K"], a["N"], a["block_size"]
+    assert a["bits"] == 4 and (len(node.input) < 4 or not node.input[3]), node.name
+    packed = inits[node.input[1]]  # [N, blocks, block / 2]
+    q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1)[:, :k]  # [N, K]
+    scale = np.repeat(inits[node.input[2]].reshape(n, -1), block, axis=1)[:, :k]  # [N, K]
+    return ((q.astype(np.float32) - 8.0) * scale).T  # [K, N]
+
+
+def test_int8_w4_quantizes_the_llm_to_4bit_blocks(int8_w4, data):
+    """Every weight MatMul of the LLM becomes a 4-bit MatMulNBits (block 64: K = 64 on TINY)
+    whose dequantized weights match FP32 at the SQNR of 4 bits; the LLM weights shrink to
+    0.144 of FP32 (measured; int8: 0.269)."""
+    report, out, _ = int8_w4
+    fp32 = onnx.load(str(data[1] / "llm.onnx"))
+    q = onnx.load(str(out / "llm.onnx"))
+    weight_matmuls = {n.name: n for n in _weight_gemms(fp32)}
+    nbits = [n for n in q.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == len(weight_matmuls) == 15
+    assert _weight_gemms(q) == []  # no float weight MatMul left
+    c = report.components["llm"]
+    assert c.scheme == "ort-matmulnbits" and c.details["block_size"] == 64
+    assert c.details["settings"]["bits"] == 4
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in q.graph.initializer}
+    ref = {i.name: onnx.numpy_helper.to_array(i) for i in fp32.graph.initializer}
+    dbs = []
+    for node in nbits:
+        assert {a.name: a.i for a in node.attribute}["block_size"] == 64
+        source = weight_matmuls[node.name.removesuffix("_Q4")]
+        dbs.append(sqnr_db(ref[source.input[1]], _dequantize_nbits(node, inits)))
+    print("4-bit weight SQNR dB", np.round(dbs, 2))
+    assert W4_WEIGHT_SQNR_DB[0] <= min(dbs) and max(dbs) <= W4_WEIGHT_SQNR_DB[1], dbs
+    assert c.weight_bytes_after / c.weight_bytes_before <= 0.16
+    assert report.recipe["components"] == {
+        "vision": "int8",
+        "llm": "int4",
+        "sam_encoder": "int8",
+        "mask_decoder": "int8",
+    }
+
+
+@pytest.mark.parametrize("recipe", ["int8", "int8_w4"])
+def test_sqnr_of_every_graph_against_fp32(request, recipe):
+    report, _, _ = request.getfixturevalue(recipe)
+    floors = {"int8": MIN_SQNR_DB, "int8_w4": MIN_SQNR_DB_W4}[recipe]
+    for component, floor in floors.items():
         worst = report.components[component].worst_sqnr_db
         print(f"{component}: {report.components[component].sqnr_db}")
         assert worst >= floor, f"{component}: {worst:.1f} dB < {floor} dB"
     assert report.measured["sqnr_db"] == {
-        c: round(report.components[c].worst_sqnr_db, 3) for c in MIN_SQNR_DB
+        c: round(report.components[c].worst_sqnr_db, 3) for c in floors
     }
 
 
@@ -191,18 +258,44 @@ def test_folder_layout_manifests_and_report(int8, data):
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []  # no temp left
 
 
-def test_runtime_runs_the_quantized_bundle(int8, data, tmp_path):
+def _as_bundle(folder, dest):
+    """A copy of a quantize (or export) folder with a bundle manifest, for the runtime."""
+    bundle = shutil.copytree(folder, dest)
+    write_manifest(bundle, {"components": bundle_components(bundle)})
+    return bundle
+
+
+@pytest.mark.parametrize("recipe", ["int8", "int8-w4"])
+def test_runtime_reproduces_the_reported_token_agreement(request, data, tmp_path, recipe):
+    """The runtime runs the written graphs (8- and 4-bit MatMulNBits, Q/DQ, float16 table) and
+    its answers give, record by record, the token agreement with FP32 that the report states.
+
+    The TINY model's weights are random, so its greedy answers sit on near-ties and no
+    quantization keeps 0.99 of them (measured on the 6 eval records, 16 tokens each: int8
+    0.771, int8-w4 0.594): the default budget is checked on the demo model, whose no-flag int8
+    build keeps >= 0.99 (tests/test_default_build.py). Here the floors are the measured values
+    less one answer's worth of tokens (1/6); what a wrong quantization does to a graph shows in
+    the SQNR tests.
+    """
+    from citrus_edge.metrics import token_agreement
     from citrus_edge.runtime.pipeline import Pipeline
 
-    report, out, _ = int8
-    bundle = tmp_path / "bundle"
-    shutil.copytree(out, bundle)
-    write_manifest(bundle, {"components": bundle_components(bundle)})
-    pipe = Pipeline.from_bundle(bundle, max_new_tokens=16)
-    record = read_manifest(data[2], "eval")[0]
-    result = pipe(load_image(record.abs_image(data[2].parent)).pixels, record.prompt)
-    assert len(result.token_ids) >= 1
-    assert report.measured["n_records"] == 6 and report.measured["token_agreement"] > 0.5
+    report, out, _ = request.getfixturevalue({"int8": "int8", "int8-w4": "int8_w4"}[recipe])
+    fp32 = Pipeline.from_bundle(_as_bundle(data[1], tmp_path / "fp32"), max_new_tokens=16)
+    quant = Pipeline.from_bundle(_as_bundle(out, tmp_path / recipe), max_new_tokens=16)
+    records = read_manifest(data[2], "eval")
+    agreements = []
+    for record in records:
+        rgb = load_image(record.abs_image(data[2].parent)).pixels
+        a, b = fp32(rgb, record.prompt), quant(rgb, record.prompt)
+        assert len(a.token_ids) == 16 and len(b.token_ids) >= 1, record.id
+        agreements.append(token_agreement(a.token_ids, b.token_ids))
+    print(recipe, np.round(agreements, 3))
+    assert len(records) == report.measured["n_records"] == 6
+    assert np.mean(agreements) == pytest.approx(report.measured["token_agreement"], abs=1e-12)
+    floor = {"int8": 0.771, "int8-w4": 0.594}[recipe] - 1 / 6
+    assert report.measured["token_agreement"] >= floor
+    assert max(agreements) == 1.0  # some answers survive whole: the graphs compute the model
 
 
 def test_out_dir_is_never_clobbered(int8, data, tmp_path):

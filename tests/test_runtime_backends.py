@@ -48,6 +48,79 @@ def test_cuda_provider_is_honoured_or_refused_never_dropped():
     assert "CUDAExecutionProvider" in pipe.vision.session.get_providers()
 
 
+def _fake_distributions(monkeypatch, installed: dict[str, str]) -> None:
+    """Make `importlib.metadata` report exactly `installed` (name -> version) as installed."""
+    from importlib import metadata
+
+    from citrus_edge.runtime import onnxruntime_flavour
+
+    def version(name):
+        if name in installed:
+            return installed[name]
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(onnxruntime_flavour.metadata, "version", version)
+
+
+def test_runtime_refuses_to_start_without_onnx_runtime(monkeypatch):
+    from citrus_edge.runtime.onnxruntime_flavour import check_onnxruntime, installed_flavours
+
+    plain = bundle("plain")  # built before the environment is faked
+    _fake_distributions(monkeypatch, {"numpy": "2.0"})
+    assert installed_flavours() == []
+    for start in (
+        check_onnxruntime,
+        lambda: create_backend("onnxruntime"),
+        lambda: Pipeline.from_bundle(plain),
+    ):
+        with pytest.raises(OnnxRuntimeSetupError, match="ONNX Runtime is not installed") as e:
+            start()
+        assert "pip install 'citrus-edge[cpu]'" in str(e.value)
+        assert "'citrus-edge[gpu]'" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "flavours",
+    [
+        ("onnxruntime", "onnxruntime-gpu"),
+        ("onnxruntime-gpu", "onnxruntime-openvino"),
+        ("onnxruntime", "onnxruntime-directml", "onnxruntime-gpu"),
+    ],
+)
+def test_runtime_refuses_to_start_with_two_onnx_runtime_flavours(monkeypatch, flavours):
+    from citrus_edge.runtime.onnxruntime_flavour import check_onnxruntime, installed_flavours
+
+    plain = bundle("plain")
+    _fake_distributions(monkeypatch, dict.fromkeys(flavours, "1.20.1"))
+    assert sorted(installed_flavours()) == sorted(flavours)
+    for start in (check_onnxruntime, lambda: Pipeline.from_bundle(plain)):
+        with pytest.raises(OnnxRuntimeSetupError, match="several ONNX Runtime builds") as e:
+            start()
+        msg = str(e.value)
+        assert f"pip uninstall -y {' '.join(installed_flavours())}" in msg
+        assert all(f in msg for f in flavours)
+
+
+@pytest.mark.parametrize("flavour", ["onnxruntime", "onnxruntime-gpu"])
+def test_one_flavour_is_accepted_and_named(monkeypatch, flavour):
+    from citrus_edge.runtime.onnxruntime_flavour import check_onnxruntime
+
+    _fake_distributions(monkeypatch, {flavour: "1.20.1", "numpy": "2.0"})
+    assert check_onnxruntime() == flavour
+    assert create_backend("onnxruntime").flavour == flavour
+
+
+def test_a_flavour_that_does_not_import_is_refused(monkeypatch):
+    import sys
+
+    from citrus_edge.runtime.onnxruntime_flavour import check_onnxruntime
+
+    _fake_distributions(monkeypatch, {"onnxruntime-gpu": "1.20.1"})
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` fails
+    with pytest.raises(OnnxRuntimeSetupError, match="onnxruntime-gpu is installed but does not"):
+        check_onnxruntime()
+
+
 def test_tensorrt_backend_takes_no_providers():
     with pytest.raises(RuntimeSetupError, match="TensorrtExecutionProvider"):
         create_backend("tensorrt", ["CUDAExecutionProvider"])
