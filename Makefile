@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export PYTHONHASHSEED := 0
 
-.PHONY: install test test-slow test-defaults lint format demo demo-model data bench clean
+.PHONY: install test test-slow test-defaults mutation lint format demo demo-model data bench bench-scale clean
 
 $(BIN)/citrus-edge: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -23,6 +23,11 @@ test: install
 
 test-slow: install
 	$(BIN)/pytest -q -m slow
+
+# Mutants of the shared host code (postprocess, boxes, preprocess, decode) against the tests,
+# on a temporary copy of the tree; exits 1 below 90 % killed on a file (minutes).
+mutation: install
+	$(BIN)/python scripts/mutation_check.py
 
 # The slow tests that guard a path users get without flags (e.g. `make demo`'s no-flag build).
 test-defaults: install
@@ -51,6 +56,11 @@ demo: install
 bench: install
 	$(BIN)/python scripts/bench.py
 	$(BIN)/python scripts/bench_phantoms.py --n 100 --set-n 500
+
+# Not in `make test`: builds the 8B-width slice (1.45 B random parameters; minutes, ~10+ GB RAM)
+# and prints seconds and peak RSS per stage. BENCH_SCALE_ARGS="--target cpu:int8" for more.
+bench-scale: install
+	$(BIN)/python scripts/bench_scale.py $(BENCH_SCALE_ARGS)
 
 # Resumable: re-run after an interruption. Ships the result as the package's demo model.
 demo-model: install

@@ -10,6 +10,7 @@ bundle and no scratch folder, and does not damage the previous one.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import shutil
 import tempfile
@@ -111,13 +112,16 @@ def _build_in(
 
     progress("export")
     fp32_dir = scratch / "fp32"
-    model = load_checkpoint(cfg.model_dir)
+    # The model is loaded for this call only: export frees each part once exported (peak
+    # memory), and nothing is left of it before quantization loads what it needs.
     export_all(
-        model,
+        load_checkpoint(cfg.model_dir),
         fp32_dir,
         source_hash=checkpoint_source_hash(cfg.model_dir),
         tokenizer_json=cfg.model_dir / "tokenizer.json",
+        release_weights=True,
     )
+    gc.collect()
     graphs_dir, quant = fp32_dir, None
     if any(p in LOW_BIT for _, p in recipe.items()):
         progress("quantize")
@@ -267,17 +271,22 @@ def measure_accuracy(cfg: BuildConfig, bundle_dir: Path, target: Target, recipe:
 
     manifest = cfg.eval_data or default_phantom_manifest()
     records = read_manifest(manifest, split="eval")[: cfg.eval_limit]
+    # One after the other, the PyTorch model freed before the bundle opens: both at once would
+    # hold the weights twice (the 8B: 34 GB fp32 in torch + the bundle's graphs).
     ref = _Recording(ReferencePipeline.from_checkpoint(cfg.model_dir))
-    run = _Recording(Pipeline.from_bundle(bundle_dir))
     ref_report = evaluate(ref, records, manifest.parent)
+    ref_results = ref.results
+    del ref
+    gc.collect()
+    run = _Recording(Pipeline.from_bundle(bundle_dir))
     report = evaluate(run, records, manifest.parent)
     agree = [
         token_agreement(a.token_ids, b.token_ids)
-        for a, b in zip(ref.results, run.results, strict=True)
+        for a, b in zip(ref_results, run.results, strict=True)
     ]
     ious = [
         mask_iou(ma, mb)
-        for a, b in zip(ref.results, run.results, strict=True)
+        for a, b in zip(ref_results, run.results, strict=True)
         for ma, mb in zip(a.masks, b.masks, strict=False)  # counts may differ
     ]
     return {

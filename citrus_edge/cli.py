@@ -49,6 +49,8 @@ data_app = _typer("Calibration and evaluation data.")
 app.add_typer(data_app, name="data")
 engines_app = _typer("TensorRT engines, compiled on the target device.")
 app.add_typer(engines_app, name="engines")
+model_app = _typer("Model checkpoints.")
+app.add_typer(model_app, name="model")
 # stderr: progress and errors; stdout (`_stdout()`): tables and JSON. Neither parses markup,
 # so user text and error messages print exactly as they are.
 console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -93,6 +95,61 @@ def main(
 def _verbose_after_command(ctx: Any, param: Any, value: bool) -> None:
     if value:
         logging.getLogger().setLevel(logging.INFO)
+
+
+def _ints(text: str, what: str) -> tuple[int, ...]:
+    """`1,2,3` -> (1, 2, 3); `none` or empty -> ()."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError as e:
+        raise typer.BadParameter(f"{text!r}: expected {what}, comma-separated") from e
+
+
+@model_app.command("slice")
+def model_slice(
+    out: Annotated[Path, typer.Option(help="Checkpoint directory to write (new or empty).")],
+    preset: Annotated[
+        str, typer.Option(help="Preset whose widths to keep: citrus-v-8b, citrus-v-demo, ...")
+    ] = "citrus-v-8b",
+    llm_layers: Annotated[
+        int | None, typer.Option(min=1, help="LLM decoder layers [default: the preset's].")
+    ] = None,
+    vision_blocks: Annotated[
+        int | None, typer.Option(min=1, help="Vision transformer blocks [default: the preset's].")
+    ] = None,
+    full_attention: Annotated[
+        str | None,
+        typer.Option(
+            help="Indexes of the vision blocks with full attention, e.g. 1 or 7,15 (`none`) "
+            "[default: the preset's below --vision-blocks, else the last block]."
+        ),
+    ] = None,
+    hiera_blocks: Annotated[
+        str | None,
+        typer.Option(help="Hiera blocks per stage, e.g. 1,2,3,1 [default: the preset's]."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+) -> None:
+    """Write a random-weights checkpoint of a preset's widths at chosen depths (a slice).
+
+    Official layout plus a stand-in tokenizer with the model's special-token ids (Qwen2.5's
+    151643-151667 for citrus-v-8b), so every command accepts it.
+    """
+    from citrus_edge.slice import SliceConfig
+
+    hiera = _ints(hiera_blocks, "4 block counts") if hiera_blocks is not None else None
+    full = _ints(full_attention, "block indexes") if full_attention is not None else None
+    cfg = SliceConfig(preset, llm_layers, vision_blocks, full, hiera, seed)  # type: ignore[arg-type]
+    from citrus_edge.checkpoint import check_checkpoint_out
+
+    check_checkpoint_out(out)  # before torch builds gigabytes of weights
+    from citrus_edge.slice import write_slice
+
+    with console.status(f"writing {cfg.name}"):
+        model_cfg = write_slice(cfg, out)
+    typer.echo(f"{out} ({model_cfg.name})")
 
 
 @data_app.command("phantoms")

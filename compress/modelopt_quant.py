@@ -49,6 +49,7 @@ import onnx
 from .calibrate import as_calibration_reader
 from .ort_isolation import ort_patches_undone
 from .ort_quant import skipped_ends
+from .qdq_check import QuantizedGraphError
 from .registry import Candidate, QuantRequest, UnsupportedQuantizationError, register_quantizer
 from .settings import ModelOptInt4Settings, ModelOptOnnxSettings, settings_to_dict
 
@@ -221,6 +222,8 @@ class ModelOptInt4Quantizer:
                 log_level="WARNING",
                 **_awq_options(s),
             )
+        if self.external:
+            adopt_external_data(Path(dst))
 
     def describe(self) -> dict:
         return {
@@ -233,6 +236,35 @@ class ModelOptInt4Quantizer:
             },
             "validated_by": "ort-reference",
         }
+
+
+def adopt_external_data(graph: Path) -> None:
+    """Rename the external data ModelOpt writes (`<name>.onnx_data`, or any other file name) to
+    ours (`<name>.onnx.data`, what the rest of compress/ and the bundle expect), rewriting the
+    tensors' `location` in place: offsets are unchanged, no weight is loaded."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    model = onnx.load(str(graph), load_external_data=False)
+    ours = f"{graph.name}.data"
+    renamed: set[str] = set()
+    for tensor in model.graph.initializer:
+        if not uses_external_data(tensor):
+            continue
+        location = ExternalDataInfo(tensor).location
+        if location == ours:
+            continue
+        renamed.add(location)
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = ours
+    if not renamed:
+        return
+    if len(renamed) > 1:
+        raise QuantizedGraphError(
+            f"{graph}: ModelOpt wrote external data to {sorted(renamed)}; one file was expected"
+        )
+    (graph.parent / renamed.pop()).rename(graph.parent / ours)
+    onnx.save(model, str(graph))
 
 
 def _awq_options(s: ModelOptInt4Settings) -> dict:

@@ -22,6 +22,11 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+from onnx.external_data_helper import (
+    ExternalDataInfo,
+    _get_all_tensors,
+    uses_external_data,
+)
 
 from citrus_edge.atomic import umask_mode
 from citrus_edge.model import CitrusV
@@ -40,6 +45,10 @@ from .validate import OutputError, validate_graph
 log = logging.getLogger(__name__)
 
 EXPORTER = "torch.onnx.export (TorchScript, dynamo=False)"
+# Opset of graphs over 2 GiB: the TorchScript exporter's highest (ReduceMean takes `axes` as an
+# input from 18; INT4 Q/DQ needs 21, a relabelling from 20 changes no operator we use).
+LARGE_GRAPH_OPSET = 20
+ALIGN = 4096  # byte alignment of each tensor in a graph's external data file
 
 
 @dataclass(frozen=True)
@@ -121,13 +130,15 @@ def _export_validated(
     staging = Path(tempfile.mkdtemp(prefix=f".{spec.component}.", dir=out_dir))
     try:
         wrapper = component.wrapper(model).eval()
-        proto = _torch_export(wrapper, spec, staging / "raw", cfg.opset)
+        raw_dir = staging / "raw"
+        external = _weight_bytes(wrapper) > cfg.external_data_bytes
+        proto = _torch_export(wrapper, spec, raw_dir, graph_opset(cfg.opset, external))
         _declare_shapes(proto.graph, spec)
         staged = _save_graph(
-            proto,
-            staging / f"{spec.component}.onnx",
-            external=_weight_bytes(wrapper) > cfg.external_data_bytes,
+            proto, staging / f"{spec.component}.onnx", external=external, raw_dir=raw_dir
         )
+        del proto
+        shutil.rmtree(raw_dir)
         samples = [spec.make_sample(c, seed) for seed, c in enumerate(spec.validation_cases, 1)]
         reference = functools.partial(component.reference, model)
         errors = validate_graph(staged[0], spec, samples, reference)
@@ -138,6 +149,14 @@ def _export_validated(
     return [out_dir / f.name for f in staged], errors
 
 
+def graph_opset(opset: int, external: bool) -> int:
+    """The opset a graph is exported at: `opset`, or at least LARGE_GRAPH_OPSET for a graph
+    whose weights go to external data. Tools cannot version-convert such a graph: the
+    converter serializes the whole graph, over protobuf's 2 GiB (ModelOpt's INT4 AWQ then falls
+    back to relabelling the opset, which leaves ReduceMean's opset-17 `axes` attribute invalid)."""
+    return max(opset, LARGE_GRAPH_OPSET) if external else opset
+
+
 def _weight_bytes(module: torch.nn.Module) -> int:
     tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
     return sum(t.numel() * t.element_size() for t in tensors.values())
@@ -146,7 +165,12 @@ def _weight_bytes(module: torch.nn.Module) -> int:
 def _torch_export(
     wrapper: torch.nn.Module, spec: GraphSpec, raw_dir: Path, opset: int
 ) -> onnx.ModelProto:
-    """Trace `wrapper` on the spec's export sample; returns the graph with its weights loaded."""
+    """Trace `wrapper` on the spec's export sample into `raw_dir`; returns the graph.
+
+    Over 2 GiB the exporter writes each weight to its own file in `raw_dir`; those stay on disk
+    (the proto holds references, not a second copy of the weights) until `_save_graph` streams
+    them into the graph's one data file.
+    """
     sample: Sample = spec.make_sample(spec.export_case, 0)
     spec.check_feeds(sample.feeds)
     args = tuple(torch.from_numpy(sample.feeds[n]) for n in spec.input_names)
@@ -167,15 +191,26 @@ def _torch_export(
         )
     for w in caught:  # tracer warnings; frozen sizes are caught by validation instead
         log.debug("%s export: %s", spec.component, w.message)
-    proto = onnx.load(str(raw), load_external_data=True)
-    shutil.rmtree(raw_dir)
-    return proto
+    return onnx.load(str(raw), load_external_data=False)
 
 
-def _save_graph(proto: onnx.ModelProto, path: Path, external: bool) -> list[Path]:
-    """Save (weights in one `<name>.onnx.data` file when `external`) and check the graph."""
+def _save_graph(
+    proto: onnx.ModelProto, path: Path, external: bool, raw_dir: Path | None = None
+) -> list[Path]:
+    """Save (weights in one `<name>.onnx.data` file when `external`) and check the graph.
+
+    Tensors the exporter left in files under `raw_dir` are copied into the data file one at a
+    time, so the weights are never held in memory here. The checker runs with full shape
+    inference (`full_check`).
+    """
     files = [path]
-    if external:
+    if any(uses_external_data(t) for t in _get_all_tensors(proto)):
+        if raw_dir is None:
+            raise RuntimeError(f"{path.name}: the graph has external tensors and no raw_dir")
+        files.append(path.with_name(path.name + ".data"))
+        _gather_external(proto, raw_dir, files[1])
+        onnx.save_model(proto, str(path))
+    elif external:
         files.append(path.with_name(path.name + ".data"))
         onnx.save_model(
             proto,
@@ -188,8 +223,54 @@ def _save_graph(proto: onnx.ModelProto, path: Path, external: bool) -> list[Path
         os.chmod(files[1], umask_mode(0o666))  # onnx writes external data owner-only (0600)
     else:
         onnx.save_model(proto, str(path))
-    onnx.checker.check_model(str(path))
+    onnx.checker.check_model(str(path), full_check=True)
     return files
+
+
+def opset_of(path: Path) -> int:
+    """The default-domain opset a saved graph declares (its weights are not read)."""
+    proto = onnx.load(str(path), load_external_data=False)
+    return max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _gather_external(proto: onnx.ModelProto, src_dir: Path, data_path: Path) -> None:
+    """Copy every external tensor of `proto` (files in `src_dir`) into `data_path`, tensor by
+    tensor, and point the tensors there. Offsets are 4 KiB-aligned, so a runtime may map them."""
+    offset = 0
+    with open(data_path, "wb") as out:  # a new file: its mode follows the umask
+        for tensor in _get_all_tensors(proto):
+            if not uses_external_data(tensor):
+                continue
+            info = ExternalDataInfo(tensor)
+            src = src_dir / info.location
+            start = info.offset or 0
+            length = info.length if info.length is not None else src.stat().st_size - start
+            out.write(b"\0" * (-offset % ALIGN))
+            offset += -offset % ALIGN
+            with open(src, "rb") as fh:
+                fh.seek(start)
+                copied = _copy_bytes(fh, out, length)
+            if copied != length:
+                raise RuntimeError(f"{src.name}: {copied} bytes, the graph says {length}")
+            del tensor.external_data[:]  # (onnx's set_external_data wants the bytes in memory)
+            for key, value in (
+                ("location", data_path.name),
+                ("offset", offset),
+                ("length", length),
+            ):
+                tensor.external_data.add(key=key, value=str(value))
+            offset += length
+
+
+def _copy_bytes(src: Any, dst: Any, n: int, chunk: int = 64 << 20) -> int:
+    done = 0
+    while done < n:
+        block = src.read(min(chunk, n - done))
+        if not block:
+            break
+        dst.write(block)
+        done += len(block)
+    return done
 
 
 def _declare_shapes(graph: onnx.GraphProto, spec: GraphSpec) -> None:
@@ -233,7 +314,7 @@ def _manifest(
         "external_data": external,
         **spec.to_dict(),
         "precision": "float32",
-        "opset": export_cfg.opset,
+        "opset": opset_of(files[0]),
         "exporter": EXPORTER,
         "versions": library_versions(),
         "model_config": model.config.name,

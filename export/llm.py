@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 NAME = "llm"
 EMBEDDINGS_FILE = "embeddings.npy"
+MAX_TENSOR_BYTES = 1 << 30  # largest single weight in the graph (protobuf's limit is 2 GiB)
 # Traced sample: batch 2, 3 new tokens after 4 cached ones, row 1 left-padded by 2.
 EXPORT_CASE = {"batch": 2, "seq": 3, "past": 4, "pad": 2}
 VALIDATION_CASES = (
@@ -72,6 +73,15 @@ class LlmStepExport(nn.Module):
         super().__init__()
         self.lm = model.mllm.model.language_model
         self.lm_head = model.mllm.lm_head
+        # A head over MAX_TENSOR_BYTES goes in as vocabulary slices (views, no copy): the 8B's
+        # is 2.2 GB fp32, and graph tools that hold a graph in one protobuf (ModelOpt's ONNX
+        # quantizer) cannot serialize a single tensor over 2 GiB.
+        rows = head_rows_per_slice(self.lm_head.weight)
+        self.head_slices = nn.ParameterList(
+            [nn.Parameter(w, requires_grad=False) for w in self.lm_head.weight.split(rows)]
+            if rows < self.lm_head.weight.shape[0]
+            else []
+        )
 
     def forward(
         self,
@@ -88,7 +98,11 @@ class LlmStepExport(nn.Module):
             h, k, v = self._layer(layer, h, cos, sin, bias, past[2 * i], past[2 * i + 1])
             presents += [k, v]
         hidden = self.lm.norm(h)  # [B, S, H]
-        return (self.lm_head(hidden), hidden, *presents)
+        if len(self.head_slices):
+            logits = torch.cat([hidden @ w.t() for w in self.head_slices], dim=-1)  # [B, S, V]
+        else:
+            logits = self.lm_head(hidden)  # [B, S, V]
+        return (logits, hidden, *presents)
 
     @staticmethod
     def _layer(
@@ -115,6 +129,13 @@ class LlmStepExport(nn.Module):
         h = h + attn.o_proj(out)
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         return h, k, v
+
+
+def head_rows_per_slice(weight: torch.Tensor) -> int:
+    """Vocabulary rows per `lm_head` slice so that no slice exceeds `MAX_TENSOR_BYTES`."""
+    vocab = weight.shape[0]
+    n = -(-weight.numel() * weight.element_size() // MAX_TENSOR_BYTES)  # ceil
+    return -(-vocab // max(1, n))
 
 
 def llm_spec(cfg: CitrusVConfig, export_cfg: ExportConfig) -> GraphSpec:

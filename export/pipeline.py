@@ -8,12 +8,15 @@ beside `out_dir` and renamed into place once every graph has been validated.
 
 from __future__ import annotations
 
+import gc
 import logging
 import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from citrus_edge.atomic import make_staging_dir
 from citrus_edge.bundle import replace_directory, sigterm_cleanup
@@ -48,6 +51,7 @@ def export_all(
     tokenizer_json: Path | None = None,
     opset: int = 17,
     overwrite: bool = False,
+    release_weights: bool = False,
 ) -> dict[str, Any]:
     """Export, validate and describe every component of `model` into `out_dir`.
 
@@ -62,6 +66,11 @@ def export_all(
             `manifest.random_source_hash(config_name)` for a random model.
         tokenizer_json: copied beside the graphs when given.
         opset: ONNX opset (>= 17).
+        release_weights: free each part of `model`'s weights once nothing left to export needs
+            it (the embedding table once written, each graph's modules once validated), so the
+            torch weights and a graph's copies are not all held at once (the 8B-width slice:
+            the table alone is 2.2 GB). `model` is unusable afterwards: pass a model loaded for
+            this call only (`build` does).
 
     Returns the content of `export_manifest.json`. Raises `ExportValidationError` when a graph
     disagrees with PyTorch, `FileExistsError` (`bundle.OutputFolderError`) for an `out_dir`
@@ -80,13 +89,19 @@ def export_all(
     with sigterm_cleanup():
         staging = make_staging_dir(out_dir, "exporting")
         try:
-            results = [
-                export_component(
-                    name, model, staging, source_hash=source_hash, export_cfg=export_cfg
-                )
-                for name in REGISTRY
-            ]
+            # The table first: no graph reads it (token lookup is on the host).
             embeddings = write_embeddings(model, staging, source_hash)
+            if release_weights:
+                _release(model, "embeddings")
+            results = []
+            for name in REGISTRY:
+                results.append(
+                    export_component(
+                        name, model, staging, source_hash=source_hash, export_cfg=export_cfg
+                    )
+                )
+                if release_weights:
+                    _release(model, name)
             model.config.save(staging / "config.json")
             if tokenizer_json is not None:
                 shutil.copyfile(tokenizer_json, staging / "tokenizer.json")
@@ -103,6 +118,29 @@ def export_all(
             raise
     _log_summary(results, out_dir, seconds)
     return manifest
+
+
+def _released_modules(model: CitrusV, part: str) -> list[torch.nn.Module]:
+    """Modules no later step of `export_all` reads once `part` is done (registry order:
+    embeddings, llm, sam_encoder, mask_decoder, vision)."""
+    lm = model.mllm.model.language_model
+    return {
+        "embeddings": [lm.embed_tokens],
+        "llm": [lm.layers, lm.norm, model.mllm.lm_head],
+        "sam_encoder": [model.sam2.vision_encoder],
+        "vision": [model.mllm.model.visual],
+    }.get(part, [])
+
+
+def _release(model: CitrusV, part: str) -> None:
+    """Replace the parameters of `part`'s modules by empty tensors, freeing their memory."""
+    freed = 0
+    for module in _released_modules(model, part):
+        for p in module.parameters():
+            freed += p.numel() * p.element_size()
+            p.data = torch.empty(0, dtype=p.dtype)
+    gc.collect()
+    log.info("%s done: released %.2f GB of torch weights", part, freed / 1e9)
 
 
 def _move_into_place(staging: Path, out_dir: Path) -> None:

@@ -245,3 +245,35 @@ def test_unfused_awq_lite_writes_int4_weights(tmp_path):
     assert len(pre_scale_muls) == 2  # one AWQ input scale per weight, the norm weight untouched
     original = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(src)).graph.initializer}
     assert np.array_equal(numpy_helper.to_array(inits["norm_w"]), original["norm_w"])
+
+
+def test_external_data_modelopt_names_its_own_way_is_adopted(tmp_path):
+    """ModelOpt writes a large INT4 graph's weights as `llm.onnx_data`; the bundle and the
+    structural check expect `llm.onnx.data`: the file is renamed and the tensors point to it."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    from citrus_edge.compress.modelopt_quant import adopt_external_data
+
+    weight = np.arange(64, dtype=np.float32).reshape(8, 8)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 8])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    path = tmp_path / "llm.onnx"
+    onnx.save_model(
+        helper.make_model(graph),
+        str(path),
+        save_as_external_data=True,
+        location="llm.onnx_data",
+        size_threshold=0,
+    )
+    adopt_external_data(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llm.onnx", "llm.onnx.data"]
+    loaded = onnx.load(str(path))  # reads the renamed file
+    np.testing.assert_array_equal(numpy_helper.to_array(loaded.graph.initializer[0]), weight)
+    adopt_external_data(path)  # already ours: nothing changes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llm.onnx", "llm.onnx.data"]
