@@ -108,3 +108,51 @@ def test_export_refuses_a_users_folder_before_loading_the_model(capsys, tmp_path
         assert "notes.txt" in err or "exists" in err
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
     assert (out / "notes.txt").read_text() == "keep me"
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tiny_checkpoint, tmp_path_factory) -> Path:
+    from citrus_edge.checkpoint import load_checkpoint
+    from citrus_edge.export import export_all
+
+    out = tmp_path_factory.mktemp("tiny-export") / "fp32"
+    export_all(
+        load_checkpoint(tiny_checkpoint),
+        out,
+        source_hash="random:citrus-v-tiny",
+        tokenizer_json=tiny_checkpoint / "tokenizer.json",
+    )
+    return out
+
+
+def test_quantize_writes_the_recipe_and_prints_its_table(
+    capsys, tiny_export, small_phantom_set, tmp_path
+):
+    # The random TINY weights meet no accuracy budget (token agreement ~0.55), so the gate is
+    # opened here to test the command; the default budget is tested on the demo model
+    # (tests/test_default_build.py, tests/test_quantize_budget.py).
+    out = tmp_path / "int8"
+    code, printed, err = cli(
+        capsys, "quantize", str(tiny_export), "--out", str(out), "--precision", "int8",
+        "--calib", str(small_phantom_set), "--budget", "dice=100,tokens=0",
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads((out / "quantize_report.json").read_text())
+    assert report["recipe"]["name"] == "int8" and report["target"] == "cpu"
+    assert report["budget"]["min_token_agreement"] == 0.0
+    assert 0 < report["payload_ratio"] < 0.6
+    assert set(report["components"]) == {"vision", "llm", "sam_encoder", "mask_decoder"}
+    assert "SQNR" in printed and "token_agreement" in printed  # the table and its caption
+    code, _, err = cli(capsys, "quantize", str(tiny_export), "--out", str(out))
+    assert code == 1 and "exists" in err and len(err.strip().splitlines()) == 1
+
+
+def test_engines_build_without_tensorrt_says_what_to_install(capsys, tiny_checkpoint, tmp_path):
+    from citrus_edge.build import BuildConfig, build
+
+    bundle = tmp_path / "orin"
+    build(BuildConfig("orin-nano-8", tiny_checkpoint, recipe="fp16", eval_limit=1), bundle)
+    code, _, err = cli(capsys, "engines", "build", str(bundle))
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: TensorRTUnavailableError: ") and "JetPack" in err
+    assert not (tmp_path / "orin-engines").exists()  # nothing half-built
