@@ -12,29 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures import tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
 from citrus_edge.bundle import BundleError, load_bundle, sha256_file
 from citrus_edge.cli import app
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> Path:
-    from citrus_edge.checkpoint import save_checkpoint
-
-    root = tmp_path_factory.mktemp("ckpt")
-    tok = root / "tokenizer.json"
-    tiny_tokenizer().save(str(tok))
-    save_checkpoint(tiny_model(), root / "tiny", tokenizer_json=tok)
-    return root / "tiny"
-
-
-@pytest.fixture(scope="module")
-def phantoms(tmp_path_factory) -> Path:
-    from citrus_edge.calib_data.phantom_set import write_phantom_set
-
-    return write_phantom_set(tmp_path_factory.mktemp("ph") / "set", n=10, seed=3)
 
 
 def _build(ckpt, out, data, *extra):
@@ -43,14 +24,16 @@ def _build(ckpt, out, data, *extra):
 
 
 @pytest.fixture(scope="module")
-def cpu_bundle(tiny_ckpt, phantoms, tmp_path_factory) -> Path:
+def cpu_bundle(tiny_checkpoint, small_phantom_set, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("b") / "bundle"
-    res = _build(tiny_ckpt, out, phantoms, "--target", "cpu", "--precision", "fp32")
+    res = _build(tiny_checkpoint, out, small_phantom_set, "--target", "cpu", "--precision", "fp32")
     assert res.exit_code == 0, res.output
     return out
 
 
-def test_fp8_on_orin_is_refused_naming_capable_targets(tiny_ckpt, phantoms, tmp_path):
+def test_fp8_on_orin_is_refused_naming_capable_targets(
+    tiny_checkpoint, small_phantom_set, tmp_path
+):
     res = CliRunner().invoke(
         app,
         ["build", "--target", "orin-nano-8", "--precision", "fp8", "--out", str(tmp_path / "b")],
@@ -82,17 +65,19 @@ def _reference_answer(ckpt, image, prompt):
     return pipe(load_image(image).pixels, prompt)
 
 
-def test_run_uses_the_bundle_and_altered_byte_is_refused(cpu_bundle, tiny_ckpt, phantoms, tmp_path):
+def test_run_uses_the_bundle_and_altered_byte_is_refused(
+    cpu_bundle, tiny_checkpoint, small_phantom_set, tmp_path
+):
     import shutil
 
-    image = next((phantoms.parent / "images").glob("*.dcm"))
+    image = next((small_phantom_set.parent / "images").glob("*.dcm"))
     res = CliRunner().invoke(app, ["run", str(cpu_bundle), str(image), "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
     out = json.loads((tmp_path / f"{image.stem}.json").read_text())
     assert out["bundle_id"] == load_bundle(cpu_bundle).bundle_id
     # what the fp32 bundle answered is the PyTorch model's answer on that image: the same 96
     # greedy tokens (the random TINY model never stops early), text and log-probabilities
-    ref = _reference_answer(tiny_ckpt, image, out["prompt"])
+    ref = _reference_answer(tiny_checkpoint, image, out["prompt"])
     assert out["prompt"] == "Please help segment the lesion in this scan."  # the CLI's default
     assert len(out["token_ids"]) == 96 and out["stopped_by"] == "max_new_tokens"
     assert out["token_ids"] == ref.token_ids and out["text"] == ref.text
@@ -111,9 +96,11 @@ def test_run_uses_the_bundle_and_altered_byte_is_refused(cpu_bundle, tiny_ckpt, 
         Pipeline.from_bundle(bad)
 
 
-def test_orin_portable_bundle_has_engine_plan(tiny_ckpt, phantoms, tmp_path):
+def test_orin_portable_bundle_has_engine_plan(tiny_checkpoint, small_phantom_set, tmp_path):
     out = tmp_path / "orin"
-    res = _build(tiny_ckpt, out, phantoms, "--target", "orin-agx-64", "--precision", "fp16")
+    res = _build(
+        tiny_checkpoint, out, small_phantom_set, "--target", "orin-agx-64", "--precision", "fp16"
+    )
     assert res.exit_code == 0, res.output
     m = load_bundle(out).manifest
     plan = json.loads((out / "engine_plan.json").read_text())
@@ -126,14 +113,24 @@ def test_orin_portable_bundle_has_engine_plan(tiny_ckpt, phantoms, tmp_path):
     assert m["accuracy"]["measured"]  # fp32 ONNX graphs, scored with ORT
 
 
-def test_killed_build_leaves_previous_bundle_intact(cpu_bundle, tiny_ckpt, phantoms, tmp_path):
+def test_killed_build_leaves_previous_bundle_intact(
+    cpu_bundle, tiny_checkpoint, small_phantom_set, tmp_path
+):
     import shutil
 
     out = tmp_path / "bundle"
     shutil.copytree(cpu_bundle, out)
     before = load_bundle(out).bundle_id
     cmd = [sys.executable, "-m", "citrus_edge.cli", "build", "--target", "cpu", "--precision"]
-    cmd += ["fp32", "--model", str(tiny_ckpt), "--out", str(out), "--eval", str(phantoms)]
+    cmd += [
+        "fp32",
+        "--model",
+        str(tiny_checkpoint),
+        "--out",
+        str(out),
+        "--eval",
+        str(small_phantom_set),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline, writing = time.time() + 120, False
     while time.time() < deadline and not writing:  # kill once the export is writing graphs
@@ -147,7 +144,7 @@ def test_killed_build_leaves_previous_bundle_intact(cpu_bundle, tiny_ckpt, phant
 
 
 def test_sigterm_during_build_removes_scratch_and_keeps_previous_bundle(
-    cpu_bundle, tiny_ckpt, phantoms, tmp_path
+    cpu_bundle, tiny_checkpoint, small_phantom_set, tmp_path
 ):
     import shutil
 
@@ -155,7 +152,15 @@ def test_sigterm_during_build_removes_scratch_and_keeps_previous_bundle(
     shutil.copytree(cpu_bundle, out)
     before = load_bundle(out).bundle_id
     cmd = [sys.executable, "-m", "citrus_edge.cli", "build", "--target", "cpu", "--precision"]
-    cmd += ["fp32", "--model", str(tiny_ckpt), "--out", str(out), "--eval", str(phantoms)]
+    cmd += [
+        "fp32",
+        "--model",
+        str(tiny_checkpoint),
+        "--out",
+        str(out),
+        "--eval",
+        str(small_phantom_set),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline, writing = time.time() + 120, False
     while time.time() < deadline and not writing:  # stop it once the export is writing graphs
