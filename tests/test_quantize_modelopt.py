@@ -277,3 +277,23 @@ def test_external_data_modelopt_names_its_own_way_is_adopted(tmp_path):
     np.testing.assert_array_equal(numpy_helper.to_array(loaded.graph.initializer[0]), weight)
     adopt_external_data(path)  # already ours: nothing changes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llm.onnx", "llm.onnx.data"]
+
+
+def test_int4_llm_with_external_data_passes_its_structural_check(tmp_path):
+    """The 8B's LLM graph lives in external data: ModelOpt writes its INT4 scales there too, and
+    the structural check must read them beside the graph (it read them from the working
+    directory, so the slice's default Orin build failed with 'not regular file')."""
+    from fixtures import tiny_export_with_phantoms
+
+    from citrus_edge.compress.quantize import quantize
+
+    _, export, manifest = tiny_export_with_phantoms(tmp_path, n_phantoms=6)
+    llm = onnx.load(str(export / "llm.onnx"))
+    onnx.save_model(
+        llm, str(export / "llm.onnx"), save_as_external_data=True,
+        location="llm.onnx.data", size_threshold=0,
+    )  # fmt: skip
+    report = quantize(export, "fp16-w4", "orin-agx-64", manifest, None, tmp_path / "q")
+    assert report.components["llm"].check["ok"], report.components["llm"].check
+    assert (tmp_path / "q" / "llm.onnx.data").is_file()
+    assert not list((tmp_path / "q").glob("*.onnx_data"))
