@@ -38,8 +38,8 @@ def load_tokenizer(path: Path) -> Tokenizer:
     return Tokenizer.from_file(str(path))
 
 
-def build_demo_tokenizer(corpus: Iterable[str], vocab_size: int) -> Tokenizer:
-    """Byte-level BPE over the report vocabulary, digits split one per token, Qwen specials."""
+def _train_byte_bpe(corpus: Iterable[str], vocab_size: int, specials: Iterable[str]) -> Tokenizer:
+    """Byte-level BPE trained on `corpus`, digits split one per token (as in Qwen2)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -50,11 +50,17 @@ def build_demo_tokenizer(corpus: Iterable[str], vocab_size: int) -> Tokenizer:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(DEMO_SPECIALS),
+        special_tokens=list(specials),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(corpus, trainer=trainer)
+    tok.train_from_iterator(list(corpus), trainer=trainer)
+    return tok
+
+
+def build_demo_tokenizer(corpus: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Byte-level BPE over the report vocabulary, digits split one per token, Qwen specials."""
+    tok = _train_byte_bpe(corpus, vocab_size, DEMO_SPECIALS)
     for i, s in enumerate(DEMO_SPECIALS):
         if tok.token_to_id(s) != i:
             raise RuntimeError(f"special token {s} got id {tok.token_to_id(s)}, expected {i}")
@@ -113,20 +119,7 @@ def build_qwen_standin_tokenizer(
     specials, `[SEG]` at 151665 and two reserved tokens: 151,668 ids, the 8B's `vocab_size`.
     For random-weights checkpoints of real width (`citrus_edge.slice`); it is not Qwen's BPE.
     """
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=bpe_size,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(list(corpus), trainer=trainer)
+    tok = _train_byte_bpe(corpus, bpe_size, ())
     data = json.loads(tok.to_str())
     vocab: dict[str, int] = data["model"]["vocab"]
     # Fillers: "~" then digits; digits are split one per pre-token, so no merge reaches them.
