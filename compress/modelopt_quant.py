@@ -295,7 +295,3 @@ def _check_int4(request: QuantRequest) -> None:
             f"llm: TensorRT int4 takes ModelOptInt4Settings, got {type(request.settings).__name__}"
         )
 
-
-register_quantizer("tensorrt", "int4", check=_check_int4)(
-    lambda request: ModelOptInt4Quantizer(request, request.settings)
-)

@@ -26,6 +26,7 @@ BUILTIN_MODULES = (
     "citrus_edge.compress.ort_quant",
     "citrus_edge.compress.modelopt_quant",
     "citrus_edge.compress.modelopt_llm",
+    "citrus_edge.compress.int4_awq",
 )
 
 

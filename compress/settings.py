@@ -232,6 +232,37 @@ class ModelOptInt4Settings:
             raise ValueError(f"block_size must be a power of two >= 16, got {self.block_size}")
 
 
+@dataclass(frozen=True)
+class Int4AwqSettings:
+    """INT4 weight-only (W4A16, blocked DequantizeLinear, opset 21) of the LLM step graph for
+    TensorRT, weights streamed one at a time (`int4_awq`): AWQ-lite ("awq_lite": a per-input-
+    channel scale searched over alpha = 0, alpha_step, ..., 1 on at most `max_tokens` recorded
+    rows per MatMul input) or round-to-nearest ("rtn"). The default for the TensorRT targets'
+    int4 LLM; `ModelOptInt4Settings` selects ModelOpt's ONNX INT4 instead (small graphs only:
+    see `int4_awq` for its memory)."""
+
+    method: str = "awq_lite"
+    block_size: int = 128
+    alpha_step: float = 0.1
+    max_tokens: int = 256
+    nodes_to_exclude: tuple[str, ...] = ()
+    skip_first: int = 0
+    skip_last: int = 0
+    op_types: tuple[str, ...] = ("MatMul",)
+    scheme: str = "awq-lite-int4"
+
+    def __post_init__(self) -> None:
+        _check_common(self)
+        if self.method not in ("awq_lite", "rtn"):
+            raise ValueError(f"method {self.method!r} is not awq_lite or rtn")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 16, got {self.block_size}")
+        if not 0 < self.alpha_step <= 1:
+            raise ValueError(f"alpha_step must be in (0, 1], got {self.alpha_step}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+
+
 Settings = (
     StaticQdqSettings
     | DynamicSettings
@@ -239,6 +270,7 @@ Settings = (
     | ModelOptOnnxSettings
     | ModelOptLlmSettings
     | ModelOptInt4Settings
+    | Int4AwqSettings
 )
 
 
@@ -295,11 +327,12 @@ TRT_FP8 = ModelOptOnnxSettings(mode="fp8", op_types=("MatMul", "Gemm", "Conv"))
 # Q/DQ on (ModelOpt quantizes Add and Mul for int8); keep them float (ANCHORS.md pitfalls).
 TRT_VISION_INT8 = dataclasses.replace(TRT_INT8, op_types_to_exclude=("Add", "Mul"))
 TRT_VISION_FP8 = dataclasses.replace(TRT_FP8, op_types_to_exclude=("Add", "Mul"))
-# TensorRT LLM: ModelOpt PyTorch for int8 (SmoothQuant) and fp8; ModelOpt ONNX AWQ for int4,
-# block 128 (recipes.INT4_GROUP, the TensorRT Edge-LLM INT4-AWQ group size).
+# TensorRT LLM: ModelOpt PyTorch for int8 (SmoothQuant) and fp8; our streaming AWQ-lite for
+# int4 (`int4_awq`: ModelOpt's ONNX INT4 holds several copies of the weights and cannot write a
+# graph past 2 GB), block 128 (recipes.INT4_GROUP, the TensorRT Edge-LLM INT4-AWQ group size).
 TRT_LLM = {
     "int8": ModelOptLlmSettings(algorithm="smoothquant"),
-    "int4": ModelOptInt4Settings(method="awq_lite", block_size=128),
+    "int4": Int4AwqSettings(method="awq_lite", block_size=128),
     "fp8": ModelOptLlmSettings(algorithm="max"),
 }
 

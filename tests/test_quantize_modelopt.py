@@ -230,9 +230,9 @@ def test_modelopt_awq_fusion_defect_is_still_there(tmp_path):
 def test_unfused_awq_lite_writes_int4_weights(tmp_path):
     """The setting we ship: the same graph quantizes, each weight with its own AWQ scale."""
     from citrus_edge.compress.modelopt_quant import _awq_options
-    from citrus_edge.compress.settings import TRT_LLM
+    from citrus_edge.compress.settings import ModelOptInt4Settings
 
-    assert _awq_options(TRT_LLM["int4"]) == {"awqlite_fuse_nodes": False}
+    assert _awq_options(ModelOptInt4Settings()) == {"awqlite_fuse_nodes": False}
     src = _norm_then_two_gemms(tmp_path / "g.onnx")
     _awq_lite(src, tmp_path / "q.onnx", fuse=False)
     model = onnx.load(str(tmp_path / "q.onnx"))
@@ -280,9 +280,10 @@ def test_external_data_modelopt_names_its_own_way_is_adopted(tmp_path):
 
 
 def test_int4_llm_with_external_data_passes_its_structural_check(tmp_path):
-    """The 8B's LLM graph lives in external data: ModelOpt writes its INT4 scales there too, and
-    the structural check must read them beside the graph (it read them from the working
-    directory, so the slice's default Orin build failed with 'not regular file')."""
+    """The 8B's LLM graph lives in external data: the INT4 quantizer writes its weights and
+    scales there too, and the structural check must read them beside the graph (it read them
+    from the working directory, so the slice's default Orin build failed with 'not regular
+    file')."""
     from fixtures import tiny_export_with_phantoms
 
     from citrus_edge.compress.quantize import quantize
