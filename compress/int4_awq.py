@@ -476,7 +476,9 @@ def _ensure_opset(model: onnx.ModelProto) -> None:
         return
     if entry.version >= 20:
         if any(n.op_type == "GroupNormalization" for n in model.graph.node):
-            raise UnsupportedQuantizationError("llm: GroupNormalization changes meaning at opset 21")
+            raise UnsupportedQuantizationError(
+                "llm: GroupNormalization changes meaning at opset 21"
+            )
         entry.version = INT4_OPSET
         return
     converted = onnx.version_converter.convert_version(model, INT4_OPSET)

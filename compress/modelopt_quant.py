@@ -294,4 +294,3 @@ def _check_int4(request: QuantRequest) -> None:
         raise UnsupportedQuantizationError(
             f"llm: TensorRT int4 takes ModelOptInt4Settings, got {type(request.settings).__name__}"
         )
-
