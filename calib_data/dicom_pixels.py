@@ -35,7 +35,7 @@ from pydicom.pixels import (
 from pydicom.pixels.utils import get_expected_length, get_nr_frames
 from pydicom.uid import UID
 
-from .errors import (
+from .data_errors import (
     ImageTooLargeError,
     InvalidPixelValuesError,
     NoPixelDataError,

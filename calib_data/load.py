@@ -30,7 +30,7 @@ from .dicom_pixels import (
     choose_plugins,
     decode_frame,
 )
-from .errors import (
+from .data_errors import (
     FrameOutOfRangeError,
     ImageLoadError,
     ImageTooLargeError,

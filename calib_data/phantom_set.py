@@ -29,12 +29,9 @@ import numpy as np
 from PIL import Image
 
 from citrus_edge.atomic import make_staging_dir
+from citrus_edge.defaults import cache_dir
 from citrus_edge.preprocess import smart_resize
-
-from .dicom_writer import write_us_dicom
-from .manifest import MANIFEST_NAME, Record, split_of, write_manifest
-from .phantom import DEFAULT_CONFIG, Phantom, PhantomConfig, generate_phantom
-from .tasks import (
+from citrus_edge.tasks import (
     PROMPTS,
     TASKS,
     detect_answer,
@@ -42,6 +39,10 @@ from .tasks import (
     resize_box,
     segment_answer,
 )
+
+from .data_manifest import MANIFEST_NAME, Record, split_of, write_manifest
+from .dicom_writer import write_us_dicom
+from .phantom import DEFAULT_CONFIG, Phantom, PhantomConfig, generate_phantom
 
 log = logging.getLogger(__name__)
 
@@ -250,3 +251,14 @@ def _commit(staging: Path, out: Path, old_files: list[str], files: list[str]) ->
         if rel != MANIFEST_NAME:
             os.replace(staging / rel, out / rel)
     os.replace(staging / MANIFEST_NAME, out / MANIFEST_NAME)
+
+
+def default_phantom_manifest() -> Path:
+    """The default phantom set (generated on first use into the cache, then reused)."""
+    out = cache_dir() / f"phantoms-n{DEFAULT_SET.n}-seed{DEFAULT_SET.seed}"
+    manifest = out / MANIFEST_NAME
+    # Written again when missing or made for another demo input size (its detection answers
+    # are in the model's input pixels).
+    if not manifest.is_file() or written_spec(out) != resolved(DEFAULT_SET).to_dict():
+        write_phantom_set(out, DEFAULT_SET.n, DEFAULT_SET.seed, overwrite=out.exists())
+    return manifest

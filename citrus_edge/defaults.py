@@ -20,22 +20,3 @@ def resolve_model(path: str | os.PathLike | None) -> Path:
         what = "the shipped demo model" if path is None else str(p)
         raise FileNotFoundError(f"{what}: no config.json in {p} (expected a Citrus-V checkpoint)")
     return p
-
-
-def default_phantom_manifest() -> Path:
-    """The default phantom set (generated on first use into the cache, then reused)."""
-    from citrus_edge.calib_data.manifest import MANIFEST_NAME
-    from citrus_edge.calib_data.phantom_set import (
-        DEFAULT_SET,
-        resolved,
-        write_phantom_set,
-        written_spec,
-    )
-
-    out = cache_dir() / f"phantoms-n{DEFAULT_SET.n}-seed{DEFAULT_SET.seed}"
-    manifest = out / MANIFEST_NAME
-    # Written again when missing or made for another demo input size (its detection answers
-    # are in the model's input pixels).
-    if not manifest.is_file() or written_spec(out) != resolved(DEFAULT_SET).to_dict():
-        write_phantom_set(out, DEFAULT_SET.n, DEFAULT_SET.seed, overwrite=out.exists())
-    return manifest

@@ -25,7 +25,7 @@ from tokenizers import Tokenizer
 SYSTEM = "You are a helpful assistant."
 
 # Tokens one answer may hold (template + image + text + max_new_tokens) unless a caller sets
-# its own cap. 2048 is the context the memory planner budgets (`citrus_edge.plan.DEFAULT_CONTEXT`)
+# its own cap. 2048 is the context the memory planner budgets (`citrus_edge.cli.memory_plan.DEFAULT_CONTEXT`)
 # and TensorRT's KV-cache profiles are built for (`engines.profiles.DEFAULT_MAX_CONTEXT`): a
 # longer sequence runs on memory the target's plan never counted. The shipped demo model's own
 # context (`max_position_embeddings` 1024) is lower and wins there.

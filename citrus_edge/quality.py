@@ -102,7 +102,7 @@ DEFAULT_THRESHOLDS = QualityThresholds()
 def _tasks() -> dict[str, str]:
     """Normalised prompt -> task name. calib_data holds the task texts; imported here, on
     first use, so that the shared core does not import a stage when it is imported."""
-    from citrus_edge.calib_data.tasks import PROMPTS
+    from citrus_edge.tasks import PROMPTS
 
     return {_normalise(prompt): task for task, prompt in PROMPTS.items()}
 
@@ -120,7 +120,7 @@ def answer_parses(task: str | None, text: str) -> bool | None:
     """Whether `text` is in the answer format of `task`; None when `task` is None."""
     if task is None:
         return None
-    from citrus_edge.calib_data.tasks import NO_LESION, parse_report
+    from citrus_edge.tasks import NO_LESION, parse_report
 
     if _normalise(text) == _normalise(NO_LESION):
         return True  # the no-lesion sentence answers every task

@@ -117,7 +117,7 @@ def build_qwen_standin_tokenizer(
     Byte-level BPE trained on `corpus` (`bpe_size` tokens, digits one per token as in Qwen2),
     its vocabulary padded with tokens no merge produces up to id 151642, then the Qwen2.5
     specials, `[SEG]` at 151665 and two reserved tokens: 151,668 ids, the 8B's `vocab_size`.
-    For random-weights checkpoints of real width (`citrus_edge.slice`); it is not Qwen's BPE.
+    For random-weights checkpoints of real width (`citrus_edge.modelling.slice`); it is not Qwen's BPE.
     """
     tok = _train_byte_bpe(corpus, bpe_size, ())
     data = json.loads(tok.to_str())

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+from citrus_edge.calib_data.data_manifest import Record
 from citrus_edge.calib_data.load import load_image
-from citrus_edge.calib_data.manifest import Record
-from citrus_edge.export.host_inputs import empty_past
+from citrus_edge.host_inputs import empty_past
 
 log = logging.getLogger(__name__)
 

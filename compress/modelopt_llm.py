@@ -86,8 +86,8 @@ def _quantized_llm(checkpoint: Path, settings: ModelOptLlmSettings, calib: list)
     import modelopt.torch.quantization as mtq
     import torch
 
-    from citrus_edge.checkpoint import load_checkpoint
     from citrus_edge.export.llm import LlmStepExport
+    from citrus_edge.modelling.checkpoint import load_checkpoint
 
     model = load_checkpoint(checkpoint)
     wrapper = LlmStepExport(model).eval()
@@ -103,7 +103,7 @@ def _quantized_llm(checkpoint: Path, settings: ModelOptLlmSettings, calib: list)
 
 
 def _input_names(wrapper) -> list[str]:
-    from citrus_edge.export.host_inputs import past_names
+    from citrus_edge.host_inputs import past_names
 
     return ["inputs_embeds", "position_ids", "attention_mask", *past_names(len(wrapper.lm.layers))]
 
@@ -112,7 +112,7 @@ def export_llm_graph(wrapper, model_config, dst: Path) -> None:
     """Trace the (quantized) LLM step wrapper with the export/ spec's names and dynamic axes."""
     import torch
 
-    from citrus_edge.export.config import ExportConfig
+    from citrus_edge.export.export_config import ExportConfig
     from citrus_edge.export.llm import llm_spec
 
     spec = llm_spec(model_config, ExportConfig(opset=OPSET))

@@ -35,7 +35,7 @@ from typing import Any, Literal
 import numpy as np
 
 from citrus_edge.bundle import sigterm_cleanup, tool_versions
-from citrus_edge.calib_data.manifest import Record, read_manifest
+from citrus_edge.calib_data.data_manifest import Record, read_manifest
 from citrus_edge.recipes import COMPONENTS, Recipe, get_precision, get_recipe
 from citrus_edge.targets import Target, check_recipe, get_target
 
@@ -49,7 +49,8 @@ from .budget import (
 from .calibrate import PipelineRun, bundle_view, run_pipeline
 from .compact import CompactFacts, compact_graph
 from .fidelity import compare_runs, graph_fidelity, reference_outputs
-from .output import (
+from .qdq_check import check_graph, require_ok
+from .quantized_output import (
     check_out_dir,
     copy_graph,
     graph_bytes,
@@ -58,7 +59,6 @@ from .output import (
     store_embeddings,
     write_quantized_export,
 )
-from .qdq_check import check_graph, require_ok
 from .quantizer_log import quantizer_output_to_log
 from .registry import (
     GraphQuantizer,
@@ -227,7 +227,7 @@ def _calib_manifest(path: str | os.PathLike | None) -> Path:
         if not Path(path).is_file():
             raise FileNotFoundError(f"calibration manifest {path} is not a file")
         return Path(path)
-    from citrus_edge.defaults import default_phantom_manifest
+    from citrus_edge.calib_data.phantom_set import default_phantom_manifest
 
     return default_phantom_manifest()
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from .compat import check_engine_compat
-from .errors import (
+from .engine_errors import (
     DeviceMismatchError,
     EngineBuildError,
     EngineMismatchError,
@@ -29,7 +29,7 @@ from .errors import (
     TensorRTUnavailableError,
     TimingCacheError,
 )
-from .plan import PLAN_FILE, ComponentEngine, EngineOptions, EnginePlan, make_engine_plan
+from .engine_plan import PLAN_FILE, ComponentEngine, EngineOptions, EnginePlan, make_engine_plan
 from .profiles import ProfileConfig
 
 __all__ = [
@@ -54,7 +54,7 @@ __all__ = [
 ]
 
 _LAZY = {
-    "build_bundle_engines": "build",
+    "build_bundle_engines": "bundle_engines",
     "build_engines": "tensorrt_builder",
     "optimize_for_cpu": "ort_sessions",
 }

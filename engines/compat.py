@@ -16,7 +16,7 @@ from typing import Any
 
 from citrus_edge.targets import TARGETS
 
-from .errors import EngineMismatchError
+from .engine_errors import EngineMismatchError
 
 SIDECAR_SCHEMA = 1
 ENGINE_SIDECAR_KIND = "citrus-edge tensorrt engine"

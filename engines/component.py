@@ -25,7 +25,7 @@ from typing import Any
 from citrus_edge.recipes import COMPONENTS, PRECISIONS
 
 from . import fields as f
-from .errors import EnginePlanError
+from .engine_errors import EnginePlanError
 from .graph_info import ORT_QUANT_OPS, GraphInfo
 from .profiles import OptimizationProfile
 

@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import INSTALL_HINT, TensorRTUnavailableError
+from .engine_errors import INSTALL_HINT, TensorRTUnavailableError
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Index inputs (vision windows, LLM positions and mask) must hold meaningful values, so each
 component has a feed builder (registry `FEEDS`) built on the runtime's own host code
-(`citrus_edge.export.host_inputs`, numpy only). Sizes are small: the check is about equality
+(`citrus_edge.host_inputs`, numpy only). Sizes are small: the check is about equality
 of two graphs, not about realistic inputs. Dtypes and fixed dims come from the graph.
 """
 
@@ -49,7 +49,7 @@ def vision_feeds(
     cfg: CitrusVConfig, graph: GraphInfo, rng: np.random.Generator
 ) -> dict[str, np.ndarray]:
     """Feeds of one image of `VISION_UNITS` merge units, from `host_inputs.vision_inputs`."""
-    from citrus_edge.export.host_inputs import vision_inputs
+    from citrus_edge.host_inputs import vision_inputs
 
     v = cfg.vision
     m = v.spatial_merge_size

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import EnginePlanError
+from .engine_errors import EnginePlanError
 
 _MISSING = object()
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true/false"}

@@ -25,13 +25,13 @@ import numpy as np
 
 from citrus_edge.bundle import sha256_file
 
-from .errors import OptimizedGraphMismatchError
-from .output import write_json
+from .engine_errors import OptimizedGraphMismatchError
+from .engines_output import write_json
 
 if TYPE_CHECKING:
     from citrus_edge.config import CitrusVConfig
 
-    from .plan import EnginePlan
+    from .engine_plan import EnginePlan
 
 log = logging.getLogger(__name__)
 
@@ -202,10 +202,10 @@ def build_cpu_sessions(
     Writes `<component>.ort.onnx` + `<component>.ort.json` and `engines.json` into a staging
     sibling renamed into place at the end. Returns {component: optimized graph path}.
     """
+    from .engine_plan import verify_sources
+    from .engines_output import staged_output, write_engines_manifest
     from .feeds import component_feeds
     from .graph_info import read_graph
-    from .output import staged_output, write_engines_manifest
-    from .plan import verify_sources
 
     if plan.backend != "onnxruntime":
         raise ValueError(f"plan for {plan.target} is a {plan.backend} plan, not ONNX Runtime")

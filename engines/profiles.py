@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import EnginePlanError
+from .engine_errors import EnginePlanError
 from .fields import field, int_tuple
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from .graph_info import GraphInput
 
 PROFILE_CONFIG_VERSION = 1
-DEFAULT_MAX_CONTEXT = 2048  # as citrus_edge.plan's default context_tokens
+DEFAULT_MAX_CONTEXT = 2048  # as citrus_edge.cli.memory_plan's default context_tokens
 MAX_ASPECT = 200  # smart_resize refuses images more elongated than this
 
 

@@ -36,7 +36,7 @@ from .compat import (
 )
 from .compat import version_tuple as _version
 from .device import CudaDevice, cuda_device, import_tensorrt, jetson_target
-from .errors import (
+from .engine_errors import (
     DeviceMismatchError,
     EngineBuildError,
     EnginePlanError,
@@ -44,7 +44,8 @@ from .errors import (
     TensorRTUnavailableError,
     TimingCacheError,
 )
-from .output import (
+from .engine_plan import ComponentEngine, EnginePlan, verify_sources
+from .engines_output import (
     AUTO,
     staged_output,
     timing_cache_path,
@@ -52,7 +53,6 @@ from .output import (
     write_engines_manifest,
     write_json,
 )
-from .plan import ComponentEngine, EnginePlan, verify_sources
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def _force_fp32(trt: Any, network: Any, patterns: tuple[str, ...]) -> int:
     if pinned == 0:
         raise EngineBuildError(
             f"no TensorRT layer matches the FP32 patterns {patterns}; the norms would run in "
-            "FP16. Update FP32_LAYER_PATTERNS in citrus_edge/engines/plan.py to the layer names"
+            "FP16. Update FP32_LAYER_PATTERNS in citrus_edge/engines/engine_plan.py to the layer names"
         )
     return pinned
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import ExportConfig
+from .export_config import ExportConfig
 from .validate import ExportValidationError
 
 __all__ = ["ExportConfig", "ExportValidationError", "export_all", "export_component"]
@@ -20,7 +20,7 @@ __all__ = ["ExportConfig", "ExportValidationError", "export_all", "export_compon
 def __getattr__(name: str) -> Any:
     # Lazy: the exporters import torch and transformers.
     if name == "export_all":
-        from .pipeline import export_all
+        from .export_run import export_all
 
         return export_all
     if name == "export_component":

@@ -29,10 +29,10 @@ from onnx.external_data_helper import (
 )
 
 from citrus_edge.atomic import umask_mode
-from citrus_edge.model import CitrusV
+from citrus_edge.modelling.model import CitrusV
 
-from .config import ExportConfig
-from .manifest import (
+from .export_config import ExportConfig
+from .export_manifest import (
     MANIFEST_SCHEMA,
     library_versions,
     manifest_path,

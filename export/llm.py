@@ -25,12 +25,12 @@ from transformers import DynamicCache
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb, repeat_kv
 
 from citrus_edge.config import CitrusVConfig
-from citrus_edge.model import CitrusV
+from citrus_edge.host_inputs import past_names, present_names
+from citrus_edge.modelling.model import CitrusV
 
 from .attention import attend, masked_bias
-from .config import ExportConfig
-from .host_inputs import past_names, present_names
-from .manifest import (
+from .export_config import ExportConfig
+from .export_manifest import (
     MANIFEST_SCHEMA,
     library_versions,
     manifest_path,

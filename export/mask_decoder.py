@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from citrus_edge.config import CitrusVConfig
-from citrus_edge.model import CitrusV
+from citrus_edge.modelling.model import CitrusV
 
-from .config import ExportConfig
+from .export_config import ExportConfig
 from .sam_encoder import feature_shapes
 from .spec import Case, Component, GraphSpec, Sample, TensorSpec, register
 

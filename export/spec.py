@@ -20,9 +20,9 @@ if TYPE_CHECKING:  # torch stays out of this module at run time
     from torch import nn
 
     from citrus_edge.config import CitrusVConfig
-    from citrus_edge.model import CitrusV
+    from citrus_edge.modelling.model import CitrusV
 
-    from .config import ExportConfig
+    from .export_config import ExportConfig
 
 Dim = int | str  # a fixed size, or the name of a dynamic axis
 

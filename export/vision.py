@@ -17,11 +17,11 @@ from torch import nn
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 
 from citrus_edge.config import CitrusVConfig
-from citrus_edge.model import CitrusV
+from citrus_edge.host_inputs import VISION_INPUTS, vision_inputs, window_tokens
+from citrus_edge.modelling.model import CitrusV
 
 from .attention import attend, masked_bias
-from .config import ExportConfig
-from .host_inputs import VISION_INPUTS, vision_inputs, window_tokens
+from .export_config import ExportConfig
 from .spec import Case, Component, GraphSpec, Sample, TensorSpec, register
 
 NAME = "vision"

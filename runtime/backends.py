@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .errors import RuntimeSetupError, UnknownBackendError
+from .runtime_errors import RuntimeSetupError, UnknownBackendError
 
 # Non-cache inputs of the LLM step graph (export/llm.py); the cache is past_*/present_*.
 STEP_INPUTS = ("inputs_embeds", "position_ids", "attention_mask")

@@ -1,6 +1,6 @@
 """Greedy decoding over the LLM step graph, capturing `[SEG]` states in the same pass.
 
-Same loop as the PyTorch reference (`citrus_edge.reference.greedy_generate`): one prefill with
+Same loop as the PyTorch reference (`citrus_edge.modelling.reference.greedy_generate`): one prefill with
 the prompt's 3-D mRoPE positions, then one-token steps at position `max + 1`, `max + 2`, ... on
 all three axes; the token is the argmax of the last logits; EOS stops (and is not kept);
 `max_new_tokens` caps the answer. The `[SEG]` state is the final-norm hidden state of the step
@@ -17,7 +17,7 @@ import numpy as np
 
 from citrus_edge import positions
 from citrus_edge.config import TokenIds
-from citrus_edge.export.host_inputs import embed
+from citrus_edge.host_inputs import embed
 from citrus_edge.timing import StageTimer
 
 from .backends import STEP_INPUTS, KvStepRunner

@@ -24,7 +24,7 @@ from .artifacts import GRAPHS, BundleArtifacts
 
 log = logging.getLogger(__name__)
 
-ENGINES_MANIFEST = "engines.json"  # citrus_edge.engines.output.ENGINES_MANIFEST
+ENGINES_MANIFEST = "engines.json"  # citrus_edge.engines.engines_output.ENGINES_MANIFEST
 ENGINES_KIND = "citrus-edge engines"
 
 

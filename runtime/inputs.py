@@ -13,7 +13,7 @@ from citrus_edge.calib_data.load import LoadedImage, load_image
 from citrus_edge.calib_data.spacing import Calibration, PixelSpacing
 from citrus_edge.result import InputRecord
 
-from .errors import InputImageError
+from .runtime_errors import InputImageError
 
 ImageInput = np.ndarray | str | os.PathLike | LoadedImage
 

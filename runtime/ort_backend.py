@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from citrus_edge.export.host_inputs import past_names, present_names
+from citrus_edge.host_inputs import past_names, present_names
 
 from .backends import (
     HIDDEN,
@@ -35,13 +35,13 @@ from .backends import (
     check_batch_one,
     register_backend,
 )
-from .errors import BackendRunError
 from .onnxruntime_flavour import (
     OnnxRuntimeSetupError,
     check_onnxruntime,
     check_providers,
     check_session_providers,
 )
+from .runtime_errors import BackendRunError
 
 log = logging.getLogger(__name__)
 

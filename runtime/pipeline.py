@@ -23,7 +23,7 @@ import numpy as np
 from citrus_edge.boxes import parse_boxes
 from citrus_edge.calib_data.load import LoadedImage
 from citrus_edge.calib_data.spacing import PixelSpacing
-from citrus_edge.export.host_inputs import llm_prefill_inputs, vision_inputs
+from citrus_edge.host_inputs import llm_prefill_inputs, vision_inputs
 from citrus_edge.preprocess import check_image_size, qwen_pixels
 from citrus_edge.prompts import (
     DEFAULT_MAX_CONTEXT_TOKENS,

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from citrus_edge.export.host_inputs import past_names, present_names
+from citrus_edge.host_inputs import past_names, present_names
 
 from .backends import (
     HIDDEN,
@@ -36,7 +36,7 @@ from .backends import (
     check_batch_one,
     register_backend,
 )
-from .errors import BackendRunError, RuntimeSetupError, TensorRTSetupError
+from .runtime_errors import BackendRunError, RuntimeSetupError, TensorRTSetupError
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from citrus_edge.bundle import load_bundle
+from citrus_edge.calib_data.data_manifest import read_manifest
 from citrus_edge.calib_data.load import load_image
-from citrus_edge.calib_data.manifest import read_manifest
-from citrus_edge.calib_data.tasks import REPORT_PROMPT, SEGMENT_PROMPT
-from citrus_edge.defaults import DEMO_MODEL_DIR, default_phantom_manifest
+from citrus_edge.calib_data.phantom_set import default_phantom_manifest
+from citrus_edge.defaults import DEMO_MODEL_DIR
+from citrus_edge.tasks import REPORT_PROMPT, SEGMENT_PROMPT
 
 OUT = Path("out/bench")
 
@@ -40,8 +41,8 @@ def sweep(rgb: np.ndarray, frames: int = 16) -> list[np.ndarray]:
 def bundle_for(recipe: str) -> Path:
     """The demo model's CPU bundle for `recipe`, built (default budget) unless one of the
     current demo model is already there."""
-    from citrus_edge.build import BuildConfig, build
-    from citrus_edge.export.manifest import checkpoint_source_hash
+    from citrus_edge.cli.bundle_build import BuildConfig, build
+    from citrus_edge.export.export_manifest import checkpoint_source_hash
 
     out = OUT / f"bundle-cpu-{recipe}"
     export = out / "export_manifest.json"
@@ -57,7 +58,7 @@ def torch_eager(cs: list[tuple[np.ndarray, str]], repeats: int) -> dict:
     """The PyTorch reference on the same inputs (its own per-stage timings)."""
     import torch
 
-    from citrus_edge.reference import ReferencePipeline
+    from citrus_edge.modelling.reference import ReferencePipeline
 
     torch.set_num_threads(2)
     pipe = ReferencePipeline.from_checkpoint(DEMO_MODEL_DIR)

@@ -1,8 +1,8 @@
 """`make bench-scale`: build a Citrus-V slice of the 8B's widths; peak RSS and seconds per stage.
 
-Writes the issue-16 probe slice (`citrus_edge.slice`: the 8B's widths and full 151,668-token
+Writes the issue-16 probe slice (`citrus_edge.modelling.slice`: the 8B's widths and full 151,668-token
 vocabulary, 1 LLM layer, 2 vision blocks (one full-attention), Hiera blocks (1, 2, 3, 1); 1.45 B
-random parameters) under out/bench-scale/ (reused when present), then runs `citrus_edge.build`
+random parameters) under out/bench-scale/ (reused when present), then runs `citrus_edge.cli.bundle_build`
 for each requested target (default: orin-agx-64 with its default recipe) and prints, per stage
 (slice, export, quantize, engine plan, validate): seconds and peak RSS, the bytes of weights the
 export wrote, and the peak against the goal of 1.5 x exported weight bytes + 2 GB.
@@ -103,7 +103,7 @@ class RssTrace:
 
 
 def write_slice_once(folder: Path, meter: StageMeter) -> Path:
-    from citrus_edge.slice import SliceConfig, write_slice
+    from citrus_edge.modelling.slice import SliceConfig, write_slice
 
     cfg = SliceConfig(
         "citrus-v-8b", llm_layers=1, vision_blocks=2, full_attention=(1,), hiera_blocks=(1, 2, 3, 1)
@@ -140,7 +140,7 @@ def small_phantom_set(n: int) -> Path:
 
 
 def build_one(model_dir: Path, spec: str, eval_limit: int, data: Path) -> dict:
-    from citrus_edge.build import BuildConfig, build
+    from citrus_edge.cli.bundle_build import BuildConfig, build
 
     target, _, recipe = spec.partition(":")
     out = OUT / f"bundle-{target}-{recipe or 'default'}"
@@ -219,8 +219,8 @@ def weight_files_bytes(folder: Path) -> dict[str, int]:
 
 def planner_bytes(model_dir: Path, target: str, recipe: str) -> dict[str, float]:
     """The planner's weight bytes per component for the slice's config (from dimensions)."""
+    from citrus_edge.cli.memory_plan import plan
     from citrus_edge.config import CitrusVConfig
-    from citrus_edge.plan import plan
     from citrus_edge.recipes import get_recipe
     from citrus_edge.targets import get_target
 
@@ -231,9 +231,9 @@ def planner_bytes(model_dir: Path, target: str, recipe: str) -> dict[str, float]
 
 def export_only(model_dir: Path, release: bool) -> dict:
     """`load_checkpoint` + `export_all` alone (what `build`'s export stage does)."""
-    from citrus_edge.checkpoint import load_checkpoint
-    from citrus_edge.export.manifest import checkpoint_source_hash
-    from citrus_edge.export.pipeline import export_all
+    from citrus_edge.export.export_manifest import checkpoint_source_hash
+    from citrus_edge.export.export_run import export_all
+    from citrus_edge.modelling.checkpoint import load_checkpoint
 
     out = OUT / "export"
     if out.exists():

@@ -109,11 +109,11 @@ def _parity(trt_results: list, ref_results: list) -> dict:
 
 def check(args: argparse.Namespace) -> dict:
     """Every step, in order; returns what was measured."""
+    from citrus_edge.calib_data.data_manifest import read_manifest
     from citrus_edge.calib_data.load import load_image
-    from citrus_edge.calib_data.manifest import read_manifest
     from citrus_edge.calib_data.phantom_set import write_phantom_set
-    from citrus_edge.calib_data.tasks import SEGMENT_PROMPT
     from citrus_edge.runtime.pipeline import Pipeline
+    from citrus_edge.tasks import SEGMENT_PROMPT
 
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict = {"bundle": str(args.bundle.resolve()), "device": _device()}

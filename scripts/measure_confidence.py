@@ -18,12 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
+from citrus_edge.calib_data.data_manifest import read_manifest
 from citrus_edge.calib_data.load import load_image
-from citrus_edge.calib_data.manifest import read_manifest
-from citrus_edge.calib_data.tasks import PROMPTS
-from citrus_edge.defaults import default_phantom_manifest, resolve_model
-from citrus_edge.reference import ReferencePipeline
+from citrus_edge.calib_data.phantom_set import default_phantom_manifest
+from citrus_edge.defaults import resolve_model
+from citrus_edge.modelling.reference import ReferencePipeline
 from citrus_edge.result import GroundingResult
+from citrus_edge.tasks import PROMPTS
 
 PERCENTILES = (1, 5, 10, 25, 50)
 

@@ -7,7 +7,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from citrus_edge.compress.demo_model import train_demo_model
+from citrus_edge.modelling.demo_training import train_demo_model
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)

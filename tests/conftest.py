@@ -12,7 +12,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     """A random TINY Citrus-V saved in the official checkpoint layout, with its tokenizer."""
     from fixtures import tiny_model, tiny_tokenizer
 
-    from citrus_edge.checkpoint import save_checkpoint
+    from citrus_edge.modelling.checkpoint import save_checkpoint
 
     root = tmp_path_factory.mktemp("tiny-checkpoint")
     tokenizer = root / "tokenizer.json"
@@ -32,7 +32,7 @@ def small_phantom_set(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_fp32_bundle(tiny_checkpoint, small_phantom_set, tmp_path_factory) -> Path:
     """A CPU fp32 bundle of the TINY checkpoint, built through the library."""
-    from citrus_edge.build import BuildConfig, build
+    from citrus_edge.cli.bundle_build import BuildConfig, build
 
     out = tmp_path_factory.mktemp("tiny-bundle") / "bundle"
     cfg = BuildConfig(

@@ -31,7 +31,7 @@ def tiny_model(seed: int = 0, **replace):
     import dataclasses
 
     from citrus_edge.config import TINY
-    from citrus_edge.model import build_model
+    from citrus_edge.modelling.model import build_model
 
     cfg = dataclasses.replace(TINY, **replace) if replace else TINY
     return build_model(cfg, seed=seed)

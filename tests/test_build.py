@@ -59,7 +59,7 @@ def test_cpu_bundle_manifest_and_accuracy(cpu_bundle):
 def _reference_answer(ckpt, image, prompt):
     """The PyTorch reference's answer for a DICOM (runtime and CLI default: 96 new tokens)."""
     from citrus_edge.calib_data.load import load_image
-    from citrus_edge.reference import ReferencePipeline
+    from citrus_edge.modelling.reference import ReferencePipeline
 
     pipe = ReferencePipeline.from_checkpoint(ckpt, max_new_tokens=96)
     return pipe(load_image(image).pixels, prompt)
@@ -178,9 +178,9 @@ def test_sigterm_during_build_removes_scratch_and_keeps_previous_bundle(
 def test_matching_gpu_needs_tensorrt_and_the_targets_sm(monkeypatch):
     """`build` compiles engines only with TensorRT and a GPU of the target's SM; otherwise it
     writes a portable bundle (None here). TensorRT and the GPU are faked."""
-    from citrus_edge.build import matching_gpu
+    from citrus_edge.cli.bundle_build import matching_gpu
     from citrus_edge.engines import device as dev
-    from citrus_edge.engines.errors import TensorRTUnavailableError
+    from citrus_edge.engines.engine_errors import TensorRTUnavailableError
     from citrus_edge.targets import get_target
 
     orin = get_target("orin-agx-64")

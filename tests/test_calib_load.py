@@ -19,7 +19,7 @@ from pydicom.pixels import apply_color_lut, get_decoder, pixel_array
 from pydicom.uid import JPEGLSLossless
 
 from citrus_edge.calib_data import dicom_pixels
-from citrus_edge.calib_data.errors import (
+from citrus_edge.calib_data.data_errors import (
     FrameOutOfRangeError,
     ImageLoadError,
     ImageTooLargeError,

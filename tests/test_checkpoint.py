@@ -9,7 +9,7 @@ import torch
 from fixtures import tiny_model
 from safetensors.torch import load_file, save_file
 
-from citrus_edge.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from citrus_edge.modelling.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 
 def _outputs(model):

@@ -10,7 +10,8 @@ import pytest
 from test_cli import cli
 
 from citrus_edge import __version__
-from citrus_edge.defaults import DEMO_MODEL_DIR, default_phantom_manifest, resolve_model
+from citrus_edge.calib_data.phantom_set import default_phantom_manifest
+from citrus_edge.defaults import DEMO_MODEL_DIR, resolve_model
 
 
 def test_version(capsys):
@@ -93,12 +94,12 @@ def test_a_provider_that_cannot_load_is_refused_in_one_line(capsys, tiny_fp32_bu
 
 
 def test_export_refuses_a_users_folder_before_loading_the_model(capsys, tmp_path, monkeypatch):
-    import citrus_edge.checkpoint
+    import citrus_edge.modelling.checkpoint
 
     def never(*args, **kwargs):
         raise AssertionError("the model was loaded before --out was checked")
 
-    monkeypatch.setattr(citrus_edge.checkpoint, "load_checkpoint", never)
+    monkeypatch.setattr(citrus_edge.modelling.checkpoint, "load_checkpoint", never)
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
@@ -112,8 +113,8 @@ def test_export_refuses_a_users_folder_before_loading_the_model(capsys, tmp_path
 
 @pytest.fixture(scope="module")
 def tiny_export(tiny_checkpoint, tmp_path_factory) -> Path:
-    from citrus_edge.checkpoint import load_checkpoint
     from citrus_edge.export import export_all
+    from citrus_edge.modelling.checkpoint import load_checkpoint
 
     out = tmp_path_factory.mktemp("tiny-export") / "fp32"
     export_all(
@@ -148,7 +149,7 @@ def test_quantize_writes_the_recipe_and_prints_its_table(
 
 
 def test_engines_build_without_tensorrt_says_what_to_install(capsys, tiny_checkpoint, tmp_path):
-    from citrus_edge.build import BuildConfig, build
+    from citrus_edge.cli.bundle_build import BuildConfig, build
 
     bundle = tmp_path / "orin"
     build(BuildConfig("orin-nano-8", tiny_checkpoint, recipe="fp16", eval_limit=1), bundle)

@@ -53,7 +53,7 @@ def test_no_flag_cpu_build_is_int8_within_the_default_budget(demo_bundle_no_flag
 def test_no_flag_bundle_answers_a_phantom_and_a_real_dicom(demo_bundle_no_flags, capsys, tmp_path):
     from pydicom import examples
 
-    from citrus_edge.defaults import default_phantom_manifest
+    from citrus_edge.calib_data.phantom_set import default_phantom_manifest
 
     phantom = sorted((default_phantom_manifest().parent / "images").glob("*.dcm"))[2]
     for image in (phantom, examples.get_path("palette_color")):

@@ -35,7 +35,7 @@ TINY_LLM_MATMULS = 15  # 2 layers x (q, k, v, o, gate, up, down) + lm_head
 def tiny_ckpt(tmp_path_factory) -> Path:
     import torch
 
-    from citrus_edge.checkpoint import save_checkpoint
+    from citrus_edge.modelling.checkpoint import save_checkpoint
 
     model = tiny_model()
     gen = torch.Generator().manual_seed(0)
@@ -75,8 +75,8 @@ def _qdq_nodes(path: Path) -> int:
 
 @pytest.mark.parametrize("name", list(TARGETS))
 def test_default_recipe_builds(name, tiny_ckpt, phantoms, tmp_path):
-    from citrus_edge.build import BuildConfig, build
     from citrus_edge.bundle import load_bundle
+    from citrus_edge.cli.bundle_build import BuildConfig, build
 
     target = TARGETS[name]
     cfg = BuildConfig(

@@ -27,9 +27,9 @@ README_COUNT, COUNT_MARGIN = 0.900, 2 / N_TASK
 
 @functools.cache
 def _setup():
-    from citrus_edge.calib_data.manifest import read_manifest
-    from citrus_edge.defaults import default_phantom_manifest
-    from citrus_edge.reference import ReferencePipeline
+    from citrus_edge.calib_data.data_manifest import read_manifest
+    from citrus_edge.calib_data.phantom_set import default_phantom_manifest
+    from citrus_edge.modelling.reference import ReferencePipeline
 
     manifest = default_phantom_manifest()
     pipe = ReferencePipeline.from_checkpoint(DEMO_MODEL_DIR)
@@ -45,7 +45,7 @@ def _records(task):
 
 def _run(records, images):
     from citrus_edge.calib_data.load import load_image
-    from citrus_edge.evaluate import score
+    from citrus_edge.cli.evaluate import score
 
     pipe, root, _ = _setup()
     out = []
@@ -109,8 +109,8 @@ def test_real_ultrasound_dicoms_get_their_degenerate_answers_flagged():
     from pydicom import examples
 
     from citrus_edge.calib_data.load import load_image
-    from citrus_edge.calib_data.tasks import SEGMENT_PROMPT
     from citrus_edge.quality import DEMO_LOGPROB_BOUNDS
+    from citrus_edge.tasks import SEGMENT_PROMPT
 
     pipe, _, _ = _setup()
     for path in (examples.get_path("palette_color"), examples.get_path("rgb_color")):
@@ -135,7 +135,7 @@ def test_masks_come_back_in_the_input_frame():
     from PIL import Image
 
     from citrus_edge.calib_data.load import load_image
-    from citrus_edge.evaluate import union_mask
+    from citrus_edge.cli.evaluate import union_mask
     from citrus_edge.metrics import dice
 
     pipe, root, _ = _setup()
@@ -157,9 +157,9 @@ def test_masks_come_back_in_the_input_frame():
 @pytest.fixture(scope="module")
 def demo_bundle(tmp_path_factory):
     from citrus_edge.bundle import write_manifest
-    from citrus_edge.checkpoint import load_checkpoint
-    from citrus_edge.export.manifest import checkpoint_source_hash
-    from citrus_edge.export.pipeline import export_all
+    from citrus_edge.export.export_manifest import checkpoint_source_hash
+    from citrus_edge.export.export_run import export_all
+    from citrus_edge.modelling.checkpoint import load_checkpoint
     from citrus_edge.runtime.artifacts import bundle_components
 
     out = tmp_path_factory.mktemp("demo") / "bundle"

@@ -10,8 +10,8 @@ from fixtures import tiny_model
 from citrus_edge.bundle import write_manifest
 from citrus_edge.config import TINY
 from citrus_edge.engines import EnginePlan, EnginePlanError, build_bundle_engines, make_engine_plan
-from citrus_edge.engines.build import default_out_dir, select_plan, stored_plans
-from citrus_edge.engines.plan import PLAN_FILE
+from citrus_edge.engines.bundle_engines import default_out_dir, select_plan, stored_plans
+from citrus_edge.engines.engine_plan import PLAN_FILE
 from citrus_edge.recipes import FP16, FP32
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -19,8 +19,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
-    from citrus_edge.export.manifest import random_source_hash
-    from citrus_edge.export.pipeline import export_all
+    from citrus_edge.export.export_manifest import random_source_hash
+    from citrus_edge.export.export_run import export_all
 
     out = tmp_path_factory.mktemp("engines") / "tiny-export"
     export_all(tiny_model(), out, image_sizes=((56, 140),), source_hash=random_source_hash("tiny"))
@@ -110,7 +110,7 @@ def test_engines_build_takes_family_names_and_this_jetsons_module(
     """A bundle planned off the device for `orin` (orin-agx-64) is re-planned on a Nano for
     orin-nano-8 (its profiles and workspace), with no --target, and `--target orin-nano` works."""
     from citrus_edge.engines import build as engines_build
-    from citrus_edge.engines.plan import workspace_bytes
+    from citrus_edge.engines.engine_plan import workspace_bytes
     from citrus_edge.targets import get_target
 
     bundle = _copy(export_dir, tmp_path / "bundle")

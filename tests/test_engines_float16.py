@@ -28,8 +28,8 @@ MIN_SQNR_DB = 50.0
 
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory):
-    from citrus_edge.export.manifest import random_source_hash
-    from citrus_edge.export.pipeline import export_all
+    from citrus_edge.export.export_manifest import random_source_hash
+    from citrus_edge.export.export_run import export_all
 
     out = tmp_path_factory.mktemp("f16") / "fp32"
     export_all(tiny_model(), out, source_hash=random_source_hash("tiny"))
@@ -37,7 +37,7 @@ def tiny_export(tmp_path_factory):
 
 
 def _feeds(component: str) -> dict[str, np.ndarray]:
-    from citrus_edge.export.config import ExportConfig
+    from citrus_edge.export.export_config import ExportConfig
     from citrus_edge.export.spec import REGISTRY
 
     spec = REGISTRY[component].spec(TINY, ExportConfig())

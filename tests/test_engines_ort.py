@@ -110,7 +110,7 @@ def test_an_ort_static_int8_graph_plans_for_the_cpu_only(small_graph, tmp_path):
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
     from citrus_edge.engines.component import check_quantization
-    from citrus_edge.engines.errors import EnginePlanError
+    from citrus_edge.engines.engine_errors import EnginePlanError
     from citrus_edge.engines.graph_info import read_graph
 
     class Reader(CalibrationDataReader):

@@ -18,7 +18,7 @@ from citrus_edge.bundle import write_manifest
 from citrus_edge.config import TINY
 from citrus_edge.engines import EngineOptions, EnginePlan, EnginePlanError, make_engine_plan
 from citrus_edge.engines.component import PRECISION_FLAGS
-from citrus_edge.engines.plan import workspace_bytes
+from citrus_edge.engines.engine_plan import workspace_bytes
 from citrus_edge.recipes import COMPONENTS, FP16, FP32, Recipe, get_recipe
 from citrus_edge.targets import UnsupportedPrecisionError, get_target
 

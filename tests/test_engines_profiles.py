@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from citrus_edge.config import CITRUS_V_8B, DEMO, TINY
-from citrus_edge.engines.errors import EnginePlanError
+from citrus_edge.engines.engine_errors import EnginePlanError
 from citrus_edge.engines.graph_info import GraphInput
 from citrus_edge.engines.profiles import (
     AxisRange,

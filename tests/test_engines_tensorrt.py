@@ -27,8 +27,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 def _export(out):
-    from citrus_edge.export.manifest import random_source_hash
-    from citrus_edge.export.pipeline import export_all
+    from citrus_edge.export.export_manifest import random_source_hash
+    from citrus_edge.export.export_run import export_all
 
     export_all(tiny_model(), out, image_sizes=((56, 140),), source_hash=random_source_hash("tiny"))
     return out

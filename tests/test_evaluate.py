@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from citrus_edge.calib_data.manifest import Record
-from citrus_edge.calib_data.tasks import REPORT_PROMPT, report_answer
-from citrus_edge.evaluate import evaluate
+from citrus_edge.calib_data.data_manifest import Record
+from citrus_edge.cli.evaluate import evaluate
 from citrus_edge.result import GroundingResult
+from citrus_edge.tasks import REPORT_PROMPT, report_answer
 
 LESION = dict(
     echogenicity="hypoechoic",

@@ -12,14 +12,14 @@ from fixtures import CORPUS, random_rgb, tiny_model, tiny_tokenizer
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
-from citrus_edge.export import host_inputs as H  # noqa: E402
-from citrus_edge.export.config import ExportConfig  # noqa: E402
+from citrus_edge import host_inputs as H  # noqa: E402
+from citrus_edge.export.export_config import ExportConfig  # noqa: E402
+from citrus_edge.export.export_manifest import sha256_file  # noqa: E402
 from citrus_edge.export.graph import export_component  # noqa: E402
 from citrus_edge.export.llm import llm_reference, llm_spec, write_embeddings  # noqa: E402
-from citrus_edge.export.manifest import sha256_file  # noqa: E402
+from citrus_edge.modelling.reference import ReferencePipeline  # noqa: E402
 from citrus_edge.preprocess import qwen_pixels  # noqa: E402
 from citrus_edge.prompts import n_image_tokens, prompt_ids  # noqa: E402
-from citrus_edge.reference import ReferencePipeline  # noqa: E402
 
 ATOL = 1e-4
 MAX_NEW = 12

@@ -16,7 +16,7 @@ pytest.importorskip("onnxruntime")
 
 from citrus_edge.config import CitrusVConfig  # noqa: E402
 from citrus_edge.export import ExportValidationError, export_all  # noqa: E402
-from citrus_edge.export.manifest import library_versions, sha256_file  # noqa: E402
+from citrus_edge.export.export_manifest import library_versions, sha256_file  # noqa: E402
 from citrus_edge.export.spec import REGISTRY  # noqa: E402
 
 ATOL = 1e-4
@@ -125,7 +125,7 @@ def _only(monkeypatch, name):
 def test_demo_config_exports_all_four(tmp_path, caplog):
     """DEMO with random weights (until the trained checkpoint lands): < 5 minutes on 2 cores."""
     from citrus_edge.config import DEMO
-    from citrus_edge.model import build_model
+    from citrus_edge.modelling.model import build_model
 
     caplog.set_level(logging.INFO, logger="citrus_edge.export")
     t0 = time.perf_counter()

@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from citrus_edge.export.config import ExportConfig
-from citrus_edge.export.manifest import (
+from citrus_edge.export.export_config import ExportConfig
+from citrus_edge.export.export_manifest import (
     checkpoint_source_hash,
     manifest_path,
     read_manifest,
@@ -124,8 +124,8 @@ def test_package_and_host_inputs_import_no_torch():
     """The runtime on a cart imports these without torch or transformers."""
     code = (
         "import sys\n"
-        "import citrus_edge.export, citrus_edge.export.host_inputs, citrus_edge.export.spec\n"
-        "import citrus_edge.export.manifest, citrus_edge.export.validate\n"
+        "import citrus_edge.export, citrus_edge.host_inputs, citrus_edge.export.spec\n"
+        "import citrus_edge.export.export_manifest, citrus_edge.export.validate\n"
         "heavy = [m for m in ('torch', 'transformers', 'onnx') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )

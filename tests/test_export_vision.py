@@ -12,9 +12,9 @@ from fixtures import random_rgb, tiny_model
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
+from citrus_edge.export.export_manifest import library_versions, sha256_file  # noqa: E402
 from citrus_edge.export.graph import export_component  # noqa: E402
-from citrus_edge.export.host_inputs import VISION_INPUTS, vision_inputs  # noqa: E402
-from citrus_edge.export.manifest import library_versions, sha256_file  # noqa: E402
+from citrus_edge.host_inputs import VISION_INPUTS, vision_inputs  # noqa: E402
 from citrus_edge.preprocess import qwen_pixels  # noqa: E402
 
 ATOL = 1e-4
@@ -99,7 +99,7 @@ def test_vision_inputs_reject_bad_input():
 
 
 def test_bad_image_size_is_refused(tmp_path):
-    from citrus_edge.export.config import ExportConfig
+    from citrus_edge.export.export_config import ExportConfig
 
     with pytest.raises(ValueError, match="multiple of 28"):
         export_component(

@@ -50,7 +50,7 @@ def _save_tiny(root: Path, name: str, nudge: float = 0.0) -> Path:
     """The TINY checkpoint at `root/name`; `nudge` is added to one weight."""
     import torch
 
-    from citrus_edge.checkpoint import save_checkpoint
+    from citrus_edge.modelling.checkpoint import save_checkpoint
 
     model = tiny_model()
     if nudge:
@@ -71,7 +71,7 @@ def inputs(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _build(ckpt: Path, phantoms: Path, out: Path, recipe: str = "fp32") -> dict:
-    from citrus_edge.build import BuildConfig, build
+    from citrus_edge.cli.bundle_build import BuildConfig, build
 
     cfg = BuildConfig(
         target="cpu",
@@ -103,12 +103,12 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def test_user_folder_with_a_manifest_is_refused_at_once_and_kept(inputs, tmp_path, monkeypatch):
-    import citrus_edge.build  # noqa: F401  (imports are not what is timed)
-    import citrus_edge.checkpoint
+    import citrus_edge.cli.bundle_build  # noqa: F401  (imports are not what is timed)
     import citrus_edge.defaults  # noqa: F401
+    import citrus_edge.modelling.checkpoint
 
     loads = []
-    monkeypatch.setattr(citrus_edge.checkpoint, "load_checkpoint", loads.append)
+    monkeypatch.setattr(citrus_edge.modelling.checkpoint, "load_checkpoint", loads.append)
     ckpt, phantoms = inputs
     user = tmp_path / "D"
     user.mkdir()
@@ -207,7 +207,7 @@ def test_export_out_check_is_torch_free_and_keeps_user_files(tmp_path):
     (user / "export_manifest.json").write_text('{"kind": "mine", "files": {}}')
     (user / "notes.txt").write_text("x\n")
     code = (
-        "import sys; from citrus_edge.export.manifest import check_export_out\n"
+        "import sys; from citrus_edge.export.export_manifest import check_export_out\n"
         f"try:\n    check_export_out({str(user)!r}, overwrite=True)\n"
         "except FileExistsError as e:\n    print(type(e).__name__, e)\n"
         "print('torch' in sys.modules)"
@@ -220,7 +220,7 @@ def test_export_out_check_is_torch_free_and_keeps_user_files(tmp_path):
 
 
 def test_eval_limit_below_one_is_refused(inputs, tmp_path):
-    from citrus_edge.build import BuildConfig
+    from citrus_edge.cli.bundle_build import BuildConfig
 
     for bad in (0, -1):
         with pytest.raises(ValueError, match=f"eval_limit {bad}"):
@@ -266,7 +266,7 @@ def test_checkpoint_and_atomic_files_follow_the_umask(tmp_path):
 
 
 def test_save_checkpoint_keeps_a_users_files(tmp_path):
-    from citrus_edge.checkpoint import CheckpointError, save_checkpoint
+    from citrus_edge.modelling.checkpoint import CheckpointError, save_checkpoint
 
     folder = tmp_path / "model"
     folder.mkdir()

@@ -10,8 +10,7 @@ from fixtures import random_rgb, tiny_model, tiny_tokenizer
 from PIL import Image
 from tokenizers import Tokenizer, models
 
-from citrus_edge import prompts
-from citrus_edge.calib_data import tasks
+from citrus_edge import prompts, tasks
 from citrus_edge.config import DEMO, TINY
 from citrus_edge.defaults import DEMO_MODEL_DIR
 from citrus_edge.preprocess import ImageTooSmallError, qwen_pixels, sam_pixels, smart_resize
@@ -161,7 +160,7 @@ def test_tokenizer_without_chatml_tokens_is_refused():
 def test_training_encodes_prompts_with_the_same_function():
     """make_sample's prompt ids are prompt_ids' (and, for the task prompts, the old ones)."""
     from citrus_edge.calib_data.phantom import PhantomConfig
-    from citrus_edge.compress.train import IGNORE, TRAIN_SEED_BASE, make_sample
+    from citrus_edge.modelling.train import IGNORE, TRAIN_SEED_BASE, make_sample
 
     tok = tiny_tokenizer()
     for i in range(3):
@@ -178,8 +177,8 @@ def test_training_encodes_prompts_with_the_same_function():
 
 
 def test_default_cap_is_the_planned_context():
+    from citrus_edge.cli.memory_plan import DEFAULT_CONTEXT
     from citrus_edge.engines.profiles import DEFAULT_MAX_CONTEXT
-    from citrus_edge.plan import DEFAULT_CONTEXT
     from citrus_edge.runtime.pipeline import RuntimeConfig
 
     assert DEFAULT_MAX_CONTEXT_TOKENS == DEFAULT_CONTEXT == DEFAULT_MAX_CONTEXT == 2048
@@ -261,7 +260,7 @@ def _spied_pipeline(max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS):
 def _spied_reference(max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS):
     """The PyTorch reference on a TINY model counting forward calls of the LLM and SAM2."""
     pytest.importorskip("torch")
-    from citrus_edge.reference import ReferencePipeline
+    from citrus_edge.modelling.reference import ReferencePipeline
 
     model = tiny_model()
     calls = []

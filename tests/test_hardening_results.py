@@ -28,13 +28,6 @@ from citrus_edge.calib_data.spacing import (
     dicom_calibration,
     dicom_spacing,
 )
-from citrus_edge.calib_data.tasks import (
-    DETECT_PROMPT,
-    NO_LESION,
-    REPORT_PROMPT,
-    SEGMENT_ANSWER,
-    SEGMENT_PROMPT,
-)
 from citrus_edge.config import TokenIds
 from citrus_edge.quality import (
     DEFAULT_THRESHOLDS,
@@ -46,10 +39,17 @@ from citrus_edge.quality import (
 )
 from citrus_edge.result import GroundingResult, Measurement
 from citrus_edge.runtime.decode import greedy_generate, token_logprob
-from citrus_edge.runtime.errors import InputImageError
 from citrus_edge.runtime.inputs import from_array
 from citrus_edge.runtime.measure import measure_calibrated, measure_image
-from citrus_edge.runtime.output import result_to_dict
+from citrus_edge.runtime.result_files import result_to_dict
+from citrus_edge.runtime.runtime_errors import InputImageError
+from citrus_edge.tasks import (
+    DETECT_PROMPT,
+    NO_LESION,
+    REPORT_PROMPT,
+    SEGMENT_ANSWER,
+    SEGMENT_PROMPT,
+)
 from citrus_edge.timing import StageTimer
 
 LOGPROB_ATOL = 1e-3  # runtime (ONNX Runtime fp32) vs PyTorch reference, per token and mean

@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from citrus_edge.calib_data import phantom_set as phantom_set_module
+from citrus_edge.calib_data.data_errors import ManifestError
+from citrus_edge.calib_data.data_manifest import Record, read_manifest, split_of, write_manifest
 from citrus_edge.calib_data.dicom_writer import US_IMAGE_STORAGE, write_us_dicom
-from citrus_edge.calib_data.errors import ManifestError
 from citrus_edge.calib_data.load import load_image
-from citrus_edge.calib_data.manifest import Record, read_manifest, split_of, write_manifest
 from citrus_edge.calib_data.phantom import (
     ECHOGENICITIES,
     LOCATIONS,
@@ -32,9 +32,9 @@ from citrus_edge.calib_data.phantom_set import (
     write_phantom_set,
     written_spec,
 )
-from citrus_edge.calib_data.tasks import parse_boxes, parse_report, resize_box
 from citrus_edge.config import DEMO
 from citrus_edge.preprocess import smart_resize
+from citrus_edge.tasks import parse_boxes, parse_report, resize_box
 
 N_SEEDS = 60
 

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
+from citrus_edge.cli.memory_plan import format_plan, param_counts, plan, plan_table
 from citrus_edge.config import CITRUS_V_8B, DEMO, TINY
-from citrus_edge.plan import format_plan, param_counts, plan, plan_table
 from citrus_edge.recipes import FP8, FP16_W4, INT8, get_recipe
 from citrus_edge.targets import UnsupportedPrecisionError, get_target
 
@@ -32,7 +32,7 @@ def built_counts(key: str) -> tuple[dict[str, tuple[int, int]], int, int]:
     """
     from torch import nn
 
-    from citrus_edge.model import build_model
+    from citrus_edge.modelling.model import build_model
 
     model = build_model(CONFIGS[key])
     sam = model.sam2
@@ -235,12 +235,12 @@ def test_bundle_ratio_vs_fp32_on_cpu():
 
 
 def test_cpu_llm_storage_matches_the_cpu_quantizer():
+    from citrus_edge.cli.memory_plan import CPU_LLM_BLOCK
     from citrus_edge.compress.settings import (
         CPU_WEIGHT_ONLY_INT4,
         CPU_WEIGHT_ONLY_INT8,
         QuantizeConfig,
     )
-    from citrus_edge.plan import CPU_LLM_BLOCK
 
     assert CPU_WEIGHT_ONLY_INT4.block_size == CPU_WEIGHT_ONLY_INT8.block_size == CPU_LLM_BLOCK
     assert (CPU_WEIGHT_ONLY_INT4.bits, CPU_WEIGHT_ONLY_INT8.bits) == (4, 8)

@@ -21,14 +21,14 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 from citrus_edge.bundle import sha256_file, write_manifest  # noqa: E402
+from citrus_edge.calib_data.data_manifest import read_manifest  # noqa: E402
 from citrus_edge.calib_data.load import load_image  # noqa: E402
-from citrus_edge.calib_data.manifest import read_manifest  # noqa: E402
 from citrus_edge.compress.fidelity import sqnr_db  # noqa: E402
 from citrus_edge.compress.quantize import quantize  # noqa: E402
 from citrus_edge.compress.report import REPORT_FILE  # noqa: E402
 from citrus_edge.compress.settings import QuantizeConfig  # noqa: E402
 from citrus_edge.config import CitrusVConfig  # noqa: E402
-from citrus_edge.export.host_inputs import vision_inputs  # noqa: E402
+from citrus_edge.host_inputs import vision_inputs  # noqa: E402
 from citrus_edge.preprocess import qwen_pixels, sam_pixels  # noqa: E402
 from citrus_edge.runtime.artifacts import bundle_components  # noqa: E402
 

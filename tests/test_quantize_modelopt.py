@@ -139,7 +139,7 @@ def test_orin_refuses_fp8_naming_the_targets_that_can(data, target):
 def test_llm_for_tensorrt(data, precision, zero_point):
     """INT8 SmoothQuant / FP8 through ModelOpt PyTorch + the export/ LLM wrapper, INT4-AWQ
     through ModelOpt ONNX. Measured on TINY: int8 39.7 dB, int4 17.8 dB (ORT reference mode)."""
-    from citrus_edge.checkpoint import save_checkpoint
+    from citrus_edge.modelling.checkpoint import save_checkpoint
 
     root, export, manifest = data
     checkpoint = root / "checkpoint"

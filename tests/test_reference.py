@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from fixtures import random_rgb, tiny_model, tiny_tokenizer
 
+from citrus_edge.modelling.reference import ReferencePipeline, mrope_inputs
 from citrus_edge.preprocess import qwen_pixels
 from citrus_edge.prompts import n_image_tokens, prompt_ids
-from citrus_edge.reference import ReferencePipeline, mrope_inputs
 
 
 class ScriptedHead(torch.nn.Module):

@@ -11,14 +11,14 @@ from test_runtime_support import CASES, bundle, case_image, pipeline
 
 from citrus_edge.runtime.backends import available_backends, create_backend
 from citrus_edge.runtime.bench import run_bench, summarize
-from citrus_edge.runtime.errors import (
+from citrus_edge.runtime.onnxruntime_flavour import OnnxRuntimeSetupError
+from citrus_edge.runtime.pipeline import Pipeline, RuntimeConfig
+from citrus_edge.runtime.runtime_errors import (
     InputImageError,
     RuntimeSetupError,
     TensorRTSetupError,
     UnknownBackendError,
 )
-from citrus_edge.runtime.onnxruntime_flavour import OnnxRuntimeSetupError
-from citrus_edge.runtime.pipeline import Pipeline, RuntimeConfig
 
 
 def test_registry_lists_both_backends_and_refuses_others():

@@ -17,7 +17,7 @@ from citrus_edge.calib_data.dicom_writer import write_us_dicom
 from citrus_edge.calib_data.spacing import US_REGIONS, PixelSpacing
 from citrus_edge.result import Box, GroundingResult
 from citrus_edge.runtime.measure import longest_diameter_mm, measure_mask, measure_masks
-from citrus_edge.runtime.output import (
+from citrus_edge.runtime.result_files import (
     PALETTE,
     decode_rle,
     encode_rle,

@@ -25,7 +25,7 @@ modules = sorted(m.name for m in pkgutil.iter_modules(runtime.__path__))
 for name in modules:
     importlib.import_module(f"citrus_edge.runtime.{name}")
 from citrus_edge.runtime.bench import run_bench
-from citrus_edge.runtime.output import write_json, write_overlay
+from citrus_edge.runtime.result_files import write_json, write_overlay
 from citrus_edge.runtime.pipeline import Pipeline
 from citrus_edge.runtime.video import run_video
 

@@ -12,10 +12,10 @@ from test_runtime_support import pipeline, variant_model
 torch = pytest.importorskip("torch")
 pil_processor = pytest.importorskip("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl")
 
-from citrus_edge.export.host_inputs import llm_prefill_inputs, vision_inputs  # noqa: E402
+from citrus_edge.host_inputs import llm_prefill_inputs, vision_inputs  # noqa: E402
+from citrus_edge.modelling.reference import mrope_inputs  # noqa: E402
 from citrus_edge.preprocess import qwen_pixels  # noqa: E402
 from citrus_edge.prompts import n_image_tokens, prompt_ids  # noqa: E402
-from citrus_edge.reference import mrope_inputs  # noqa: E402
 
 PIXEL_ATOL = 1e-5
 EMBED_ATOL = 1e-5  # image rows come from the ONNX vision graph, text rows are exact

@@ -97,7 +97,7 @@ def copy_bundle(kind: str, dest: Path) -> Path:
 
 @functools.cache
 def reference(kind: str, max_new_tokens: int = MAX_NEW):
-    from citrus_edge.reference import ReferencePipeline
+    from citrus_edge.modelling.reference import ReferencePipeline
 
     return ReferencePipeline(variant_model(kind), tiny_tokenizer(), max_new_tokens=max_new_tokens)
 

@@ -28,7 +28,7 @@ trt = pytest.importorskip(
 from citrus_edge.engines import build_bundle_engines  # noqa: E402
 from citrus_edge.engines.compat import targets_with_sm  # noqa: E402
 from citrus_edge.engines.device import cuda_device  # noqa: E402
-from citrus_edge.engines.errors import TensorRTUnavailableError  # noqa: E402
+from citrus_edge.engines.engine_errors import TensorRTUnavailableError  # noqa: E402
 from citrus_edge.runtime.engine_folder import EngineFolderError  # noqa: E402
 from citrus_edge.runtime.pipeline import Pipeline  # noqa: E402
 

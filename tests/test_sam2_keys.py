@@ -16,7 +16,7 @@ from transformers import (  # noqa: E402
     Sam2VisionConfig,
 )
 
-from citrus_edge.sam2_keys import (  # noqa: E402
+from citrus_edge.modelling.sam2_keys import (  # noqa: E402
     HF_ONLY_KEYS,
     Sam2KeyError,
     Sam2TensorMismatchError,

@@ -1,4 +1,4 @@
-"""Random-weights slices of a preset (citrus_edge.slice), the Qwen stand-in tokenizer, and the
+"""Random-weights slices of a preset (citrus_edge.modelling.slice), the Qwen stand-in tokenizer, and the
 one-copy checkpoint save/load they rely on. Fast: TINY widths, the 8B only as a config."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pytest
 import torch
 from fixtures import random_rgb, tiny_model
 
+from citrus_edge.cli.model_params import param_counts
 from citrus_edge.config import CITRUS_V_8B, QWEN_TOKENS, TINY
-from citrus_edge.params import param_counts
-from citrus_edge.slice import (
+from citrus_edge.modelling.slice import (
     SliceConfig,
     SliceError,
     hiera_global_blocks,
@@ -121,7 +121,7 @@ def test_qwen_standin_tokenizer_has_qwens_special_ids_and_the_8b_vocab():
 
 
 def test_cli_writes_a_tiny_slice_that_loads_with_its_depths(tmp_path, capsys):
-    from citrus_edge.checkpoint import load_checkpoint
+    from citrus_edge.modelling.checkpoint import load_checkpoint
     from citrus_edge.tokenizer import load_tokenizer
 
     out = tmp_path / "slice"
@@ -147,7 +147,7 @@ def test_cli_writes_a_tiny_slice_that_loads_with_its_depths(tmp_path, capsys):
 
 
 def test_cli_refuses_a_folder_it_did_not_write_before_making_weights(tmp_path, monkeypatch, capsys):
-    from citrus_edge import slice as slice_mod
+    from citrus_edge.modelling import slice as slice_mod
 
     (tmp_path / "notes.txt").write_text("a user's file")
     called = []
@@ -165,7 +165,7 @@ def test_tiny_with_the_qwen_vocabulary_runs_the_reference_and_the_fp32_runtime(t
     """The stand-in tokenizer at the 8B's 151,668 ids, through export and the runtime."""
     from citrus_edge.bundle import write_manifest
     from citrus_edge.export import export_all
-    from citrus_edge.reference import ReferencePipeline
+    from citrus_edge.modelling.reference import ReferencePipeline
     from citrus_edge.runtime.pipeline import Pipeline
 
     cfg = dataclasses.replace(
@@ -192,7 +192,7 @@ def test_tiny_with_the_qwen_vocabulary_runs_the_reference_and_the_fp32_runtime(t
 
 
 def test_state_dict_official_shares_the_models_tensors():
-    from citrus_edge.checkpoint import MLLM, state_dict_official
+    from citrus_edge.modelling.checkpoint import MLLM, state_dict_official
 
     model = tiny_model()
     sd = state_dict_official(model)
@@ -203,8 +203,8 @@ def test_state_dict_official_shares_the_models_tensors():
 
 
 def test_load_checkpoint_builds_no_random_weights(tmp_path, monkeypatch):
-    from citrus_edge import checkpoint
-    from citrus_edge.model import CitrusV
+    from citrus_edge.modelling import checkpoint
+    from citrus_edge.modelling.model import CitrusV
 
     checkpoint.save_checkpoint(tiny_model(), tmp_path / "ckpt")
     devices = []
@@ -320,9 +320,9 @@ def test_the_runtimes_feeds_fit_the_engine_profiles_of_the_8b_slice_on_orin():
     """Vision and LLM feeds, built by the runtime's own functions for a spread of image sizes,
     lie inside the TensorRT optimization profiles the engine plan builds (8B widths)."""
     from citrus_edge.engines.profiles import ProfileConfig, axis_profiles
-    from citrus_edge.export.config import ExportConfig
+    from citrus_edge.export.export_config import ExportConfig
     from citrus_edge.export.graph import get_component
-    from citrus_edge.export.host_inputs import llm_prefill_inputs, vision_inputs
+    from citrus_edge.host_inputs import llm_prefill_inputs, vision_inputs
     from citrus_edge.preprocess import qwen_pixels
     from citrus_edge.prompts import ContextLimit, n_image_tokens, prompt_ids
     from citrus_edge.targets import get_target
@@ -393,7 +393,7 @@ def test_a_large_lm_head_is_exported_in_vocabulary_slices(tmp_path, monkeypatch)
 def test_a_graph_over_the_external_threshold_is_exported_at_opset_20(tmp_path):
     """Graphs too large to version-convert in memory come out at the opset INT4 tools need to
     reach without conversion; the manifest states the opset the file declares."""
-    from citrus_edge.export.config import ExportConfig
+    from citrus_edge.export.export_config import ExportConfig
     from citrus_edge.export.graph import LARGE_GRAPH_OPSET, export_component, graph_opset
 
     assert graph_opset(17, external=False) == 17 and graph_opset(17, external=True) == 20
@@ -407,7 +407,7 @@ def test_a_graph_over_the_external_threshold_is_exported_at_opset_20(tmp_path):
 def test_read_safetensors_matches_safetensors_and_refuses_a_truncated_file(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from citrus_edge.checkpoint import CheckpointError, read_safetensors
+    from citrus_edge.modelling.checkpoint import CheckpointError, read_safetensors
 
     tensors = {
         "a": torch.randn(3, 5),
@@ -435,8 +435,8 @@ def test_build_frees_the_pytorch_reference_before_it_opens_the_bundle(
     import gc
     import weakref
 
-    from citrus_edge.build import BuildConfig, build
-    from citrus_edge.reference import ReferencePipeline
+    from citrus_edge.cli.bundle_build import BuildConfig, build
+    from citrus_edge.modelling.reference import ReferencePipeline
     from citrus_edge.runtime.pipeline import Pipeline
 
     models, alive = [], []

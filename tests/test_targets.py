@@ -209,7 +209,7 @@ def test_modules_are_torch_free():
         "import sys, citrus_edge.targets, citrus_edge.recipes\n"
         "heavy = {'torch', 'transformers', 'PIL', 'numpy'} & set(sys.modules)\n"
         "assert not heavy, heavy\n"
-        "import citrus_edge.plan\n"
+        "import citrus_edge.cli.memory_plan\n"
         "assert not {'torch', 'transformers'} & set(sys.modules)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from citrus_edge.calib_data.tasks import (
+from citrus_edge.tasks import (
     DETECT_PROMPT,
     NO_LESION,
     REPORT_FIELDS,

@@ -23,7 +23,7 @@ from fake_tensorrt import FakeBuilderTrt, FakeCudart, FakeEngine, FakeHostMemory
 from citrus_edge.config import TINY
 from citrus_edge.engines.graph_info import GraphInput
 from citrus_edge.engines.profiles import ProfileConfig, llm_profiles, resolve_profile
-from citrus_edge.runtime.errors import BackendRunError
+from citrus_edge.runtime.runtime_errors import BackendRunError
 from citrus_edge.runtime.tensorrt_backend import (
     Cuda,
     Engine,
@@ -227,7 +227,7 @@ def test_engine_from_another_orin_module_is_refused():
     """AGX, NX and Nano are all sm_87 and CUDA calls each GPU "Orin": before the fix an AGX
     engine passed the check on a Nano."""
     from citrus_edge.engines.compat import check_engine_compat
-    from citrus_edge.engines.errors import EngineMismatchError
+    from citrus_edge.engines.engine_errors import EngineMismatchError
 
     check_engine_compat(_sidecar(AGX), "10.3.0.30", "8.7", device_name="Orin", module=AGX)
     with pytest.raises(EngineMismatchError) as e:
@@ -245,7 +245,7 @@ def test_engine_from_another_orin_module_is_refused():
 
 def test_engine_from_another_gpu_of_the_same_sm_is_refused():
     from citrus_edge.engines.compat import check_engine_compat
-    from citrus_edge.engines.errors import EngineMismatchError
+    from citrus_edge.engines.engine_errors import EngineMismatchError
 
     side = dict(_sidecar(None, "NVIDIA RTX 6000 Ada Generation"), target="x86-ada")
     side["device"]["sm"] = "8.9"
@@ -323,7 +323,7 @@ def test_qdq_graph_is_parsed_from_an_fp16_carrier_copy(tmp_path, monkeypatch):
 
 def test_builder_refuses_a_plan_for_another_orin_module():
     from citrus_edge.engines.device import CudaDevice
-    from citrus_edge.engines.errors import DeviceMismatchError
+    from citrus_edge.engines.engine_errors import DeviceMismatchError
     from citrus_edge.engines.tensorrt_builder import check_device
 
     plan = SimpleNamespace(target="orin-agx-64", tensorrt=None)
@@ -339,8 +339,8 @@ def test_builder_refuses_a_plan_for_another_orin_module():
 def test_tensorrt_other_than_10_is_refused(monkeypatch, version):
     """TensorRT 11 has no weakly typed builder flags; 8.6 (JetPack 6.0) not the 10 API."""
     from citrus_edge.engines.device import import_tensorrt
-    from citrus_edge.engines.errors import TensorRTUnavailableError
-    from citrus_edge.runtime.errors import TensorRTSetupError
+    from citrus_edge.engines.engine_errors import TensorRTUnavailableError
+    from citrus_edge.runtime.runtime_errors import TensorRTSetupError
     from citrus_edge.runtime.tensorrt_backend import import_tensorrt as runtime_import
 
     monkeypatch.setitem(sys.modules, "tensorrt", SimpleNamespace(__version__=version, Builder=1))

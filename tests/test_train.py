@@ -14,7 +14,8 @@ import torch
 from fixtures import tiny_model, tiny_tokenizer
 
 from citrus_edge.calib_data.phantom import PhantomConfig, generate_phantom
-from citrus_edge.compress.train import (
+from citrus_edge.config import TINY
+from citrus_edge.modelling.train import (
     IGNORE,
     TRAIN_SEED_BASE,
     OccupancyHead,
@@ -28,7 +29,6 @@ from citrus_edge.compress.train import (
     make_sample,
     train,
 )
-from citrus_edge.config import TINY
 
 
 def test_learning_rate_warms_up_then_decays_to_min():
@@ -122,7 +122,7 @@ def test_focal_heat_loss_by_hand():
 
 
 def test_grown_vision_tower_computes_the_same_function(tmp_path, tok):
-    from citrus_edge.checkpoint import save_checkpoint
+    from citrus_edge.modelling.checkpoint import save_checkpoint
 
     model = tiny_model().eval()
     deeper = dataclasses.replace(
@@ -220,7 +220,7 @@ def test_resume_after_interruption_is_exact(tmp_path, tok):
 
 
 def test_continuing_run_starts_from_checkpoint_and_heads(tmp_path, tok):
-    from citrus_edge.checkpoint import save_checkpoint
+    from citrus_edge.modelling.checkpoint import save_checkpoint
 
     first = train(TINY, TrainConfig(steps=2, batch_size=2, warmup=1), tmp_path / "s1", tok)
     save_checkpoint(first, tmp_path / "s1" / "model", tokenizer_json=tok)
@@ -278,7 +278,7 @@ def test_curriculum_changes_training_phantoms_only(tmp_path, tok):
 
 
 def test_a_stage_may_change_the_image_size_and_keeps_the_weights(tmp_path, tok):
-    from citrus_edge.checkpoint import load_checkpoint, save_checkpoint
+    from citrus_edge.modelling.checkpoint import load_checkpoint, save_checkpoint
 
     first = train(TINY, TrainConfig(steps=1, batch_size=2, warmup=1), tmp_path / "s1", tok)
     save_checkpoint(first, tmp_path / "s1" / "model", tokenizer_json=tok)

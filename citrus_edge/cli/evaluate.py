@@ -14,11 +14,11 @@ import numpy as np
 from PIL import Image
 
 from citrus_edge.atomic import write_json_atomic
+from citrus_edge.calib_data.data_manifest import Record
 from citrus_edge.calib_data.load import load_image
-from citrus_edge.calib_data.manifest import Record
-from citrus_edge.calib_data.tasks import REPORT_FIELDS, parse_report
 from citrus_edge.metrics import dice, precision_at_1
 from citrus_edge.result import GroundingResult
+from citrus_edge.tasks import REPORT_FIELDS, parse_report
 
 Pipeline = Callable[[np.ndarray, str], GroundingResult]
 

@@ -106,9 +106,9 @@ def build(cfg: BuildConfig, out: Path, progress: Progress = lambda stage: None) 
 def _build_in(
     cfg: BuildConfig, out: Path, target: Target, recipe: Recipe, scratch: Path, progress: Progress
 ) -> dict:
-    from citrus_edge.checkpoint import load_checkpoint
-    from citrus_edge.export.manifest import checkpoint_source_hash
-    from citrus_edge.export.pipeline import export_all
+    from citrus_edge.export.export_manifest import checkpoint_source_hash
+    from citrus_edge.export.export_run import export_all
+    from citrus_edge.modelling.checkpoint import load_checkpoint
 
     progress("export")
     fp32_dir = scratch / "fp32"
@@ -153,7 +153,7 @@ def matching_gpu(target: Target):
     compiled on the device with `citrus-edge engines build` — engines are not portable.
     """
     from citrus_edge.engines.device import cuda_device, import_tensorrt
-    from citrus_edge.engines.errors import TensorRTUnavailableError
+    from citrus_edge.engines.engine_errors import TensorRTUnavailableError
 
     try:
         import_tensorrt()
@@ -232,7 +232,7 @@ def _quantize(cfg: BuildConfig, fp32_dir: Path, recipe: Recipe, target: Target, 
 
 def _engine_plan(bundle_dir: Path, target: Target, recipe: Recipe) -> dict:
     """The portable bundle's plan for `citrus-edge engines build` on the device (also a file)."""
-    from citrus_edge.engines.plan import make_engine_plan
+    from citrus_edge.engines.engine_plan import make_engine_plan
 
     plan = make_engine_plan(bundle_dir, target, recipe)
     plan.save(bundle_dir / "engine_plan.json")
@@ -262,11 +262,11 @@ def measure_accuracy(cfg: BuildConfig, bundle_dir: Path, target: Target, recipe:
     trt_only = sorted({p for _, p in recipe.items()} & TENSORRT_ONLY)
     if trt_only:
         return {"measured": False, "reason": f"{trt_only} graphs run only in TensorRT"}
-    from citrus_edge.calib_data.manifest import read_manifest
-    from citrus_edge.defaults import default_phantom_manifest
-    from citrus_edge.evaluate import evaluate
+    from citrus_edge.calib_data.data_manifest import read_manifest
+    from citrus_edge.calib_data.phantom_set import default_phantom_manifest
+    from citrus_edge.cli.evaluate import evaluate
     from citrus_edge.metrics import mask_iou, token_agreement
-    from citrus_edge.reference import ReferencePipeline
+    from citrus_edge.modelling.reference import ReferencePipeline
     from citrus_edge.runtime.pipeline import Pipeline
 
     manifest = cfg.eval_data or default_phantom_manifest()

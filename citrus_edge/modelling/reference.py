@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 from transformers import DynamicCache
 
 from citrus_edge.boxes import parse_boxes
-from citrus_edge.model import CitrusV
+from citrus_edge.modelling.model import CitrusV
 from citrus_edge.postprocess import select_masks
 from citrus_edge.preprocess import qwen_pixels, sam_pixels
 from citrus_edge.prompts import (
@@ -119,7 +119,7 @@ class ReferencePipeline:
 
     @classmethod
     def from_checkpoint(cls, path: Path, **kw: object) -> ReferencePipeline:
-        from citrus_edge.checkpoint import load_checkpoint
+        from citrus_edge.modelling.checkpoint import load_checkpoint
         from citrus_edge.tokenizer import load_tokenizer
 
         return cls(load_checkpoint(path), load_tokenizer(path), **kw)

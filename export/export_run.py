@@ -20,12 +20,10 @@ import torch
 
 from citrus_edge.atomic import make_staging_dir
 from citrus_edge.bundle import replace_directory, sigterm_cleanup
-from citrus_edge.model import CitrusV
+from citrus_edge.modelling.model import CitrusV
 
-from .config import ExportConfig
-from .graph import GraphResult, export_component
-from .llm import write_embeddings
-from .manifest import (
+from .export_config import ExportConfig
+from .export_manifest import (
     EXPORT_KIND,
     EXPORT_MANIFEST,
     MANIFEST_SCHEMA,
@@ -34,6 +32,8 @@ from .manifest import (
     sha256_file,
     write_json_atomic,
 )
+from .graph import GraphResult, export_component
+from .llm import write_embeddings
 from .spec import REGISTRY
 
 log = logging.getLogger(__name__)

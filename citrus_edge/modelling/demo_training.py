@@ -10,13 +10,12 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from citrus_edge.calib_data import tasks
+from citrus_edge import tasks
 from citrus_edge.calib_data.phantom import PhantomConfig, generate_phantom
 from citrus_edge.config import DEMO, CitrusVConfig
+from citrus_edge.modelling.train import TRAIN_SEED_BASE, TrainConfig, task_text, train
 from citrus_edge.preprocess import smart_resize
 from citrus_edge.prompts import SYSTEM
-
-from .train import TRAIN_SEED_BASE, TrainConfig, task_text, train
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +121,7 @@ def train_demo_model(
     Stage N > 1 starts from stage N-1's checkpoint (its `init_from` is set here) and, when its
     `carry_aux` is set, from stage N-1's training-only heads (`init_aux_from`).
     """
-    from citrus_edge.checkpoint import load_checkpoint, save_checkpoint
+    from citrus_edge.modelling.checkpoint import load_checkpoint, save_checkpoint
 
     tok_path = build_tokenizer(out, model_cfg)
     prev: Path | None = None

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from citrus_edge.atomic import atomic_path
 
-from .errors import ManifestError
-from .tasks import TASKS
+from .data_errors import ManifestError
+from citrus_edge.tasks import TASKS
 
 SCHEMA = 1
 SPLITS = ("train", "calib", "eval")

@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from citrus_edge.calib_data import tasks
+from citrus_edge import tasks
 from citrus_edge.calib_data.phantom import PhantomConfig, centroid, generate_phantom
 from citrus_edge.config import CitrusVConfig
-from citrus_edge.model import CitrusV, build_model
+from citrus_edge.modelling.model import CitrusV, build_model
 from citrus_edge.preprocess import qwen_pixels, sam_pixels
 from citrus_edge.prompts import n_image_tokens, prompt_ids
 
@@ -451,7 +451,7 @@ def _train(
     _check_or_write_config(cfg, out_dir)
     model_cfg = stage_config(model_cfg, cfg)
     if cfg.init_from is not None:
-        from citrus_edge.checkpoint import load_checkpoint
+        from citrus_edge.modelling.checkpoint import load_checkpoint
 
         model = load_checkpoint(Path(cfg.init_from))
         saved = dataclasses.replace(model.config, preprocess=model_cfg.preprocess)

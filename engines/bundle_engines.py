@@ -22,9 +22,9 @@ from citrus_edge.recipes import Recipe, get_recipe
 from citrus_edge.targets import resolve_target
 
 from .device import jetson_target
-from .errors import EnginePlanError
-from .output import AUTO, ENGINES_MANIFEST, timing_cache_path
-from .plan import PLAN_FILE, EnginePlan, load_config, make_engine_plan, plans_from
+from .engine_errors import EnginePlanError
+from .engine_plan import PLAN_FILE, EnginePlan, load_config, make_engine_plan, plans_from
+from .engines_output import AUTO, ENGINES_MANIFEST, timing_cache_path
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Exact parameter counts of a Citrus-V config's components, from its dimensions (torch-free).
 
-Counts match the modules `citrus_edge.model.build_model` assembles; tests/test_plan.py checks
+Counts match the modules `citrus_edge.modelling.model.build_model` assembles; tests/test_plan.py checks
 them against built TINY and DEMO models. Components follow the export split (see plan.py).
 """
 
@@ -31,7 +31,7 @@ class ParamCount:
     `quantizable`: weights of linear and convolution layers a low-bit format stores (for the LLM,
     without `lm_head`). `table`: the LLM's token-embedding table when untied (one row is read per
     token, so it is not part of the bytes a decode step streams). `head`: the untied `lm_head`
-    weight, low-bit or not depending on the backend (see `citrus_edge.plan.storage`).
+    weight, low-bit or not depending on the backend (see `citrus_edge.cli.memory_plan.storage`).
     """
 
     total: int

@@ -40,7 +40,7 @@ from .component import (
     fp32_layers_for,
     quantized,
 )
-from .errors import EnginePlanError
+from .engine_errors import EnginePlanError
 from .graph_info import read_graph
 from .profiles import ProfileConfig, axis_profiles, resolve_profile
 
@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 ENGINE_PLAN_VERSION = 1
 PLAN_KIND = "citrus-edge engine plan"
 PLAN_FILE = "engine_plan.json"  # in a bundle, beside manifest.json
-EXPORT_MANIFEST = "export_manifest.json"  # written by citrus_edge.export.pipeline
+EXPORT_MANIFEST = "export_manifest.json"  # written by citrus_edge.export.export_run
 CONFIG_FILE = "config.json"  # the model config the export writes beside the graphs
 GB = 1e9  # data-sheet gigabyte, as in citrus_edge.targets
 WORKSPACE_FRACTION = 0.25

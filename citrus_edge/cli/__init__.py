@@ -137,15 +137,15 @@ def model_slice(
     Official layout plus a stand-in tokenizer with the model's special-token ids (Qwen2.5's
     151643-151667 for citrus-v-8b), so every command accepts it.
     """
-    from citrus_edge.slice import SliceConfig
+    from citrus_edge.modelling.slice import SliceConfig
 
     hiera = _ints(hiera_blocks, "4 block counts") if hiera_blocks is not None else None
     full = _ints(full_attention, "block indexes") if full_attention is not None else None
     cfg = SliceConfig(preset, llm_layers, vision_blocks, full, hiera, seed)  # type: ignore[arg-type]
-    from citrus_edge.checkpoint import check_checkpoint_out
+    from citrus_edge.modelling.checkpoint import check_checkpoint_out
 
     check_checkpoint_out(out)  # before torch builds gigabytes of weights
-    from citrus_edge.slice import write_slice
+    from citrus_edge.modelling.slice import write_slice
 
     with console.status(f"writing {cfg.name}"):
         model_cfg = write_slice(cfg, out)
@@ -204,10 +204,11 @@ def eval_cmd(
     """Score a model with the PyTorch reference pipeline: Dice, Precision@1, count, fields."""
     from rich.progress import Progress
 
-    from citrus_edge.calib_data.manifest import read_manifest
-    from citrus_edge.defaults import default_phantom_manifest, resolve_model
-    from citrus_edge.evaluate import evaluate
-    from citrus_edge.reference import ReferencePipeline
+    from citrus_edge.calib_data.data_manifest import read_manifest
+    from citrus_edge.calib_data.phantom_set import default_phantom_manifest
+    from citrus_edge.cli.evaluate import evaluate
+    from citrus_edge.defaults import resolve_model
+    from citrus_edge.modelling.reference import ReferencePipeline
 
     model_dir = resolve_model(model)
     manifest = data or default_phantom_manifest()
@@ -245,8 +246,8 @@ def plan_cmd(
 
     Exits with code 3 when the model does not fit the target's memory (scripts can branch).
     """
+    from citrus_edge.cli.memory_plan import plan, plan_summary, plan_table
     from citrus_edge.config import PRESETS, CitrusVConfig
-    from citrus_edge.plan import plan, plan_summary, plan_table
     from citrus_edge.recipes import get_recipe
     from citrus_edge.targets import get_target
 
@@ -357,15 +358,15 @@ def export_cmd(
     import time
 
     from citrus_edge.defaults import resolve_model
-    from citrus_edge.export.manifest import check_export_out, checkpoint_source_hash
+    from citrus_edge.export.export_manifest import check_export_out, checkpoint_source_hash
 
     # Refuse a wrong --out, a bad size or a missing model before torch is imported.
     check_export_out(out, overwrite)
     sizes = [_parse_hw(s) for s in image_size] if image_size else None
     model_dir = resolve_model(model)
 
-    from citrus_edge.checkpoint import load_checkpoint
-    from citrus_edge.export.pipeline import DEFAULT_IMAGE_SIZES, export_all
+    from citrus_edge.export.export_run import DEFAULT_IMAGE_SIZES, export_all
+    from citrus_edge.modelling.checkpoint import load_checkpoint
 
     sizes = sizes or list(DEFAULT_IMAGE_SIZES)
     t0 = time.perf_counter()
@@ -470,8 +471,8 @@ def run_cmd(
     Results are named after the input, with the frame for a multi-frame input
     (`<stem>.frame0015.json`), so runs on different frames never overwrite each other.
     """
-    from citrus_edge.runtime.output import result_to_dict, write_json, write_overlay
     from citrus_edge.runtime.pipeline import Pipeline
+    from citrus_edge.runtime.result_files import result_to_dict, write_json, write_overlay
 
     pipe = Pipeline.from_bundle(
         bundle,
@@ -524,7 +525,7 @@ def _run_video(pipe, input: Path, prompt: str, key_frame: int, out: Path) -> Non
     from rich.progress import Progress
 
     from citrus_edge.calib_data.load import load_image
-    from citrus_edge.runtime.output import write_json, write_overlay
+    from citrus_edge.runtime.result_files import write_json, write_overlay
     from citrus_edge.runtime.video import run_video
 
     n = load_image(input, frame=key_frame).n_frames
@@ -580,7 +581,7 @@ def build_cmd(
     ] = None,
 ) -> None:
     """Build a deployable bundle: export -> quantize -> engine plan -> validate -> manifest."""
-    from citrus_edge.build import BuildConfig, build
+    from citrus_edge.cli.bundle_build import BuildConfig, build
     from citrus_edge.defaults import resolve_model
     from citrus_edge.recipes import get_recipe
     from citrus_edge.targets import check_recipe, resolve_target

@@ -24,7 +24,7 @@ from citrus_edge.bundle import (
     replace_directory,
     sha256_file,
 )
-from citrus_edge.export.manifest import EXPORT_KIND
+from citrus_edge.export.export_manifest import EXPORT_KIND
 from citrus_edge.recipes import COMPONENTS
 
 from .report import REPORT_FILE, ComponentReport, QuantizeReport, json_db

@@ -19,7 +19,7 @@ from typing import Any
 
 from citrus_edge.bundle import sha256_file
 
-from .errors import EnginePlanError
+from .engine_errors import EnginePlanError
 
 ENGINES_MANIFEST = "engines.json"
 ENGINES_KIND = "citrus-edge engines"

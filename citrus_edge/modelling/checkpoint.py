@@ -22,8 +22,8 @@ from safetensors.torch import save_file
 from citrus_edge.atomic import make_staging_dir, umask_mode
 from citrus_edge.bundle import foreign_entries, replace_directory
 from citrus_edge.config import CitrusVConfig
-from citrus_edge.model import CitrusV
-from citrus_edge.sam2_keys import hf_to_original, original_to_hf
+from citrus_edge.modelling.model import CitrusV
+from citrus_edge.modelling.sam2_keys import hf_to_original, original_to_hf
 
 log = logging.getLogger(__name__)
 

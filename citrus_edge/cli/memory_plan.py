@@ -1,7 +1,7 @@
 """Memory and speed plan of a Citrus-V config on a target at a recipe (torch-free).
 
 Everything is computed from the config's dimensions: no weights, no torch. Parameter counts
-are exact for the modules `citrus_edge.model.build_model` assembles (tests/test_plan.py checks
+are exact for the modules `citrus_edge.modelling.model.build_model` assembles (tests/test_plan.py checks
 them against built TINY and DEMO models); bytes, activations and speed are estimates and
 projections, labelled as such.
 
@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from citrus_edge.params import (
+from citrus_edge.cli.model_params import (
     DECODER_TOKENS,
     HIERA_MLP_RATIO,
     NUM_MASK_TOKENS,

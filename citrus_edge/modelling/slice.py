@@ -162,8 +162,8 @@ def write_random_checkpoint(cfg: CitrusVConfig, out: Path, seed: int = 0) -> Pat
     `out` must be new, empty, or a checkpoint `save_checkpoint` wrote (checked before any
     weights are made). Returns `out`.
     """
-    from citrus_edge.checkpoint import check_checkpoint_out, save_checkpoint
-    from citrus_edge.model import build_model
+    from citrus_edge.modelling.checkpoint import check_checkpoint_out, save_checkpoint
+    from citrus_edge.modelling.model import build_model
 
     out = Path(out)
     check_checkpoint_out(out)
