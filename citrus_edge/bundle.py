@@ -341,3 +341,28 @@ def load_bundle(path: Path, verify: bool = True) -> Bundle:
         if bundle_id_of(manifest) != manifest["bundle_id"]:
             raise BundleError(f"{mf}: bundle_id does not match the listed files")
     return Bundle(path, manifest)
+
+
+# -- the export folder a bundle is made from ---------------------------------------------------
+EXPORT_MANIFEST = "export_manifest.json"  # the listing of an export folder (`export_all`)
+EXPORT_KIND = "export_bundle"
+EMBEDDINGS = "embeddings"
+
+
+def bundle_components(export_dir: Path) -> dict[str, dict[str, Any]]:
+    """The bundle manifest's `"components"` mapping for an `export_all` folder.
+
+    `write_manifest(export_dir, {"components": bundle_components(export_dir)})` makes the folder
+    a bundle. Reads `export_manifest.json` only.
+    """
+    export = json.loads((Path(export_dir) / EXPORT_MANIFEST).read_text())
+    return components_of_export(export)
+
+
+def components_of_export(export: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    precision = export.get("precision", "float32")
+    components = {
+        name: {"file": g["file"], "precision": precision} for name, g in export["graphs"].items()
+    }
+    components[EMBEDDINGS] = {"file": export["embeddings"]["file"], "precision": precision}
+    return components

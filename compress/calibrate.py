@@ -163,7 +163,7 @@ def bundle_view(
     named in `replace` (file name -> path) taken from elsewhere, plus the bundle `manifest.json`.
     The export folder itself is never written to."""
     from citrus_edge.bundle import write_manifest
-    from citrus_edge.runtime.artifacts import bundle_components
+    from citrus_edge.bundle import bundle_components
 
     replace = dict(replace or {})
     view = Path(scratch) / name

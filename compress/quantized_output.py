@@ -19,17 +19,16 @@ import numpy as np
 
 from citrus_edge.atomic import make_staging_dir
 from citrus_edge.bundle import (
+    EXPORT_KIND,
+    EXPORT_MANIFEST,
     OutputFolderError,
     check_replaceable,
     replace_directory,
     sha256_file,
 )
-from citrus_edge.export.export_manifest import EXPORT_KIND
 from citrus_edge.recipes import COMPONENTS
 
 from .report import REPORT_FILE, ComponentReport, QuantizeReport, json_db
-
-EXPORT_MANIFEST = "export_manifest.json"
 
 
 def read_export(export_dir: Path) -> dict[str, Any]:

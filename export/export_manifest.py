@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from citrus_edge.atomic import write_json_atomic
-from citrus_edge.bundle import check_replaceable, sha256_file, tool_versions
+from citrus_edge.bundle import (
+    EXPORT_KIND,
+    EXPORT_MANIFEST,
+    check_replaceable,
+    sha256_file,
+    tool_versions,
+)
 
 __all__ = [
     "EXPORT_KIND",
@@ -32,8 +38,6 @@ __all__ = [
 
 MANIFEST_SCHEMA = 1
 MANIFEST_SUFFIX = ".manifest.json"
-EXPORT_MANIFEST = "export_manifest.json"  # the listing of an export folder
-EXPORT_KIND = "export_bundle"
 
 
 def check_export_out(out_dir: Path, overwrite: bool) -> None:

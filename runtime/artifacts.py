@@ -19,17 +19,22 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from citrus_edge.bundle import Bundle, BundleError, load_bundle
+from citrus_edge.bundle import (
+    EMBEDDINGS,
+    EXPORT_MANIFEST,
+    Bundle,
+    BundleError,
+    components_of_export,
+    load_bundle,
+)
 from citrus_edge.config import CitrusVConfig
 from citrus_edge.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
-EXPORT_MANIFEST = "export_manifest.json"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 GRAPHS = ("vision", "llm", "sam_encoder", "mask_decoder")
-EMBEDDINGS = "embeddings"
 # Tokens the prompt builder writes as text: their ids must be the config's.
 PROMPT_TOKENS = {
     "image": "<|image_pad|>",
@@ -57,32 +62,13 @@ class BundleArtifacts:
         return self.bundle.file(self.components[component]["file"])
 
 
-def bundle_components(export_dir: Path) -> dict[str, dict[str, Any]]:
-    """The bundle manifest's `"components"` mapping for an `export_all` folder.
-
-    `write_manifest(export_dir, {"components": bundle_components(export_dir)})` makes the folder
-    a bundle. Reads `export_manifest.json` only.
-    """
-    export = json.loads((Path(export_dir) / EXPORT_MANIFEST).read_text())
-    return _components_of_export(export)
-
-
-def _components_of_export(export: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    precision = export.get("precision", "float32")
-    components = {
-        name: {"file": g["file"], "precision": precision} for name, g in export["graphs"].items()
-    }
-    components[EMBEDDINGS] = {"file": export["embeddings"]["file"], "precision": precision}
-    return components
-
-
 def _components(bundle: Bundle) -> dict[str, dict[str, Any]]:
     if "components" in bundle.manifest:
         components = dict(bundle.manifest["components"])
         source = "the bundle manifest"
     else:
         export = json.loads(bundle.file(EXPORT_MANIFEST).read_text())
-        components = _components_of_export(export)
+        components = components_of_export(export)
         source = EXPORT_MANIFEST
     missing = [n for n in (*GRAPHS, EMBEDDINGS) if n not in components]
     if missing:

@@ -199,7 +199,7 @@ def _components(bundle_dir: Path, recipe: Recipe) -> dict:
     """Component -> files and precision, as the runtime reads them."""
     import numpy as np
 
-    from citrus_edge.runtime.artifacts import bundle_components
+    from citrus_edge.bundle import bundle_components
 
     comps = bundle_components(bundle_dir)
     graphs = dict(recipe.items())
