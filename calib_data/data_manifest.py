@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from citrus_edge.atomic import atomic_path
+from citrus_edge.tasks import TASKS
 
 from .data_errors import ManifestError
-from citrus_edge.tasks import TASKS
 
 SCHEMA = 1
 SPLITS = ("train", "calib", "eval")

@@ -23,13 +23,6 @@ from PIL import Image, UnidentifiedImageError
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from .dicom_pixels import (
-    PIXEL_KEYWORDS,
-    check_dicom,
-    check_native_length,
-    choose_plugins,
-    decode_frame,
-)
 from .data_errors import (
     FrameOutOfRangeError,
     ImageLoadError,
@@ -37,6 +30,13 @@ from .data_errors import (
     InvalidPixelValuesError,
     NotDicomError,
     UnreadableImageError,
+)
+from .dicom_pixels import (
+    PIXEL_KEYWORDS,
+    check_dicom,
+    check_native_length,
+    choose_plugins,
+    decode_frame,
 )
 from .spacing import Calibration, PixelSpacing, dicom_calibration, dicom_spacing
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from citrus_edge.atomic import make_staging_dir
+from citrus_edge.atomic import make_staging_dir, replace_directory
 from citrus_edge.defaults import cache_dir
 from citrus_edge.preprocess import smart_resize
 from citrus_edge.tasks import (
@@ -240,7 +240,7 @@ def _write_one(
 def _commit(staging: Path, out: Path, old_files: list[str], files: list[str]) -> None:
     """Move the complete staging folder into place; the manifest arrives last."""
     if not out.exists():
-        os.rename(staging, out)
+        replace_directory(staging, out)
         return
     # A previous set made these (its manifest goes first); nothing else is touched.
     for rel in sorted(old_files, key=lambda r: r != MANIFEST_NAME):

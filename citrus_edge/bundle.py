@@ -23,19 +23,19 @@ import json
 import logging
 import os
 import platform
-import shutil
 import signal
-import tempfile
 import threading
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from citrus_edge.atomic import make_staging_dir, write_json_atomic
+from citrus_edge import atomic
+from citrus_edge.atomic import replace_directory as replace_directory  # importable from here
+from citrus_edge.atomic import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,9 @@ RECORD_SUFFIX = ".manifest.json"
 # Manifest fields that define the bundle besides its files (part of the bundle_id).
 DEFINING_FIELDS = ("target", "recipe", "components")
 SIGTERM_EXIT = 128 + signal.SIGTERM  # the shell's status for a process ended by SIGTERM
+# An engines folder (`citrus_edge.engines` writes it, the runtime opens it): its listing.
+ENGINES_MANIFEST = "engines.json"
+ENGINES_KIND = "citrus-edge engines"
 
 
 class BundleError(ValueError):
@@ -111,13 +114,35 @@ class Bundle:
             raise BundleError(f"{self.path}: bundle has no component {name!r}") from e
 
 
-def _files_of(root: Path) -> dict[str, dict]:
-    files = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
-            rel = p.relative_to(root).as_posix()
-            files[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-    return files
+def hash_listed_files(root: Path, exclude: str, recursive: bool = True) -> dict[str, dict]:
+    """`{relative POSIX path: {"sha256", "bytes"}}` for every file under `root` (only its top
+    level unless `recursive`), in sorted order, leaving out files named `exclude` (the listing).
+    """
+    root = Path(root)
+    paths = sorted(root.rglob("*") if recursive else root.iterdir())
+    return {
+        p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in paths
+        if p.is_file() and p.name != exclude
+    }
+
+
+def created_now() -> str:
+    """The `"created"` stamp of a listing: UTC, to the second."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def verify_listed_files(
+    folder: Path, files: dict[str, dict], label: str, error: type[Exception] = BundleError
+) -> None:
+    """Check that every file a listing names exists with its size and sha256, raising `error`
+    naming the file and the listing (`label`, e.g. "the bundle manifest") otherwise."""
+    for rel, info in files.items():
+        p = Path(folder) / rel
+        if not p.is_file():
+            raise error(f"{p}: listed in {label} but missing")
+        if p.stat().st_size != info["bytes"] or sha256_file(p) != info["sha256"]:
+            raise error(f"{p}: sha256 differs from {label} (file altered)")
 
 
 def is_record(rel: str) -> bool:
@@ -147,9 +172,9 @@ def write_manifest(root: Path, info: dict) -> dict:
         "schema": BUNDLE_SCHEMA,
         "kind": BUNDLE_KIND,
         "bundle_id": "",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": created_now(),
         **info,
-        "files": _files_of(root),
+        "files": hash_listed_files(root, MANIFEST),
     }
     manifest["bundle_id"] = bundle_id_of(manifest)
     write_json_atomic(root / MANIFEST, manifest)
@@ -249,40 +274,15 @@ def check_bundle_out(out: Path) -> None:
     )
 
 
-def replace_directory(staging: Path, out: Path) -> None:
-    """Put a finished `staging` directory at `out`, replacing a previous `out` by renames only.
-
-    Callers check beforehand that `out`, if present, is something they wrote themselves
-    (`check_replaceable`).
-    """
-    if not out.exists():
-        os.replace(staging, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.replace(out, old / out.name)
-    os.replace(staging, out)
-    shutil.rmtree(old)
-
-
-@contextmanager
-def staged_directory(out: Path) -> Iterator[Path]:
+def staged_directory(out: Path) -> AbstractContextManager[Path]:
     """Yield a temporary sibling of `out`; on success it replaces `out` in one rename.
 
     On failure the temporary directory is removed and `out` is untouched. An existing `out` is
     replaced only if it is a bundle holding nothing but the files its manifest lists
     (`check_bundle_out`, checked on entry and again before the rename), so a user's files are
-    never deleted.
+    never deleted. (`citrus_edge.atomic.staged_directory` with the bundle's check.)
     """
-    out = Path(out)
-    check_bundle_out(out)
-    tmp = make_staging_dir(out, "building")
-    try:
-        yield tmp
-        check_bundle_out(out)  # a file may have been put there during the build
-        replace_directory(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    return atomic.staged_directory(out, check_bundle_out)
 
 
 @contextmanager
@@ -332,12 +332,7 @@ def load_bundle(path: Path, verify: bool = True) -> Bundle:
             "the bundle with this citrus-edge"
         )
     if verify:
-        for rel, info in manifest["files"].items():
-            p = path / rel
-            if not p.is_file():
-                raise BundleError(f"{p}: listed in the bundle manifest but missing")
-            if p.stat().st_size != info["bytes"] or sha256_file(p) != info["sha256"]:
-                raise BundleError(f"{p}: sha256 differs from the bundle manifest (file altered)")
+        verify_listed_files(path, manifest["files"], "the bundle manifest")
         if bundle_id_of(manifest) != manifest["bundle_id"]:
             raise BundleError(f"{mf}: bundle_id does not match the listed files")
     return Bundle(path, manifest)

@@ -52,6 +52,9 @@ PRECISIONS: dict[str, Precision] = {
         Precision("nvfp4", 0.5 + 1 / NVFP4_BLOCK, low_bit=True),
     )
 }
+# Precisions that need a quantization pass; fp32/fp16/bf16 graphs stay float in ONNX (TensorRT
+# applies fp16 through builder flags).
+LOW_BIT = frozenset(name for name, p in PRECISIONS.items() if p.low_bit)
 
 
 def get_precision(name: str) -> Precision:

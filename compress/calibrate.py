@@ -2,9 +2,8 @@
 
 Calibration is a forward loop fed from `calib_data/` (STYLE.md, habit 7): the runtime's own
 `Pipeline` (the real preprocessing, prompt building, mRoPE positions and greedy decoding) runs
-the FP32 export over the records, and thin recording proxies around its four graph runners keep
-the feeds each graph received. The runtime is not edited: the proxies replace the pipeline's
-runner attributes for the duration of the run.
+the FP32 export over the records, and a `RunObserver` (the runtime's public hook, passed as
+`observer=`) keeps a copy of the feeds each of its four graphs received.
 
 What is recorded, per split:
 - vision: the feeds of each distinct image (the three task records of an image share them);
@@ -21,6 +20,7 @@ What is recorded, per split:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -34,6 +34,7 @@ import numpy as np
 from citrus_edge.calib_data.data_manifest import Record
 from citrus_edge.calib_data.load import load_image
 from citrus_edge.host_inputs import empty_past
+from citrus_edge.runtime import RunObserver
 
 log = logging.getLogger(__name__)
 
@@ -108,51 +109,29 @@ def as_calibration_reader(feeds: Sequence[Mapping[str, np.ndarray]], input_names
     return _Reader(feeds, input_names)
 
 
-# ---------------------------------------------------------------------------- recording proxies
+# ---------------------------------------------------------------------------- recording
 
 
-class _RecordingGraph:
-    """A `GraphRunner` that keeps a copy of every feeds dict before running the real one."""
+class _Recorder(RunObserver):
+    """Keeps a copy of every graph's feeds: all runs of the vision encoder, the SAM2 encoder and
+    the mask decoder; the LLM's prefills only (with the empty cache they imply, which the runner
+    holds and does not take as feeds). Keeps the hidden state of the last LLM step for the
+    mask-decoder probe."""
 
-    def __init__(self, inner, sink: list[Feeds]):
-        self.inner, self.sink = inner, sink
-        self.input_names, self.output_names = inner.input_names, inner.output_names
-
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self.sink.append({n: np.array(feeds[n], copy=True) for n in self.input_names})
-        return self.inner.run(feeds)
-
-    def __getattr__(self, name: str):
-        return getattr(self.inner, name)  # the rest of the runner's interface, unchanged
-
-
-class _RecordingKvStep:
-    """A `KvStepRunner` that records each prefill's feeds (with the empty cache it implies) and
-    keeps the hidden state of the last step for the mask-decoder probe."""
-
-    def __init__(self, inner, sink: list[Feeds], text_dims):
-        self.inner, self.sink, self.text = inner, sink, text_dims
+    def __init__(self, sinks: dict[str, list[Feeds]]):
+        self.sinks = sinks
+        self.text = None  # the model's TextDims, set once the pipeline is open
         self.last_hidden: np.ndarray | None = None
 
-    @property
-    def cache_len(self) -> int:
-        return self.inner.cache_len
+    def graph_run(self, component: str, feeds: Mapping[str, np.ndarray]) -> None:
+        self.sinks[component].append({n: np.array(v, copy=True) for n, v in feeds.items()})
 
-    def reset(self) -> None:
-        self.inner.reset()
-        self.last_hidden = None
-
-    def __call__(self, feeds: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        if self.inner.cache_len == 0:
+    def llm_step(self, feeds: Mapping[str, np.ndarray], cache_len: int, hidden: np.ndarray) -> None:
+        if cache_len == 0:
             batch = int(np.asarray(feeds["inputs_embeds"]).shape[0])
             recorded = {n: np.array(v, copy=True) for n, v in feeds.items()}
-            self.sink.append({**recorded, **empty_past(batch, self.text)})
-        logits, hidden = self.inner(feeds)
+            self.sinks["llm"].append({**recorded, **empty_past(batch, self.text)})
         self.last_hidden = hidden
-        return logits, hidden
-
-    def __getattr__(self, name: str):
-        return getattr(self.inner, name)  # the rest of the runner's interface, unchanged
 
 
 @contextmanager
@@ -162,8 +141,7 @@ def bundle_view(
     """A runtime bundle of an export folder: its files linked into `scratch/name`, the files
     named in `replace` (file name -> path) taken from elsewhere, plus the bundle `manifest.json`.
     The export folder itself is never written to."""
-    from citrus_edge.bundle import write_manifest
-    from citrus_edge.bundle import bundle_components
+    from citrus_edge.bundle import bundle_components, write_manifest
 
     replace = dict(replace or {})
     view = Path(scratch) / name
@@ -203,11 +181,12 @@ def run_pipeline(
     With `record`, the feeds of every graph are kept (`PipelineRun.feeds`, one entry per distinct
     image for the vision and SAM2 encoders). `progress(done, total)` is called after each record.
     """
-    from citrus_edge.runtime.pipeline import Pipeline
+    from citrus_edge.runtime import Pipeline
 
-    pipe = Pipeline.from_bundle(bundle, max_new_tokens=max_new_tokens)
     run = PipelineRun(outcomes=[])
-    llm = _install_recorders(pipe, run.feeds)
+    recorder = _Recorder(run.feeds)
+    pipe = Pipeline.from_bundle(bundle, max_new_tokens=max_new_tokens, observer=recorder)
+    recorder.text = pipe.model_config.text
     seen: set[tuple[str, int]] = set()
     for i, rec in enumerate(records):
         sizes = {g: len(v) for g, v in run.feeds.items()}
@@ -216,7 +195,7 @@ def run_pipeline(
         result = grounding.result
         first, probe = (result.masks[0] if result.masks else None), False
         if first is None and rec.task == "segment":
-            first, probe = _probe_mask(pipe, image.pixels, llm.last_hidden), True
+            first, probe = _probe_mask(pipe, grounding, recorder.last_hidden), True
         run.outcomes.append(Outcome(rec.id, rec.task, list(result.token_ids), first, probe))
         key = (str(rec.abs_image(manifest_dir)), rec.frame)
         if key in seen:  # same image as an earlier record: its encoder feeds are duplicates
@@ -230,22 +209,10 @@ def run_pipeline(
     return run
 
 
-def _install_recorders(pipe, sinks: dict[str, list[Feeds]]) -> _RecordingKvStep:
-    """Swap the pipeline's runners for recording proxies; returns the LLM proxy."""
-    pipe.vision = _RecordingGraph(pipe.vision, sinks["vision"])
-    llm = _RecordingKvStep(pipe.llm, sinks["llm"], pipe.model_config.text)
-    pipe.llm = llm
-    seg = pipe.segmenter
-    seg.encoder = _RecordingGraph(seg.encoder, sinks["sam_encoder"])
-    seg.decoder = _RecordingGraph(seg.decoder, sinks["mask_decoder"])
-    return llm
-
-
-def _probe_mask(pipe, rgb: np.ndarray, hidden: np.ndarray | None) -> np.ndarray:
-    """First mask of the final hidden state (the answer had no `[SEG]`), see the module doc."""
-    from citrus_edge.timing import StageTimer
-
+def _probe_mask(pipe, grounding, hidden: np.ndarray | None) -> np.ndarray:
+    """First mask of the final hidden state (the answer had no `[SEG]`), see the module doc: the
+    pipeline's SAM2 (`Pipeline.track`) on the same image, with that state as the one `[SEG]`."""
     if hidden is None:
         raise RuntimeError("the LLM ran no step, so there is no hidden state to probe with")
-    masks, _ = pipe.segmenter.segment(rgb, hidden[None].astype(np.float32), StageTimer())
-    return masks[0]
+    probe = dataclasses.replace(grounding, seg_hidden=hidden[None].astype(np.float32))
+    return pipe.track(grounding.image, probe).masks[0]

@@ -70,7 +70,15 @@ def _constants_to_fp16(graph) -> int:
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    quantized_readers = {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulNBits"}
+    # Q/DQ scales and zero points stay as they are: a float16 scale is another scale, and a DQ
+    # whose scale is a Cast's output is no longer a constant (a per-channel scale of 4096+
+    # channels, 16 KiB, was: the 8B-width vision merger's, 5,120 channels).
+    quantized_readers = {
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+        "MatMulNBits",
+    }
 
     def eligible(name: str, t) -> bool:
         users = consumers.get(name, [])

@@ -2,9 +2,10 @@
 
 INT8 SmoothQuant (W8A8) or FP8 per `settings.TRT_LLM`, calibrated with a forward loop over the
 recorded prefill feeds of the calib split (the real prompt embeddings with the vision features
-spliced in, real mRoPE positions), then traced with the export/ LLM component's own wrapper and
-spec (`export.llm.LlmStepExport`, `llm_spec`) so the graph has the same inputs, outputs and
-dynamic axes as the FP32 one.
+spliced in, real mRoPE positions), then traced with the LLM component's own wrapper and spec
+(`modelling.export_wrappers.LlmStepExport`, `component_specs.llm_spec`) by the tracer the
+export stage uses (`modelling.onnx_trace.torch_export`), so the graph has the same inputs,
+outputs and dynamic axes as the FP32 one.
 
 INT4-AWQ does not take this path: with nvidia-modelopt 0.47, `torch.onnx.export` of an
 `INT4_AWQ_CFG` model folds the static block quantizer of each weight into a float constant (the
@@ -86,8 +87,8 @@ def _quantized_llm(checkpoint: Path, settings: ModelOptLlmSettings, calib: list)
     import modelopt.torch.quantization as mtq
     import torch
 
-    from citrus_edge.export.llm import LlmStepExport
     from citrus_edge.modelling.checkpoint import load_checkpoint
+    from citrus_edge.modelling.export_wrappers import LlmStepExport
 
     model = load_checkpoint(checkpoint)
     wrapper = LlmStepExport(model).eval()
@@ -109,27 +110,13 @@ def _input_names(wrapper) -> list[str]:
 
 
 def export_llm_graph(wrapper, model_config, dst: Path) -> None:
-    """Trace the (quantized) LLM step wrapper with the export/ spec's names and dynamic axes."""
-    import torch
-
-    from citrus_edge.export.export_config import ExportConfig
-    from citrus_edge.export.llm import llm_spec
+    """Trace the (quantized) LLM step wrapper with the LLM spec's names and dynamic axes."""
+    from citrus_edge.component_specs import llm_spec
+    from citrus_edge.graph_specs import ExportConfig
+    from citrus_edge.modelling.onnx_trace import torch_export
 
     spec = llm_spec(model_config, ExportConfig(opset=OPSET))
-    sample = spec.make_sample(spec.export_case, 0)
-    args = tuple(torch.from_numpy(sample.feeds[n]) for n in spec.input_names)
-    with torch.no_grad():
-        torch.onnx.export(
-            wrapper,
-            args,
-            str(dst),
-            input_names=spec.input_names,
-            output_names=spec.output_names,
-            dynamic_axes=spec.dynamic_axes(),
-            opset_version=OPSET,
-            do_constant_folding=True,
-            dynamo=False,
-        )
+    torch_export(wrapper, spec, Path(dst), OPSET)
 
 
 def check_llm_request(request: QuantRequest) -> None:

@@ -150,9 +150,10 @@ def revert_to_float(
             quantized.graph.initializer.pop()
 
 
-def _data_bytes(path: Path) -> int:
+def _graph_bytes(path: Path) -> int:
+    """A graph file's bytes and its external data's."""
     data = Path(f"{path}.data")
-    return data.stat().st_size if data.is_file() else 0
+    return Path(path).stat().st_size + (data.stat().st_size if data.is_file() else 0)
 
 
 class _Trials:
@@ -161,8 +162,10 @@ class _Trials:
     def __init__(self, quantizer, excluded, reference, feeds, mode, current: Path, workdir: Path):
         self.q, self.excluded, self.reference = quantizer, set(excluded), reference
         self.feeds, self.mode, self.workdir = feeds, mode, Path(workdir)
-        # In-memory surgery serializes the graph: only below protobuf's 2 GiB.
-        small = Path(current).stat().st_size + _data_bytes(current) < SURGERY_MAX_BYTES
+        # In-memory surgery serializes the graph with the float weights it returns: only when the
+        # quantized graph and every float weight it could take back stay below protobuf's 2 GiB
+        # (the 8B-width slice's INT4 LLM is 0.5 GB, but its float lm_head alone 2.2 GB).
+        small = _graph_bytes(current) + _graph_bytes(quantizer.src) < SURGERY_MAX_BYTES
         self.surgery = getattr(quantizer, "qdq_graph", False) and small
         if self.surgery:
             self.quantized = onnx.load(str(current))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 QUANTIZE_CONFIG_VERSION = 1
@@ -367,6 +368,12 @@ class QuantizeConfig:
         measured.
     embeddings_dtype: how the token embedding table is stored when the LLM is quantized
         ("float16": half the bytes, rows cast to float32 on lookup; "float32": unchanged).
+
+    Run options (`RUN_OPTIONS`; not part of `to_dict`, the report's record of the settings):
+    method: activation calibration, "minmax", "entropy" or "percentile"; None: the backend's
+        measured default (`DEFAULT_METHODS`). The report records the method it used.
+    checkpoint: the float checkpoint, needed by the TensorRT LLM path (ModelOpt PyTorch).
+    overwrite: replace an existing output folder that a previous `quantize` wrote.
     """
 
     settings: Mapping[str, Settings] = field(default_factory=dict)
@@ -379,9 +386,14 @@ class QuantizeConfig:
     compact: bool = True
     embeddings_dtype: str = "float16"
     version: int = QUANTIZE_CONFIG_VERSION
+    method: str | None = None
+    checkpoint: Path | None = None
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "settings", dict(self.settings))
+        if self.checkpoint is not None:
+            object.__setattr__(self, "checkpoint", Path(self.checkpoint))
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         for name in ("max_calib_records", "max_eval_records"):
@@ -406,11 +418,14 @@ class QuantizeConfig:
         return default_settings(backend, precision, component)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        """The settings, without the run options (`RUN_OPTIONS`)."""
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in RUN_OPTIONS}
         d["settings"] = {k: settings_to_dict(v) for k, v in self.settings.items()}
         return d
 
 
+# `QuantizeConfig` fields that say how to run, not how to quantize (kept out of its `to_dict`).
+RUN_OPTIONS = ("method", "checkpoint", "overwrite")
 DEFAULT_CONFIG = QuantizeConfig()
 
 

@@ -8,43 +8,28 @@ the files it lists, so no file a user put there is ever deleted.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
-from datetime import datetime, timezone
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from citrus_edge.bundle import sha256_file
+from citrus_edge.atomic import staged_directory, write_bytes_atomic, write_json_atomic
+from citrus_edge.bundle import ENGINES_KIND, ENGINES_MANIFEST, created_now, hash_listed_files
 
 from .engine_errors import EnginePlanError
 
-ENGINES_MANIFEST = "engines.json"
-ENGINES_KIND = "citrus-edge engines"
 ENGINES_SCHEMA = 1
 AUTO = "auto"  # the timing cache lives beside the engines folder, named by the plan
 
 
 def write_json(path: Path, data: dict[str, Any]) -> Path:
-    """Write `data` as indented JSON via a temporary file and `os.replace`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    """Write `data` as indented JSON atomically (`citrus_edge.atomic.write_json_atomic`)."""
+    return write_json_atomic(path, data)
 
 
 def write_bytes(path: Path, data: Any) -> Path:
     """Write `data` (bytes or any buffer, e.g. TensorRT's `IHostMemory`, written without a copy)
-    via a temporary file and `os.replace` (a reader never sees half a file)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-    return path
+    atomically: a reader never sees half a file (`citrus_edge.atomic.write_bytes_atomic`)."""
+    return write_bytes_atomic(path, data)
 
 
 def _check_replaceable(out: Path) -> None:
@@ -66,43 +51,23 @@ def _check_replaceable(out: Path) -> None:
         )
 
 
-@contextmanager
-def staged_output(out: Path) -> Iterator[Path]:
-    """Yield an empty staging folder beside `out`; on success it replaces `out` in one rename."""
-    out = Path(out)
-    _check_replaceable(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(stage, 0o777 & ~umask)  # mkdtemp makes it 0700; give it a folder's usual mode
-    try:
-        yield stage
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(stage, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(stage, out)
-    finally:
-        if stage.exists():
-            shutil.rmtree(stage)
+def staged_output(out: Path) -> AbstractContextManager[Path]:
+    """Yield an empty staging folder beside `out`; on success it replaces `out` by renames.
+
+    `out` is refused (`EnginePlanError`) on entry and again before the replacement unless it is
+    absent, empty, or an engines folder holding only the files it lists.
+    """
+    return staged_directory(out, _check_replaceable)
 
 
 def write_engines_manifest(stage: Path, info: dict[str, Any]) -> dict[str, Any]:
     """Write `engines.json` into `stage`: `info` plus the sha256 of every file there."""
-    files = {
-        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        for p in sorted(Path(stage).iterdir())
-        if p.is_file() and p.name != ENGINES_MANIFEST
-    }
     manifest = {
         "schema": ENGINES_SCHEMA,
         "kind": ENGINES_KIND,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": created_now(),
         **info,
-        "files": files,
+        "files": hash_listed_files(stage, ENGINES_MANIFEST, recursive=False),
     }
     write_json(Path(stage) / ENGINES_MANIFEST, manifest)
     return manifest

@@ -1,9 +1,11 @@
 """Valid random feeds per component, to check an optimized graph against its source.
 
 Index inputs (vision windows, LLM positions and mask) must hold meaningful values, so each
-component has a feed builder (registry `FEEDS`) built on the runtime's own host code
-(`citrus_edge.host_inputs`, numpy only). Sizes are small: the check is about equality
-of two graphs, not about realistic inputs. Dtypes and fixed dims come from the graph.
+component has a feed builder (registry `FEEDS`) built on the feed makers the export stage
+validates its graphs with (`citrus_edge.component_specs`: `vision_feeds`, `llm_step_feeds`,
+`normal_feeds`, on the runtime's own host code in `citrus_edge.host_inputs`; numpy only). Sizes
+are small: the check is about equality of two graphs, not about realistic inputs. Dtypes and
+fixed dims come from the graph.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from citrus_edge import component_specs
+from citrus_edge.component_specs import llm_step_feeds, normal_feeds
 
 from .graph_info import GraphInfo, GraphInput
 
@@ -37,43 +42,35 @@ def float_feeds(
 ) -> dict[str, np.ndarray]:
     """Standard-normal feeds for graphs with float inputs only (SAM2 encoder, mask decoder)."""
     sizes = sizes or AXIS_SIZES
-    feeds = {}
     for inp in graph.inputs:
         if not inp.dtype.startswith("float"):
             raise ValueError(f"input {inp.name} is {inp.dtype}; pass feeds for non-float inputs")
-        feeds[inp.name] = rng.standard_normal(_shape(inp, sizes)).astype(inp.dtype)
-    return feeds
+    shapes = {inp.name: _shape(inp, sizes) for inp in graph.inputs}
+    return normal_feeds(shapes, rng, {inp.name: inp.dtype for inp in graph.inputs})
 
 
 def vision_feeds(
     cfg: CitrusVConfig, graph: GraphInfo, rng: np.random.Generator
 ) -> dict[str, np.ndarray]:
-    """Feeds of one image of `VISION_UNITS` merge units, from `host_inputs.vision_inputs`."""
-    from citrus_edge.host_inputs import vision_inputs
-
-    v = cfg.vision
-    m = v.spatial_merge_size
+    """Feeds of one image of `VISION_UNITS` merge units (`component_specs.vision_feeds`)."""
+    m = cfg.vision.spatial_merge_size
     grid = (1, VISION_UNITS[0] * m, VISION_UNITS[1] * m)
     patch_dim = graph.input("pixel_values").dims[1]
-    pixels = rng.standard_normal((grid[1] * grid[2], patch_dim)).astype(np.float32)
-    feeds = vision_inputs(pixels, grid, v)
-    return {i.name: feeds[i.name].astype(i.dtype) for i in graph.inputs}
+    return _cast(component_specs.vision_feeds(cfg.vision, grid, patch_dim, rng), graph)
 
 
 def llm_feeds(
     cfg: CitrusVConfig, graph: GraphInfo, rng: np.random.Generator
 ) -> dict[str, np.ndarray]:
-    """One step of `seq` new tokens after a cache of `past` (random embeddings and cache)."""
+    """One step of `seq` new tokens after a cache of `past`, nothing padded
+    (`component_specs.llm_step_feeds`: random embeddings, cache and position offsets)."""
     b, s, p = AXIS_SIZES["batch"], AXIS_SIZES["seq"], AXIS_SIZES["past"]
-    feeds = {}
-    for inp in graph.inputs:
-        if inp.name == "position_ids":  # [3, B, S] text positions after the cache
-            feeds[inp.name] = np.broadcast_to(np.arange(p, p + s), (3, b, s)).astype(inp.dtype)
-        elif inp.name == "attention_mask":  # [B, P+S], nothing padded
-            feeds[inp.name] = np.ones((b, p + s), dtype=inp.dtype)
-        else:
-            feeds[inp.name] = rng.standard_normal(_shape(inp, AXIS_SIZES)).astype(inp.dtype)
-    return feeds
+    return _cast(llm_step_feeds(cfg.text, b, s, p, 0, rng), graph)
+
+
+def _cast(feeds: dict[str, np.ndarray], graph: GraphInfo) -> dict[str, np.ndarray]:
+    """`feeds` in the graph's input order and dtypes."""
+    return {i.name: feeds[i.name].astype(i.dtype) for i in graph.inputs}
 
 
 def _float_only(

@@ -14,14 +14,12 @@ import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from citrus_edge.atomic import make_staging_dir
 from citrus_edge.bundle import replace_directory, sigterm_cleanup
-from citrus_edge.modelling.model import CitrusV
 
+from .embedding_table import write_embeddings
 from .export_config import ExportConfig
 from .export_manifest import (
     EXPORT_KIND,
@@ -33,8 +31,12 @@ from .export_manifest import (
     write_json_atomic,
 )
 from .graph import GraphResult, export_component
-from .llm import write_embeddings
 from .spec import REGISTRY
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from citrus_edge.modelling.model import CitrusV
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +122,7 @@ def export_all(
     return manifest
 
 
-def _released_modules(model: CitrusV, part: str) -> list[torch.nn.Module]:
+def _released_modules(model: CitrusV, part: str) -> list[nn.Module]:
     """Modules no later step of `export_all` reads once `part` is done (registry order:
     embeddings, llm, sam_encoder, mask_decoder, vision)."""
     lm = model.mllm.model.language_model
@@ -134,6 +136,8 @@ def _released_modules(model: CitrusV, part: str) -> list[torch.nn.Module]:
 
 def _release(model: CitrusV, part: str) -> None:
     """Replace the parameters of `part`'s modules by empty tensors, freeing their memory."""
+    import torch
+
     freed = 0
     for module in _released_modules(model, part):
         for p in module.parameters():

@@ -5,7 +5,8 @@ A bundle is what `export.export_all` writes plus the bundle `manifest.json`
 each component comes from the bundle manifest's `"components"` mapping
 (`name -> {"file": ..., "precision": ...}`) when the bundle has one; a bundle
 written straight from an export has none, and then `export_manifest.json` (itself hashed in the
-bundle manifest) names the graphs. `bundle_components` turns the latter into the former.
+bundle manifest) names the graphs. `citrus_edge.bundle.bundle_components` turns the latter into the
+former.
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ import numpy as np
 
 from .runtime_errors import RuntimeSetupError, UnknownBackendError
 
-# Non-cache inputs of the LLM step graph (export/llm.py); the cache is past_*/present_*.
+# Non-cache inputs of the LLM step graph (citrus_edge.component_specs.llm_spec); the cache is
+# past_*/present_*.
 STEP_INPUTS = ("inputs_embeds", "position_ids", "attention_mask")
 LOGITS, HIDDEN = "logits", "last_hidden_state"
 

@@ -18,14 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from citrus_edge.bundle import BundleError, sha256_file
+from citrus_edge.bundle import ENGINES_KIND, ENGINES_MANIFEST, BundleError, verify_listed_files
 
 from .artifacts import GRAPHS, BundleArtifacts
 
 log = logging.getLogger(__name__)
-
-ENGINES_MANIFEST = "engines.json"  # citrus_edge.engines.engines_output.ENGINES_MANIFEST
-ENGINES_KIND = "citrus-edge engines"
 
 
 class EngineFolderError(BundleError):
@@ -102,15 +99,6 @@ def _read_manifest(folder: Path, backend: str) -> dict[str, Any]:
     return manifest
 
 
-def _verify_files(folder: Path, manifest: dict[str, Any]) -> None:
-    for name, info in manifest["files"].items():
-        p = folder / name
-        if not p.is_file():
-            raise EngineFolderError(f"{p}: listed in {ENGINES_MANIFEST} but missing")
-        if p.stat().st_size != info["bytes"] or sha256_file(p) != info["sha256"]:
-            raise EngineFolderError(f"{p}: sha256 differs from {ENGINES_MANIFEST} (file altered)")
-
-
 def _sidecar(folder: Path, engine: Path, rule: SidecarRule, artifacts: BundleArtifacts) -> dict:
     path = rule.path(engine)
     if not path.is_file():
@@ -134,7 +122,7 @@ def open_engine_folder(
     folder = Path(folder)
     manifest = _read_manifest(folder, backend)
     if verify:
-        _verify_files(folder, manifest)
+        verify_listed_files(folder, manifest["files"], ENGINES_MANIFEST, EngineFolderError)
     engines = manifest.get("engines", {})
     missing = [g for g in GRAPHS if g not in engines]
     unhashed = [engines[g] for g in GRAPHS if g in engines and engines[g] not in manifest["files"]]

@@ -1,7 +1,7 @@
 """The grounding pipeline on the cart: image + prompt -> text, boxes, masks, measurements.
 
 Torch-free. Every step is the reference's own host code (`preprocess`, `prompts`, `positions`
-through `export.host_inputs`, `postprocess`, `boxes`) around the bundle's four graphs:
+through `citrus_edge.host_inputs`, `postprocess`, `boxes`) around the bundle's four graphs:
 
     image ─ qwen_pixels ─ vision ─┐
     prompt ─ prompt_ids ─ embed ──┴ llm prefill ─ greedy steps (KV cache on the device)
@@ -41,6 +41,7 @@ from .decode import Generation, greedy_generate
 from .engine_folder import EngineFolder, default_engine_folder, open_engine_folder
 from .inputs import ImageInput, input_record, load_input
 from .measure import measure_image
+from .observe import RunObserver, observe_graph, observe_kv_step
 from .segment import Segmenter
 
 log = logging.getLogger(__name__)
@@ -117,19 +118,24 @@ class Pipeline:
         backend: Backend,
         config: RuntimeConfig,
         engines: EngineFolder | None = None,
+        observer: RunObserver | None = None,
     ):
+        """`observer` (`observe.RunObserver`) is told about every graph run; without one the
+        backend's runners run unwrapped."""
         self.artifacts, self.backend, self.config = artifacts, backend, config
         self.engines = engines
         self.model_config = artifacts.config
         self.tokenizer = artifacts.tokenizer
         files = engines.files if engines else {g: artifacts.graph_file(g) for g in GRAPHS}
-        self.vision = backend.open_graph(files["vision"], "vision")
-        self.llm = backend.open_kv_step(files["llm"], "llm")
-        self.segmenter = Segmenter(
-            backend.open_graph(files["sam_encoder"], "sam_encoder"),
-            backend.open_graph(files["mask_decoder"], "mask_decoder"),
-            artifacts.config,
-        )
+
+        def graph(component: str):
+            return observe_graph(
+                backend.open_graph(files[component], component), component, observer
+            )
+
+        self.vision = graph("vision")
+        self.llm = observe_kv_step(backend.open_kv_step(files["llm"], "llm"), observer)
+        self.segmenter = Segmenter(graph("sam_encoder"), graph("mask_decoder"), artifacts.config)
         self.load_ms: dict[str, float] = {}
 
     @classmethod
@@ -141,6 +147,7 @@ class Pipeline:
         max_new_tokens: int = 96,
         engines: str | Path | None = None,
         max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS,
+        observer: RunObserver | None = None,
     ) -> Pipeline:
         """Verify the bundle at `path` and open its graphs on `backend`.
 
@@ -149,6 +156,7 @@ class Pipeline:
         `onnxruntime` (the `cpu` target's optimized graphs; default: the bundle's ONNX graphs).
         `max_context_tokens` caps prompt (template + image + text) + `max_new_tokens`, as does
         the model's context; a call past either raises `PromptTooLongError` before any graph runs.
+        `observer` (`RunObserver`) is told about every graph run (see `observe`).
 
         Raises `BundleError` naming an altered or missing file (bundle or engines folder),
         `UnknownBackendError`, `OnnxRuntimeSetupError` / `TensorRTSetupError` when the backend
@@ -162,10 +170,12 @@ class Pipeline:
             engines=None if engines is None else str(engines),
             max_context_tokens=max_context_tokens,
         )
-        return cls.from_config(path, cfg)
+        return cls.from_config(path, cfg, observer=observer)
 
     @classmethod
-    def from_config(cls, path: str | Path, config: RuntimeConfig) -> Pipeline:
+    def from_config(
+        cls, path: str | Path, config: RuntimeConfig, observer: RunObserver | None = None
+    ) -> Pipeline:
         """`from_bundle` with a `RuntimeConfig`; `load_ms` records the load stages."""
         timer = StageTimer()
         with timer.stage("open_bundle"):
@@ -175,7 +185,7 @@ class Pipeline:
         with timer.stage("open_engines"):
             engines = _engines(artifacts, backend, config)
         with timer.stage("open_graphs"):
-            pipeline = cls(artifacts, backend, config, engines)
+            pipeline = cls(artifacts, backend, config, engines, observer)
         pipeline.load_ms = timer.ms
         log.info(
             "bundle %s (%s) on %s loaded in %.0f ms",

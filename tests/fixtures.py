@@ -21,7 +21,7 @@ CORPUS = [
 
 @functools.cache
 def tiny_tokenizer():
-    from citrus_edge.tokenizer import build_demo_tokenizer
+    from citrus_edge.modelling.tokenizer_training import build_demo_tokenizer
 
     return build_demo_tokenizer(CORPUS, vocab_size=400)
 

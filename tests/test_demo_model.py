@@ -156,11 +156,10 @@ def test_masks_come_back_in_the_input_frame():
 
 @pytest.fixture(scope="module")
 def demo_bundle(tmp_path_factory):
-    from citrus_edge.bundle import write_manifest
+    from citrus_edge.bundle import bundle_components, write_manifest
     from citrus_edge.export.export_manifest import checkpoint_source_hash
     from citrus_edge.export.export_run import export_all
     from citrus_edge.modelling.checkpoint import load_checkpoint
-    from citrus_edge.runtime.artifacts import bundle_components
 
     out = tmp_path_factory.mktemp("demo") / "bundle"
     export_all(

@@ -109,7 +109,7 @@ def test_engines_build_takes_family_names_and_this_jetsons_module(
 ):
     """A bundle planned off the device for `orin` (orin-agx-64) is re-planned on a Nano for
     orin-nano-8 (its profiles and workspace), with no --target, and `--target orin-nano` works."""
-    from citrus_edge.engines import build as engines_build
+    from citrus_edge.engines import bundle_engines as engines_build
     from citrus_edge.engines.engine_plan import workspace_bytes
     from citrus_edge.targets import get_target
 

@@ -13,10 +13,12 @@ torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
 from citrus_edge import host_inputs as H  # noqa: E402
+from citrus_edge.component_specs import llm_spec  # noqa: E402
+from citrus_edge.export.embedding_table import write_embeddings  # noqa: E402
 from citrus_edge.export.export_config import ExportConfig  # noqa: E402
 from citrus_edge.export.export_manifest import sha256_file  # noqa: E402
 from citrus_edge.export.graph import export_component  # noqa: E402
-from citrus_edge.export.llm import llm_reference, llm_spec, write_embeddings  # noqa: E402
+from citrus_edge.modelling.export_references import llm_reference  # noqa: E402
 from citrus_edge.modelling.reference import ReferencePipeline  # noqa: E402
 from citrus_edge.preprocess import qwen_pixels  # noqa: E402
 from citrus_edge.prompts import n_image_tokens, prompt_ids  # noqa: E402
@@ -163,7 +165,7 @@ def test_prefill_with_padding_and_decode_positions(exported):
     assert step["position_ids"][:, :, 0].tolist() == [[4, 6]] * 3  # attended tokens + delta
     assert step["attention_mask"].shape == (2, 7)
     got = dict(zip(names, llm.run(names, step), strict=True))
-    from citrus_edge.export.spec import Sample
+    from citrus_edge.graph_specs import Sample
 
     want = llm_reference(model, Sample("decode", step))
     for name in ("logits", "last_hidden_state", "present_key_1"):

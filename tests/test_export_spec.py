@@ -126,6 +126,7 @@ def test_package_and_host_inputs_import_no_torch():
         "import sys\n"
         "import citrus_edge.export, citrus_edge.host_inputs, citrus_edge.export.spec\n"
         "import citrus_edge.export.export_manifest, citrus_edge.export.validate\n"
+        "import citrus_edge.graph_specs, citrus_edge.component_specs\n"
         "heavy = [m for m in ('torch', 'transformers', 'onnx') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )

@@ -305,6 +305,17 @@ def test_parser_sees_every_package_and_both_scopes():
 # --- the house rules (issue 17) -----------------------------------------------------------------
 
 
+def test_core_imports_no_stage():
+    """The torch-free core (citrus_edge/*.py) is what everyone shares: it imports no stage, no
+    modelling and no CLI (any scope)."""
+    bad = [
+        f"core -> {folder_of(imp.module)}: {imp.where}"
+        for imp in _sorted(IMPORTS)
+        if folder_of(imp.source) == "core" and folder_of(imp.module) not in (None, "core")
+    ]
+    assert not bad, _report("the core importing a stage, the modelling or the CLI", bad)
+
+
 def test_runtime_imports_no_build_time_stage():
     """The runtime imports nothing from export/ or compress/, and engines/ only in functions."""
     bad = []

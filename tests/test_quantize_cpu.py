@@ -20,7 +20,11 @@ torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-from citrus_edge.bundle import sha256_file, write_manifest  # noqa: E402
+from citrus_edge.bundle import (  # noqa: E402
+    bundle_components,  # noqa: E402
+    sha256_file,
+    write_manifest,
+)
 from citrus_edge.calib_data.data_manifest import read_manifest  # noqa: E402
 from citrus_edge.calib_data.load import load_image  # noqa: E402
 from citrus_edge.compress.fidelity import sqnr_db  # noqa: E402
@@ -30,7 +34,6 @@ from citrus_edge.compress.settings import QuantizeConfig  # noqa: E402
 from citrus_edge.config import CitrusVConfig  # noqa: E402
 from citrus_edge.host_inputs import vision_inputs  # noqa: E402
 from citrus_edge.preprocess import qwen_pixels, sam_pixels  # noqa: E402
-from citrus_edge.runtime.artifacts import bundle_components  # noqa: E402
 
 CONFIG = QuantizeConfig(max_new_tokens=16)
 ENCODERS = ("vision", "sam_encoder", "mask_decoder")

@@ -90,7 +90,8 @@ def test_default_engine_folder_is_the_one_beside_the_bundle(tmp_path):
 
 def test_folder_layout_agrees_with_the_engines_stage():
     """The runtime reads what `citrus_edge.engines` writes (names kept in step by this test)."""
-    from citrus_edge.engines import ort_sessions, output, tensorrt_builder
+    from citrus_edge.engines import engines_output as output
+    from citrus_edge.engines import ort_sessions, tensorrt_builder
 
     assert (ENGINES_MANIFEST, ENGINES_KIND) == (output.ENGINES_MANIFEST, output.ENGINES_KIND)
     engine, graph = Path("x/vision.engine"), Path("x/vision.ort.onnx")

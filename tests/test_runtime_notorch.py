@@ -56,9 +56,9 @@ def test_runtime_runs_without_torch_and_transformers(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     expected_modules = {
-        "artifacts", "backends", "bench", "decode", "engine_folder", "errors", "inputs", "measure",
-        "onnxruntime_flavour", "ort_backend", "output", "pipeline", "segment",
-        "tensorrt_backend", "video",
+        "artifacts", "backends", "bench", "decode", "engine_folder", "inputs", "measure",
+        "observe", "onnxruntime_flavour", "ort_backend", "pipeline", "result_files",
+        "runtime_errors", "segment", "tensorrt_backend", "video",
     }  # fmt: skip
     assert expected_modules <= set(out["modules"])
     assert out["loaded"] == []

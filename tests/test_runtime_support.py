@@ -74,9 +74,8 @@ def tokenizer_file() -> Path:
 @functools.cache
 def bundle(kind: str) -> Path:
     """Export variant `kind` with `export_all` and make it a bundle (manifest with components)."""
-    from citrus_edge.bundle import write_manifest
+    from citrus_edge.bundle import bundle_components, write_manifest
     from citrus_edge.export import export_all
-    from citrus_edge.runtime.artifacts import bundle_components
 
     out = _workdir() / f"bundle-{kind}"
     export_all(

@@ -83,8 +83,9 @@ def test_bad_slices_are_refused(kw, match):
 
 
 def test_qwen_standin_tokenizer_has_qwens_special_ids_and_the_8b_vocab():
+    from citrus_edge.modelling.tokenizer_training import build_qwen_standin_tokenizer
     from citrus_edge.prompts import encode_user_text, prompt_ids
-    from citrus_edge.tokenizer import QWEN_SPECIALS, build_qwen_standin_tokenizer
+    from citrus_edge.tokenizer import QWEN_SPECIALS
 
     tok = build_qwen_standin_tokenizer()
     assert tok.get_vocab_size() == CITRUS_V_8B.text.vocab_size == 151_668
@@ -323,10 +324,10 @@ def test_the_runtimes_feeds_fit_the_engine_profiles_of_the_8b_slice_on_orin():
     from citrus_edge.export.export_config import ExportConfig
     from citrus_edge.export.graph import get_component
     from citrus_edge.host_inputs import llm_prefill_inputs, vision_inputs
+    from citrus_edge.modelling.tokenizer_training import build_qwen_standin_tokenizer
     from citrus_edge.preprocess import qwen_pixels
     from citrus_edge.prompts import ContextLimit, n_image_tokens, prompt_ids
     from citrus_edge.targets import get_target
-    from citrus_edge.tokenizer import build_qwen_standin_tokenizer
 
     cfg, target, pc = PROBE.model_config(), get_target("orin-agx-64"), ProfileConfig()
     (vision_profile,) = axis_profiles("vision", target, cfg, pc)
@@ -370,8 +371,8 @@ def test_a_large_lm_head_is_exported_in_vocabulary_slices(tmp_path, monkeypatch)
     import onnx
     from onnx import numpy_helper
 
-    from citrus_edge.export import llm
     from citrus_edge.export.graph import export_component
+    from citrus_edge.modelling import export_wrappers as llm
 
     model = tiny_model()
     head = model.mllm.lm_head.weight  # [512, 64] fp32: 128 KiB

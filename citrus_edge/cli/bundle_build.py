@@ -26,15 +26,12 @@ from citrus_edge.bundle import (
     tool_versions,
     write_manifest,
 )
-from citrus_edge.recipes import Recipe, get_recipe
+from citrus_edge.recipes import LOW_BIT, Recipe, get_recipe
 from citrus_edge.targets import Target, check_recipe, get_target
 
 log = logging.getLogger(__name__)
 
 BUILD_CONFIG_VERSION = 1
-# Precisions that need a quantization pass; fp32/fp16/bf16 graphs stay float in ONNX (TensorRT
-# applies fp16 through builder flags).
-LOW_BIT = frozenset({"int8", "fp8", "int4", "nvfp4"})
 # Precisions whose graphs only TensorRT executes faithfully (modelopt custom ops / FP8 types).
 TENSORRT_ONLY = frozenset({"fp8", "int4", "nvfp4"})
 

@@ -38,7 +38,7 @@ def tokenizer_corpus(model_cfg: CitrusVConfig, phantom_cfg: PhantomConfig) -> li
 
 def build_tokenizer(out: Path, model_cfg: CitrusVConfig = DEMO) -> Path:
     """Write `tokenizer.json` for the demo vocabulary (kept if it already exists: resumable)."""
-    from citrus_edge.tokenizer import build_demo_tokenizer
+    from citrus_edge.modelling.tokenizer_training import build_demo_tokenizer
 
     path = out / "tokenizer.json"
     if not path.exists():

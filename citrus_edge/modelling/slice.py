@@ -127,7 +127,8 @@ def hiera_global_blocks(base: Sam2Dims, blocks: tuple[int, int, int, int]) -> tu
 
 def standin_tokenizer_json(cfg: CitrusVConfig, folder: Path) -> Path:
     """Write a tokenizer whose special ids are `cfg.tokens` into `folder`; returns its path."""
-    from citrus_edge.tokenizer import QWEN_SPECIALS, build_qwen_standin_tokenizer, load_tokenizer
+    from citrus_edge.modelling.tokenizer_training import build_qwen_standin_tokenizer
+    from citrus_edge.tokenizer import QWEN_SPECIALS, load_tokenizer
 
     path = Path(folder) / "tokenizer.json"
     if cfg.tokens == QWEN_TOKENS:

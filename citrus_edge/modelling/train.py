@@ -11,7 +11,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from citrus_edge import tasks
+from citrus_edge.atomic import atomic_path
 from citrus_edge.calib_data.phantom import PhantomConfig, centroid, generate_phantom
 from citrus_edge.config import CitrusVConfig
 from citrus_edge.modelling.model import CitrusV, build_model
@@ -342,9 +342,8 @@ def _mask_losses(
 
 
 def _save_state(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def train(
