@@ -41,6 +41,7 @@ from citrus_edge.cli.engines_commands import engines_build
 from citrus_edge.cli.run_command import run_cmd
 from citrus_edge.cli.build_command import build_cmd
 from citrus_edge.cli.quantize_command import quantize_cmd
+from citrus_edge.cli.distill_command import distill_cmd
 # isort: on
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "console",
     "data_app",
     "data_phantoms",
+    "distill_cmd",
     "engines_app",
     "engines_build",
     "entry",

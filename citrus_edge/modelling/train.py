@@ -260,10 +260,11 @@ def focal_heat_loss(logits: torch.Tensor, heat: torch.Tensor) -> torch.Tensor:
     return -(pos + neg) / peak.sum().clamp(min=1)
 
 
-def compute_losses(
-    model: CitrusV, aux: OccupancyHead, batch: dict[str, torch.Tensor], centre_loss: str = "bce"
-) -> dict[str, torch.Tensor]:
-    """LM loss on answer tokens, mask loss (best of 3 + IoU head) per `[SEG]`, occupancy aux."""
+def llm_forward(
+    model: CitrusV, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Teacher-forced pass: visual tokens [B * n_visual, H], last hidden states [B, S, H] and
+    next-token logits [B, S-1, V]."""
     cfg = model.config
     ids, attn = batch["ids"], batch["attention_mask"]
     mm = (ids == cfg.tokens.image).int()
@@ -280,7 +281,25 @@ def compute_losses(
         inputs_embeds=emb, attention_mask=attn, position_ids=pos, use_cache=False
     )
     hidden = out.last_hidden_state  # [B, S, H]
-    logits = model.mllm.lm_head(hidden[:, :-1])
+    return visual, hidden, model.mllm.lm_head(hidden[:, :-1])
+
+
+def compute_losses(
+    model: CitrusV,
+    aux: OccupancyHead,
+    batch: dict[str, torch.Tensor],
+    centre_loss: str = "bce",
+    keep: dict | None = None,
+) -> dict[str, torch.Tensor]:
+    """LM loss on answer tokens, mask loss (best of 3 + IoU head) per `[SEG]`, occupancy aux.
+
+    `keep`, when given, receives the pass's `hidden` states and `logits` (distillation reuses
+    them rather than running the model twice)."""
+    cfg = model.config
+    ids = batch["ids"]
+    visual, hidden, logits = llm_forward(model, batch)
+    if keep is not None:
+        keep.update(hidden=hidden, logits=logits)
     lm = F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]),
         batch["labels"][:, 1:].reshape(-1),

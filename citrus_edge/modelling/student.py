@@ -1,0 +1,182 @@
+"""Build a distillation student from a teacher Citrus-V: depth and MLP-width pruning.
+
+`make_student(teacher, spec)` returns an ordinary `CitrusV` of `compress.student_spec.
+student_config(teacher.config, spec)` whose weights are copies of the teacher's: the kept LLM
+decoder layers (all their parameters), the embeddings, final norm and lm_head; the kept vision
+blocks, the patch embedding and the merger; the kept Hiera blocks (each stage's first ones),
+Hiera's patch and position embeddings, and all the rest of SAM2 (FPN neck, prompt encoder, mask
+decoder) and the seg projector. `save_checkpoint` writes it like any Citrus-V.
+
+MLP width pruning (Minitron style: rank channels by importance, keep the top ones, no search)
+keeps, in each kept LLM layer, the intermediate channels with the largest importance: the mean
+|act(gate) * up| of the channel on calibration batches when some are given (activation-based,
+as Minitron), else a weight-based proxy ||down_proj[:, j]|| * ||gate_proj[j]|| *
+||up_proj[j]||. Kept channels stay in the teacher's order.
+
+Why not `modelopt.torch.prune`: its Minitron mode (`mcore_minitron`) prunes Megatron-Core GPT
+and Mamba models only, and its other mode (`fastnas`) is an architecture search over
+convolution/linear search spaces driven by a score function and fine-tuning; neither accepts
+transformers' Qwen2.5-VL / SAM2 modules, and the depth pruning here (by the teacher's own
+indexes, or by `layer_importance`) needs no search. The importance ranking and slicing it does
+for MLPs are a few lines here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+
+from citrus_edge.modelling.checkpoint import _parameters_on_meta
+from citrus_edge.modelling.model import CitrusV
+
+LLM_LAYER = re.compile(r"^mllm\.model\.language_model\.layers\.(\d+)\.(.*)$")
+VISION_BLOCK = re.compile(r"^mllm\.model\.visual\.blocks\.(\d+)\.(.*)$")
+HIERA_BLOCK = re.compile(
+    r"^grounding_encoder\.sam2_model\.vision_encoder\.backbone\.blocks\.(\d+)\.(.*)$"
+)
+
+
+def llm_layers(model: CitrusV) -> torch.nn.ModuleList:
+    return model.mllm.model.language_model.layers
+
+
+def mlp_importance(
+    teacher: CitrusV, batches: Iterable[dict] | None = None
+) -> dict[int, torch.Tensor]:
+    """Per LLM layer, one score per MLP intermediate channel (higher: more important).
+
+    With `batches` (collated training batches, `train.collate`): mean |act(gate) * up| over
+    the attended tokens (the down projection's input). Without: the weight-based proxy of the
+    module docstring.
+    """
+    layers = llm_layers(teacher)
+    if batches is None:
+        scores = {}
+        with torch.no_grad():
+            for i, layer in enumerate(layers):
+                mlp = layer.mlp
+                scores[i] = (
+                    mlp.down_proj.weight.float().norm(dim=0)
+                    * mlp.gate_proj.weight.float().norm(dim=1)
+                    * mlp.up_proj.weight.float().norm(dim=1)
+                )
+        return scores
+    from citrus_edge.modelling.layer_importance import language_forward
+
+    sums: dict[int, torch.Tensor] = {}
+    count = [0]
+    mask_holder: list[torch.Tensor] = []
+
+    def hook(i: int):
+        def fn(_module, args):
+            x = args[0].float().abs()  # [B, S, I]
+            m = mask_holder[0].to(x.dtype)[..., None]
+            sums[i] = sums.get(i, 0) + (x * m).sum(dim=(0, 1))
+
+        return fn
+
+    handles = [
+        layer.mlp.down_proj.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)
+    ]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                mask_holder[:] = [batch["attention_mask"]]
+                language_forward(teacher, batch)
+                count[0] += int(batch["attention_mask"].sum())
+    finally:
+        for h in handles:
+            h.remove()
+    return {i: s / max(1, count[0]) for i, s in sums.items()}
+
+
+def make_student(
+    teacher: CitrusV,
+    spec,
+    batches: Iterable[dict] | None = None,
+    channels: dict[int, torch.Tensor] | None = None,
+) -> CitrusV:
+    """The student of `spec` (`compress.student_spec.StudentSpec`) with the teacher's weights.
+
+    `batches`: calibration batches for activation-based MLP channel importance (default:
+    weight-based). `channels`: the MLP channels to keep per teacher layer index, overriding the
+    importance ranking (e.g. a random choice, to compare). The teacher is not changed; the
+    student holds copies in the teacher's dtype, in eval mode. Raises `StudentSpecError` for
+    a spec that does not fit the teacher (before any copying).
+    """
+    # The spec's own methods: this package may not import the compress stage (folder cycle).
+    tcfg = teacher.config
+    cfg = spec.student_config(tcfg)
+    layers = spec.llm_layers or tuple(range(tcfg.text.num_layers))
+    blocks = spec.vision_blocks or tuple(range(tcfg.vision.depth))
+    hiera = spec.hiera_kept(tcfg)
+    width = cfg.text.intermediate_size
+    keep_ch: dict[int, torch.Tensor] = {}
+    if width != tcfg.text.intermediate_size:
+        if channels is None:
+            scores = mlp_importance(teacher, batches)
+            channels = {i: scores[i].topk(width).indices for i in layers}
+        for i in layers:
+            idx = torch.as_tensor(channels[i]).sort().values
+            if idx.numel() != width or idx.unique().numel() != width:
+                raise ValueError(f"channels[{i}]: need {width} distinct channel indexes")
+            keep_ch[i] = idx
+    new_llm = {old: new for new, old in enumerate(layers)}
+    new_vis = {old: new for new, old in enumerate(blocks)}
+    new_hiera = {old: new for new, old in enumerate(hiera)}
+
+    state = {}
+    for key, value in teacher.state_dict().items():
+        if m := LLM_LAYER.match(key):
+            old = int(m.group(1))
+            if old not in new_llm:
+                continue
+            rest = m.group(2)
+            if old in keep_ch and rest in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
+                value = value[keep_ch[old]]
+            elif old in keep_ch and rest == "mlp.down_proj.weight":
+                value = value[:, keep_ch[old]]
+            key = f"mllm.model.language_model.layers.{new_llm[old]}.{rest}"
+        elif m := VISION_BLOCK.match(key):
+            old = int(m.group(1))
+            if old not in new_vis:
+                continue
+            key = f"mllm.model.visual.blocks.{new_vis[old]}.{m.group(2)}"
+        elif m := HIERA_BLOCK.match(key):
+            old = int(m.group(1))
+            if old not in new_hiera:
+                continue
+            key = (
+                "grounding_encoder.sam2_model.vision_encoder.backbone.blocks."
+                f"{new_hiera[old]}.{m.group(2)}"
+            )
+        state[key] = value.detach().clone()
+
+    with _parameters_on_meta():
+        student = CitrusV(cfg)
+    expected = student.state_dict()
+    # Every width but the MLP's is the teacher's, so each tensor must fit its place exactly:
+    # the FPN neck reads the teacher's stage widths, the mask decoder and the seg projector
+    # the teacher's SAM2 and LLM hidden sizes.
+    wrong = [
+        f"{k}: teacher {tuple(v.shape)}, student {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if wrong or missing or unexpected:
+        raise RuntimeError(
+            f"student {cfg.name}: teacher weights do not fit (shape {wrong[:5]}, missing "
+            f"{missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    student.load_state_dict(state, strict=True, assign=True)
+    if cfg.text.tie_word_embeddings:
+        student.mllm.tie_weights()
+    return student.eval()
+
+
+def param_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
