@@ -42,6 +42,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from citrus_edge.external_data import CHUNK_BYTES, NP_DTYPES, ExternalWriter, TensorReader
+
 from .ort_quant import skipped_ends
 from .registry import Candidate, QuantRequest, UnsupportedQuantizationError, register_quantizer
 from .settings import Int4AwqSettings, ModelOptInt4Settings, settings_to_dict
@@ -50,8 +52,6 @@ log = logging.getLogger(__name__)
 
 INT4_OPSET = 21  # blocked DequantizeLinear and the INT4 type
 QMIN, QMAX = -8, 7
-CHUNK_BYTES = 256 * 2**20  # fp32 bytes of one column chunk of a weight in the search and write
-NP_DTYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
 
 
 # -------------------------------------------------------------------------------- the numbers
@@ -115,78 +115,6 @@ def search_alpha(
     return alphas[int(np.argmin(mse))], mse
 
 
-# ------------------------------------------------------------------------- external data I/O
-
-
-class TensorReader:
-    """Reads a graph's initializers one at a time (external data through a memory map)."""
-
-    def __init__(self, graph: Path):
-        self.base = graph.parent
-
-    def array(self, tensor: TensorProto) -> np.ndarray:
-        if tensor.data_location != TensorProto.EXTERNAL:
-            return numpy_helper.to_array(tensor)
-        info = {e.key: e.value for e in tensor.external_data}
-        dtype = NP_DTYPES.get(tensor.data_type)
-        if dtype is None:
-            return numpy_helper.to_array(tensor, base_dir=str(self.base))
-        return np.memmap(
-            self.base / info["location"],
-            dtype=dtype,
-            mode="r",
-            offset=int(info.get("offset", 0)),
-            shape=tuple(tensor.dims),
-        )
-
-    def raw_chunks(self, tensor: TensorProto) -> Iterator[bytes]:
-        """The tensor's stored bytes, in chunks of at most CHUNK_BYTES."""
-        if tensor.data_location != TensorProto.EXTERNAL:
-            yield tensor.raw_data
-            return
-        info = {e.key: e.value for e in tensor.external_data}
-        offset, length = int(info.get("offset", 0)), int(info["length"])
-        with open(self.base / info["location"], "rb") as f:
-            f.seek(offset)
-            while length > 0:
-                chunk = f.read(min(length, CHUNK_BYTES))
-                if not chunk:
-                    raise ValueError(f"{tensor.name}: external data ends early")
-                length -= len(chunk)
-                yield chunk
-
-
-class ExternalWriter:
-    """Appends tensors' bytes to one external-data file and points each tensor at them."""
-
-    ALIGN = 64
-
-    def __init__(self, data_path: Path):
-        self.path = data_path
-        self.file = open(data_path, "wb")  # noqa: SIM115 (closed by close())
-        self.offset = 0
-
-    def put(self, tensor: TensorProto, chunks) -> None:
-        pad = -self.offset % self.ALIGN
-        self.file.write(b"\0" * pad)
-        start = self.offset = self.offset + pad
-        for chunk in chunks:
-            self.file.write(chunk)
-            self.offset += len(chunk)
-        tensor.ClearField("raw_data")
-        del tensor.external_data[:]
-        tensor.data_location = TensorProto.EXTERNAL
-        for key, value in (
-            ("location", self.path.name),
-            ("offset", str(start)),
-            ("length", str(self.offset - start)),
-        ):
-            tensor.external_data.add(key=key, value=value)
-
-    def close(self) -> None:
-        self.file.close()
-
-
 def column_chunks(w: np.ndarray, scale: np.ndarray | None = None) -> Iterator[np.ndarray]:
     """float32 column chunks of `w [K, N]` (times the row scale `scale [K]` if given)."""
     k, n = w.shape
@@ -240,6 +168,8 @@ class StreamingInt4Quantizer:
         self.external = any(
             t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer
         )
+        self._lm_head = logits_matmuls(model) if settings.keep_lm_head else set()
+        self._candidates = [c for c in self._candidates if c.name not in self._lm_head]
         self._alpha: dict[str, float] | None = None
         self._mse: dict[str, list[float]] = {}
 
@@ -433,6 +363,36 @@ class StreamingInt4Quantizer:
             },
             "validated_by": "ort-reference",
         }
+
+
+# Ops between the vocabulary projection's MatMuls and the `logits` output (slices, casts).
+PASS_THROUGH = {
+    "Concat",
+    "Reshape",
+    "Squeeze",
+    "Unsqueeze",
+    "Slice",
+    "Transpose",
+    "Cast",
+    "Identity",
+}
+
+
+def logits_matmuls(model: onnx.ModelProto, output: str = "logits") -> set[str]:
+    """Names of the MatMuls whose results reach the graph output `output` through
+    PASS_THROUGH ops only: the LM head (one MatMul, or one per vocabulary slice)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    found, todo, seen = set(), [output], set()
+    while todo:
+        node = producer.get(todo.pop())
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.op_type == "MatMul":
+            found.add(node.name)
+        elif node.op_type in PASS_THROUGH:
+            todo += list(node.input)
+    return found
 
 
 def _quantize_streamed(

@@ -240,7 +240,12 @@ class Int4AwqSettings:
     channel scale searched over alpha = 0, alpha_step, ..., 1 on at most `max_tokens` recorded
     rows per MatMul input) or round-to-nearest ("rtn"). The default for the TensorRT targets'
     int4 LLM; `ModelOptInt4Settings` selects ModelOpt's ONNX INT4 instead (small graphs only:
-    see `int4_awq` for its memory)."""
+    see `int4_awq` for its memory).
+
+    `keep_lm_head`: the MatMuls that make the `logits` output (the vocabulary projection, in
+    slices for a large vocabulary) stay float, as in ModelOpt's and TensorRT-LLM's INT4 AWQ
+    defaults and the planner (`memory_plan`: "lm_head fp16"): every answer token is read from
+    them."""
 
     method: str = "awq_lite"
     block_size: int = 128
@@ -250,6 +255,7 @@ class Int4AwqSettings:
     skip_first: int = 0
     skip_last: int = 0
     op_types: tuple[str, ...] = ("MatMul",)
+    keep_lm_head: bool = True
     scheme: str = "awq-lite-int4"
 
     def __post_init__(self) -> None:

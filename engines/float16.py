@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 
@@ -47,32 +48,92 @@ def _to_f16(tensor) -> None:
     tensor.CopyFrom(numpy_helper.from_array(half, tensor.name))
 
 
+CARRIER_KEY, CARRIER_VALUE = "citrus_edge.carrier", "float16"  # metadata of a converted graph
+
+
+def is_fp16_carrier(model) -> bool:
+    """Whether `model` (a ModelProto) was written by `fp16_carrier` / `fp16_carrier_file`."""
+    return any(p.key == CARRIER_KEY and p.value == CARRIER_VALUE for p in model.metadata_props)
+
+
 def fp16_carrier(model, keep_fp32: Iterable[str] = ()):
     """A copy of `model` with float16 carriers (see the module docstring); `keep_fp32`: regexes
     on node names of nodes that stay float32. Raises ValueError for a Q/DQ graph below opset 19
-    (fp16 Q/DQ scales need 19)."""
+    (fp16 Q/DQ scales need 19). A graph already converted is returned as it is (a copy).
+    In memory: for a graph over 2 GiB use `fp16_carrier_file`."""
     import onnx
 
-    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
-    qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
-    if qdq and opset < 19:
-        raise ValueError(f"opset {opset}: fp16 Q/DQ scales need opset 19 or later")
     m = onnx.ModelProto()
     m.CopyFrom(model)
+    if is_fp16_carrier(m):
+        return m
+    for init in _restructure(m, keep_fp32):
+        _to_f16(init)
+    onnx.checker.check_model(m)
+    return m
+
+
+def fp16_carrier_file(src: Path, dst: Path, keep_fp32: Iterable[str] = ()) -> Path:
+    """`fp16_carrier` of the graph at `src`, written to `dst` one weight at a time: the graph is
+    analysed without its weights, each float32 weight is converted in chunks, external data goes
+    to `<dst>.data` (any size; the 8B's LLM graph is past protobuf's 2 GiB). Returns `dst`."""
+    import onnx
+
+    from citrus_edge.external_data import CHUNK_BYTES, ExternalWriter, TensorReader
+
+    src, dst = Path(src), Path(dst)
+    model = onnx.load(str(src), load_external_data=False)
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    convert = [] if is_fp16_carrier(model) else _restructure(model, keep_fp32)
+    converting = {id(t) for t in convert}
+    reader = TensorReader(src)
+    writer = ExternalWriter(Path(f"{dst}.data")) if external else None
+    try:
+        for init in model.graph.initializer:
+            stored = onnx.TensorProto()
+            stored.CopyFrom(init)
+            if id(init) in converting and init.data_location != onnx.TensorProto.EXTERNAL:
+                _to_f16(init)
+            elif id(init) in converting:
+                values = reader.array(stored).reshape(-1)
+                init.data_type = F16
+                step = CHUNK_BYTES // 4
+
+                def halves(values=values, step=step):
+                    for i in range(0, values.size, step):
+                        chunk = np.asarray(values[i : i + step], dtype=np.float32)
+                        yield np.clip(chunk, -FP16_MAX, FP16_MAX).astype(np.float16).tobytes()
+
+                writer.put(init, halves())
+            elif writer is not None and init.data_location == onnx.TensorProto.EXTERNAL:
+                writer.put(init, reader.raw_chunks(stored))
+    finally:
+        if writer is not None:
+            writer.close()
+    onnx.save(model, str(dst))
+    onnx.checker.check_model(str(dst))
+    return dst
+
+
+def _restructure(m, keep_fp32: Iterable[str]) -> list:
+    """Rewrite `m`'s nodes and I/O for float16 carriers in place; returns the float32
+    initializers to convert (their data untouched: the caller converts them)."""
+    opset = max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in m.graph.node)
+    if qdq and opset < 19:
+        raise ValueError(f"opset {opset}: fp16 Q/DQ scales need opset 19 or later")
     g = m.graph
     patterns = [re.compile(p) for p in keep_fp32]
     kept = {n.name for n in g.node if _matches(n.name, patterns)}
-    floats = _float_tensors(model)
+    floats = _float_tensors(m)
     f32_only = _float32_only_tensors(g, kept)
-    for init in g.initializer:
-        if init.data_type == F32 and init.name not in f32_only:
-            _to_f16(init)
+    convert = [i for i in g.initializer if i.data_type == F32 and i.name not in f32_only]
     for node in g.node:
         _convert_node(node, node.name in kept, f32_only)
     _cast_edges(g, kept, floats)
     del g.value_info[:]  # stale float32 types; the parser and checker infer them again
-    onnx.checker.check_model(m)
-    return m
+    m.metadata_props.add(key=CARRIER_KEY, value=CARRIER_VALUE)
+    return convert
 
 
 def _float_tensors(model) -> set[str]:

@@ -112,17 +112,14 @@ def check_device(
 
 def fp16_carrier_copy(comp: ComponentEngine, path: Path, folder: Path) -> Path:
     """`path` rewritten with fp16 carriers (`engines.float16`) into `folder`: what a strongly
-    typed Q/DQ component is parsed from, so that its unquantized layers run FP16."""
-    import onnx
-
+    typed Q/DQ component is parsed from, so that its unquantized layers run FP16. Streamed one
+    weight at a time (the 8B's LLM graph is past protobuf's 2 GiB); a graph the build already
+    wrote with fp16 carriers is copied as it is."""
     from .component import FP16_CARRIER_KEEP_FP32
-    from .float16 import fp16_carrier
+    from .float16 import fp16_carrier_file
 
-    model = fp16_carrier(onnx.load(str(path)), FP16_CARRIER_KEEP_FP32.get(comp.component, ()))
-    out = folder / path.name
-    large = model.ByteSize() > 1_800_000_000  # protobuf's 2 GB limit
-    onnx.save(model, str(out), save_as_external_data=large, location=f"{path.name}.data")
-    return out
+    keep = FP16_CARRIER_KEEP_FP32.get(comp.component, ())
+    return fp16_carrier_file(path, folder / path.name, keep)
 
 
 def _parse(trt: Any, builder: Any, logger: Any, comp: ComponentEngine, path: Path) -> tuple:

@@ -157,3 +157,20 @@ def test_engines_build_without_tensorrt_says_what_to_install(capsys, tiny_checkp
     assert code == 1 and len(err.strip().splitlines()) == 1
     assert err.startswith("error: TensorRTUnavailableError: ") and "JetPack" in err
     assert not (tmp_path / "orin-engines").exists()  # nothing half-built
+
+
+def test_plan_of_a_student_preset_on_the_smaller_jetsons(capsys):
+    """`plan --student`: the 8B's students from dimensions (issue 18's "on paper" figures)."""
+    code, out, _ = cli(capsys, "plan", "--target", "orin-nano-8", "--json")
+    teacher = json.loads(out)
+    assert code == 3 and not teacher["fits"]  # the 8B does not fit an Orin Nano 8GB
+    code, out, _ = cli(capsys, "plan", "--target", "orin-nano-8", "--student", "8b-edge", "--json")
+    student = json.loads(out)
+    assert code == 0 and student["fits"]
+    assert student["weight_bytes"] < 0.6 * teacher["weight_bytes"]
+    assert (
+        student["decode_tokens_per_s_upper_bound"]
+        > 1.8 * teacher["decode_tokens_per_s_upper_bound"]
+    )
+    code, _, err = cli(capsys, "plan", "--target", "orin-nano-8", "--student", "llm-layers=99")
+    assert code == 1 and "llm-layers" in err and len(err.strip().splitlines()) == 1

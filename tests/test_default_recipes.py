@@ -29,6 +29,7 @@ onnx = pytest.importorskip("onnx")
 # A budget a random model can meet (see the module docstring); everything else is the default.
 NO_GATE = "dice=100,tokens=0"
 TINY_LLM_MATMULS = 15  # 2 layers x (q, k, v, o, gate, up, down) + lm_head
+TINY_LLM_INT4 = 14  # TensorRT INT4 keeps the lm_head float (`Int4AwqSettings.keep_lm_head`)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +97,7 @@ def test_default_recipe_builds(name, tiny_ckpt, phantoms, tmp_path):
     }
     comps = manifest["components"]
     if target.default_recipe == "fp16-w4":
-        assert _int4_weights(out / comps["llm"]["file"]) == TINY_LLM_MATMULS
+        assert _int4_weights(out / comps["llm"]["file"]) == TINY_LLM_INT4
         for c in ("vision", "sam_encoder", "mask_decoder"):
             assert comps[c]["precision"] == "fp16" and _qdq_nodes(out / comps[c]["file"]) == 0
     else:  # cpu: int8 (static Q/DQ encoders and decoder, 8-bit MatMulNBits LLM)
@@ -107,6 +108,15 @@ def test_default_recipe_builds(name, tiny_ckpt, phantoms, tmp_path):
         assert sum(n.op_type == "MatMulNBits" for n in llm.graph.node) == TINY_LLM_MATMULS
     plan_file = out / "engine_plan.json"
     assert plan_file.is_file() == target.tensorrt == ("engine_plan" in manifest)
+    from citrus_edge.engines.float16 import is_fp16_carrier
+
+    for c in ("vision", "llm", "sam_encoder", "mask_decoder"):
+        graph = onnx.load(str(out / comps[c]["file"]), load_external_data=False)
+        # TensorRT bundles carry fp16 weights (what the engines consume); CPU ones fp32/int8
+        assert is_fp16_carrier(graph) == target.tensorrt, c
+        if target.tensorrt:
+            types = {t.data_type for t in graph.graph.initializer if len(t.dims) >= 2}
+            assert onnx.TensorProto.FLOAT not in types, (c, types)  # no fp32 matrix left
     if target.tensorrt:
         plan = json.loads(plan_file.read_text())
         assert plan == manifest["engine_plan"] and plan["target"] == name

@@ -107,3 +107,44 @@ def test_qdq_scales_become_fp16_so_dequantized_weights_are_fp16():
     old.version = 17
     with pytest.raises(ValueError, match="opset 17: fp16 Q/DQ scales need opset 19"):
         fp16_carrier(model)
+
+
+@pytest.mark.parametrize("component", ["llm", "sam_encoder"])
+def test_file_version_streams_the_same_graph_through_external_data(
+    tiny_export, tmp_path, component
+):
+    """`fp16_carrier_file` (what builds use: one weight at a time, any size) writes what the
+    in-memory `fp16_carrier` makes, with the weights in `<dst>.data`; converting twice is a
+    no-op (bundles for TensorRT targets already hold fp16 carriers)."""
+    from onnx.external_data_helper import uses_external_data
+
+    from citrus_edge.engines.float16 import fp16_carrier_file, is_fp16_carrier
+
+    keep = FP16_CARRIER_KEEP_FP32.get(component, ())
+    src = tmp_path / "src" / f"{component}.onnx"
+    src.parent.mkdir()
+    model = onnx.load(str(tiny_export / f"{component}.onnx"))
+    onnx.save(model, str(src), save_as_external_data=True, location=f"{src.name}.data",
+              size_threshold=0)  # fmt: skip
+    dst = fp16_carrier_file(src, tmp_path / f"{component}.onnx", keep)
+    written = onnx.load(str(dst), load_external_data=False)
+    assert is_fp16_carrier(written)
+    assert all(uses_external_data(t) for t in written.graph.initializer if t.dims)
+    streamed = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(dst)).graph.initializer}
+    model = onnx.load(str(tiny_export / f"{component}.onnx"))  # saving moved its data out
+    in_memory = fp16_carrier(model, keep)
+    expected = {t.name: numpy_helper.to_array(t) for t in in_memory.graph.initializer}
+    assert streamed.keys() == expected.keys()
+    assert all(
+        streamed[k].dtype == expected[k].dtype and np.array_equal(streamed[k], expected[k])
+        for k in expected
+    )
+    assert [n.op_type for n in written.graph.node] == [n.op_type for n in in_memory.graph.node]
+    feeds = _feeds(component)
+    got = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, feeds)
+    ref = ort.InferenceSession(in_memory.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert all(np.array_equal(a, b) for a, b in zip(got, ref.run(None, feeds), strict=True))
+    again = fp16_carrier_file(dst, tmp_path / "again.onnx", keep)
+    twice = onnx.load(str(again))
+    assert [n.op_type for n in twice.graph.node] == [n.op_type for n in in_memory.graph.node]
+    assert fp16_carrier(in_memory, keep).graph == in_memory.graph

@@ -125,6 +125,8 @@ def _build_in(
         graphs_dir, quant = _quantize(cfg, fp32_dir, recipe, target, scratch / "quantized")
     with staged_directory(out) as tmp:
         _copy_tree(graphs_dir, tmp)
+        if target.tensorrt:
+            _fp16_carriers(tmp)
         info = _describe(cfg, target, recipe, quant)
         info["components"] = _components(tmp, recipe)
         if target.tensorrt:
@@ -174,6 +176,32 @@ def _copy_tree(src: Path, dst: Path) -> None:
             rel = p.relative_to(src)
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(p, dst / rel)
+
+
+def _fp16_carriers(folder: Path) -> None:
+    """Every graph of a TensorRT bundle rewritten with fp16 carriers (`engines.float16`): the
+    weights TensorRT consumes, half the bytes of fp32; graph inputs and outputs stay float32
+    (the runtime's feeds are unchanged), Q/DQ weights and scales as quantized, the RMSNorms
+    float32 (`FP16_CARRIER_KEEP_FP32`). Streamed one weight at a time; `engines build` parses
+    them as they are. Export and quantization run in fp32 on the build machine because ONNX
+    Runtime on a CPU runs fp16 graphs by casting every weight back to fp32 at load (measured: the
+    optimised graph holds fp32 copies), which would double their memory there."""
+    from citrus_edge.engines.component import FP16_CARRIER_KEEP_FP32
+    from citrus_edge.engines.float16 import fp16_carrier_file
+
+    for graph in sorted(folder.glob("*.onnx")):
+        work = folder / f".{graph.stem}.fp16"
+        work.mkdir()
+        try:
+            keep = FP16_CARRIER_KEEP_FP32.get(graph.stem, ())
+            written = fp16_carrier_file(graph, work / graph.name, keep)
+            data, new_data = Path(f"{graph}.data"), Path(f"{written}.data")
+            data.unlink(missing_ok=True)
+            if new_data.exists():
+                new_data.replace(data)
+            written.replace(graph)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _describe(cfg: BuildConfig, target: Target, recipe: Recipe, quant: Any) -> dict:

@@ -34,6 +34,13 @@ def plan_cmd(
             min=1, help="KV-cache length in tokens [default: 2048, or the model's maximum]."
         ),
     ] = None,
+    student: Annotated[
+        str | None,
+        typer.Option(
+            help="Plan the student of the model cut by this spec or preset (see `distill`), "
+            "e.g. 8b-half-layers."
+        ),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Memory table and decode-speed bound of a model on a target, from dimensions only.
@@ -41,11 +48,14 @@ def plan_cmd(
     Exits with code 3 when the model does not fit the target's memory (scripts can branch).
     """
     from citrus_edge.cli.memory_plan import plan, plan_summary, plan_table
+    from citrus_edge.compress.student_spec import StudentSpec, student_config
     from citrus_edge.config import PRESETS, CitrusVConfig
     from citrus_edge.recipes import get_recipe
     from citrus_edge.targets import get_target
 
     cfg = PRESETS[model] if model in PRESETS else CitrusVConfig.load(Path(model) / "config.json")
+    if student is not None:
+        cfg = student_config(cfg, StudentSpec.parse(student))
     tgt = get_target(target)
     p = plan(cfg, tgt, get_recipe(precision or tgt.default_recipe), context_tokens=context)
     if as_json:

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from citrus_edge.calib_data.phantom import PhantomConfig, centroid
+from citrus_edge.calib_data.phantom import PhantomConfig
 from citrus_edge.modelling.model import CitrusV
 from citrus_edge.modelling.train import (
     IGNORE,
@@ -64,12 +64,12 @@ from citrus_edge.modelling.train import (
     OccupancyHead,
     Sample,
     TrainConfig,
-    centre_heat,
     collate,
     compute_losses,
     dice_loss,
     llm_forward,
     make_sample,
+    sample_of,
 )
 
 log = logging.getLogger(__name__)
@@ -209,46 +209,13 @@ def record_sample(model_cfg, tokenizer, record, manifest_dir: Path) -> Sample:
     from PIL import Image
 
     from citrus_edge.calib_data.load import load_image
-    from citrus_edge.preprocess import qwen_pixels, sam_pixels
-    from citrus_edge.prompts import n_image_tokens, prompt_ids
+    from citrus_edge.preprocess import qwen_pixels
 
     rgb = load_image(record.abs_image(manifest_dir), record.frame).pixels
-    pp = model_cfg.preprocess
-    qp = qwen_pixels(rgb, pp)
-    n_img = n_image_tokens(qp.grid_thw, model_cfg.vision.spatial_merge_size)
-    p_ids = prompt_ids(tokenizer, record.prompt, n_img).tolist()
-    a_ids = tokenizer.encode(record.answer).ids + [model_cfg.tokens.eos]
+    qp = qwen_pixels(rgb, model_cfg.preprocess)
     masks = [np.asarray(Image.open(p).convert("L")) > 127 for p in record.abs_masks(manifest_dir)]
-    h, w = rgb.shape[:2]
-    union = np.zeros((h, w), dtype=bool)
-    for m in masks:
-        union |= m
-    s, m = pp.sam_image_size, pp.factor
-    mask_sam = np.asarray(Image.fromarray(union.astype(np.uint8) * 255).resize((s, s), 0)) > 127
-    (rh, rw) = qp.resized_hw
-    occ_img = np.asarray(Image.fromarray(union.astype(np.float32)).resize((rw, rh), 2))
-    gh, gw = rh // m, rw // m
-    occ = occ_img.reshape(gh, m, gw, m).mean(axis=(1, 3)).reshape(-1)
-    heat = np.zeros((gh, gw), dtype=np.float32)
-    rows, cols = np.mgrid[0:gh, 0:gw]
-    for mask, box in zip(masks, record.boxes, strict=False):
-        if not mask.any():
-            continue
-        cy, cx = centroid(mask)
-        row = min(int((cy + 0.5) * rh / h) // m, gh - 1)
-        col = min(int((cx + 0.5) * rw / w) // m, gw - 1)
-        heat = np.maximum(heat, centre_heat(rows - row, cols - col, box, (h, w), (rh, rw), m))
-    return Sample(
-        ids=np.asarray(p_ids + a_ids, dtype=np.int64),
-        labels=np.asarray([IGNORE] * len(p_ids) + a_ids, dtype=np.int64),
-        pixel_values=qp.pixel_values,
-        grid_thw=qp.grid_thw,
-        sam_pixels=sam_pixels(rgb, pp)[0],
-        mask=mask_sam.astype(np.float32),
-        occupancy=occ.astype(np.float32),
-        heat=heat.reshape(-1),
-        n_lesions=len(masks),
-    )
+    lesions = list(zip(masks, record.boxes, strict=False))
+    return sample_of(model_cfg, tokenizer, rgb, qp, record.prompt, record.answer, lesions)
 
 
 class SampleSource:

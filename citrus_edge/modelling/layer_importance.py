@@ -27,29 +27,14 @@ import torch
 import torch.nn.functional as F
 
 from citrus_edge.modelling.model import CitrusV
+from citrus_edge.modelling.train import IGNORE, llm_forward
 
 PARTS = ("llm", "vision", "hiera")
-IGNORE = -100  # train.IGNORE
 
 
 def language_forward(model: CitrusV, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Next-token logits [B, S-1, V] of a collated batch (as `train.compute_losses` runs it)."""
-    cfg = model.config
-    ids, attn = batch["ids"], batch["attention_mask"]
-    mm = (ids == cfg.tokens.image).int()
-    pos, _ = model.mllm.model.get_rope_index(
-        ids, mm, image_grid_thw=batch["grid_thw"], attention_mask=attn
-    )
-    visual = model.mllm.model.get_image_features(
-        batch["pixel_values"], batch["grid_thw"], return_dict=True
-    ).pooler_output
-    visual = torch.cat(visual, dim=0)
-    emb = model.mllm.model.get_input_embeddings()(ids)
-    emb = emb.masked_scatter((ids == cfg.tokens.image)[..., None], visual.to(emb.dtype))
-    out = model.mllm.model.language_model(
-        inputs_embeds=emb, attention_mask=attn, position_ids=pos, use_cache=False
-    )
-    return model.mllm.lm_head(out.last_hidden_state[:, :-1])
+    """Next-token logits [B, S-1, V] of a collated batch (`train.llm_forward`'s)."""
+    return llm_forward(model, batch)[2]
 
 
 def _answer(batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -108,34 +108,41 @@ def make_sample(model_cfg: CitrusVConfig, tokenizer, seed: int, phantom_cfg: Pha
     """One training example: a phantom, a task drawn from the seed, its prompt and answer."""
     ph = generate_phantom(seed, phantom_cfg)
     rgb = np.repeat(ph.image[..., None], 3, axis=2)
-    pp = model_cfg.preprocess
-    qp = qwen_pixels(rgb, pp)
+    qp = qwen_pixels(rgb, model_cfg.preprocess)
     task = tasks.TASKS[seed % len(tasks.TASKS)]
     prompt, answer = task_text(task, ph, qp.resized_hw)
+    lesions = [(les.mask, les.box) for les in ph.lesions]
+    return sample_of(model_cfg, tokenizer, rgb, qp, prompt, answer, lesions)
+
+
+def sample_of(model_cfg: CitrusVConfig, tokenizer, rgb, qp, prompt: str, answer: str, lesions):
+    """A training example of an image `rgb [H, W, 3]` (its `qwen_pixels` `qp`), a prompt, the
+    answer and its lesions as (mask [H, W] bool, box) pairs: tokens, labels on the answer, the
+    SAM2 input and mask, and the training-only occupancy and centre-heat targets."""
+    from PIL import Image
+
+    pp = model_cfg.preprocess
     n_img = n_image_tokens(qp.grid_thw, model_cfg.vision.spatial_merge_size)
     p_ids = prompt_ids(tokenizer, prompt, n_img).tolist()  # the runtime's own encoding
     a_ids = tokenizer.encode(answer).ids + [model_cfg.tokens.eos]
-    union = np.zeros(ph.image.shape, dtype=bool)
-    for les in ph.lesions:
-        union |= les.mask
-    s = pp.sam_image_size
-    from PIL import Image
-
+    (h, w), (rh, rw) = rgb.shape[:2], qp.resized_hw
+    union = np.zeros((h, w), dtype=bool)
+    for mask, _ in lesions:
+        union |= mask
+    s, m = pp.sam_image_size, pp.factor
     mask_sam = np.asarray(Image.fromarray(union.astype(np.uint8) * 255).resize((s, s), 0)) > 127
-    m = pp.factor
-    occ_img = np.asarray(
-        Image.fromarray(union.astype(np.float32)).resize(qp.resized_hw[::-1], Image.BILINEAR)
-    )
-    gh, gw = qp.resized_hw[0] // m, qp.resized_hw[1] // m
+    occ_img = np.asarray(Image.fromarray(union.astype(np.float32)).resize((rw, rh), Image.BILINEAR))
+    gh, gw = rh // m, rw // m
     occ = occ_img.reshape(gh, m, gw, m).mean(axis=(1, 3)).reshape(-1)
     heat = np.zeros((gh, gw), dtype=np.float32)
-    (h, w), (rh, rw) = ph.image.shape, qp.resized_hw
     rows, cols = np.mgrid[0:gh, 0:gw]
-    for les in ph.lesions:
-        cy, cx = centroid(les.mask)
+    for mask, box in lesions:
+        if not mask.any():
+            continue
+        cy, cx = centroid(mask)
         row = min(int((cy + 0.5) * rh / h) // m, gh - 1)
         col = min(int((cx + 0.5) * rw / w) // m, gw - 1)
-        heat = np.maximum(heat, centre_heat(rows - row, cols - col, les.box, (h, w), (rh, rw), m))
+        heat = np.maximum(heat, centre_heat(rows - row, cols - col, box, (h, w), (rh, rw), m))
     return Sample(
         ids=np.asarray(p_ids + a_ids, dtype=np.int64),
         labels=np.asarray([IGNORE] * len(p_ids) + a_ids, dtype=np.int64),
@@ -145,7 +152,7 @@ def make_sample(model_cfg: CitrusVConfig, tokenizer, seed: int, phantom_cfg: Pha
         mask=mask_sam.astype(np.float32),
         occupancy=occ.astype(np.float32),
         heat=heat.reshape(-1),
-        n_lesions=len(ph.lesions),
+        n_lesions=len(lesions),
     )
 
 
