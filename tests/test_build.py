@@ -207,3 +207,17 @@ def test_matching_gpu_needs_tensorrt_and_the_targets_sm(monkeypatch):
     monkeypatch.setattr(dev, "cuda_device", gpu("8.7"))
     assert matching_gpu(orin) == dev.CudaDevice(0, "GPU sm_8.7", "8.7")
     assert matching_gpu(get_target("x86-ampere")) is None  # 8.6 is not 8.7
+
+
+def test_which_bundles_onnx_runtime_can_score_here():
+    """A CPU target's int4 (MatMulNBits, recipe int8-w4) is ONNX Runtime's own: scored. TensorRT
+    INT4 / FP8 graphs are left to the device, with the reason (the slice's cpu int8-w4 build was
+    reported "graphs run only in TensorRT")."""
+    from citrus_edge.cli.bundle_build import not_measurable
+    from citrus_edge.recipes import get_recipe
+    from citrus_edge.targets import get_target
+
+    assert not_measurable(get_target("cpu"), get_recipe("int8-w4")) is None
+    assert not_measurable(get_target("cpu"), get_recipe("int8")) is None
+    assert "int4" in not_measurable(get_target("orin-agx-64"), get_recipe("fp16-w4"))
+    assert not_measurable(get_target("orin-agx-64"), get_recipe("fp16")) is None

@@ -275,6 +275,16 @@ class _Recording:
         return self.results[-1]
 
 
+def not_measurable(target: Target, recipe: Recipe) -> str | None:
+    """Why ONNX Runtime here cannot score a bundle of `recipe` for `target` (None: it can).
+    Only TensorRT graphs of TENSORRT_ONLY precisions: a CPU target's int4 is ONNX Runtime's own
+    MatMulNBits (recipe int8-w4), which it runs."""
+    trt_only = sorted({p for _, p in recipe.items()} & TENSORRT_ONLY)
+    if target.tensorrt and trt_only:
+        return f"{trt_only} graphs run only in TensorRT"
+    return None
+
+
 def measure_accuracy(cfg: BuildConfig, bundle_dir: Path, target: Target, recipe: Recipe) -> dict:
     """Eval-split metrics of the bundle and its agreement with the FP32 PyTorch reference.
 
@@ -284,9 +294,9 @@ def measure_accuracy(cfg: BuildConfig, bundle_dir: Path, target: Target, recipe:
     on the device. For a TensorRT target the figures are those of the bundle's ONNX graphs, not
     of the fp16 engines TensorRT will build from them.
     """
-    trt_only = sorted({p for _, p in recipe.items()} & TENSORRT_ONLY)
-    if trt_only:
-        return {"measured": False, "reason": f"{trt_only} graphs run only in TensorRT"}
+    why = not_measurable(target, recipe)
+    if why is not None:
+        return {"measured": False, "reason": why}
     from citrus_edge.calib_data.data_manifest import read_manifest
     from citrus_edge.calib_data.phantom_set import default_phantom_manifest
     from citrus_edge.cli.evaluate import evaluate
