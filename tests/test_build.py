@@ -221,3 +221,25 @@ def test_which_bundles_onnx_runtime_can_score_here():
     assert not_measurable(get_target("cpu"), get_recipe("int8")) is None
     assert "int4" in not_measurable(get_target("orin-agx-64"), get_recipe("fp16-w4"))
     assert not_measurable(get_target("orin-agx-64"), get_recipe("fp16")) is None
+
+
+def test_build_table_prints_metrics_an_eval_could_not_score():
+    """An eval split without a segmentation answer or a count question leaves Dice or count
+    accuracy None: the summary says n/a (it raised TypeError after the bundle was written)."""
+    from citrus_edge.cli.build_command import _build_table
+
+    manifest = {
+        "bundle_id": "b",
+        "target": {"name": "cpu"},
+        "files": {"llm.onnx": {"bytes": 10}},
+        "components": {"llm": {"file": "llm.onnx", "precision": "int8"}},
+        "accuracy": {
+            "measured": True,
+            "records": 1,
+            "metrics": {"dice": None, "count_accuracy": None},
+            "vs_fp32": {"token_agreement": 0.5, "gt_dice_drop": None},
+        },
+    }
+    caption = str(_build_table(manifest, Path("B")).caption)
+    assert "Dice n/a" in caption and "count acc n/a" in caption
+    assert "token agreement 0.5000" in caption and "Dice drop n/a" in caption

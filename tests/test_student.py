@@ -244,3 +244,15 @@ def test_layer_importance_rows_and_choice(teacher, batch):
         choose_layers(rows, 3)
     table = format_table(rows)
     assert len(table.splitlines()) == 1 + len(rows) and "loss_increase" in table
+
+
+def test_a_vision_student_without_a_windowed_block_is_refused_in_one_line(tmp_path):
+    """TINY's vision tower cut to its full-attention block ignores the window layout inputs;
+    its export says so in one typed line (it raised KeyError: 'gather_index')."""
+    from citrus_edge.export.export_manifest import random_source_hash
+    from citrus_edge.export.export_run import export_all
+    from citrus_edge.modelling.onnx_trace import UnexportableModelError
+
+    student = make_student(tiny_model(), StudentSpec(vision_blocks=(1,)))
+    with pytest.raises(UnexportableModelError, match=r"vision: the traced graph has no \["):
+        export_all(student, tmp_path / "x", source_hash=random_source_hash("s"))

@@ -63,6 +63,12 @@ def build_cmd(
     _stdout().print(_build_table(manifest, out))
 
 
+def _figure(value: float | None, spec: str) -> str:
+    """A metric as the table prints it; "n/a" where the eval records had none to score (no
+    segmentation answer, no count question), never a crash after the bundle is written."""
+    return "n/a" if value is None else format(value, spec)
+
+
 def _build_table(manifest: dict, out: Path) -> Table:
     title = f"bundle {manifest['bundle_id']} for {manifest['target']['name']} -> {out}"
     table = Table(title=Text(title))
@@ -78,9 +84,10 @@ def _build_table(manifest: dict, out: Path) -> Table:
     if acc.get("measured"):
         m, v = acc["metrics"], acc["vs_fp32"]
         table.caption = (
-            f"eval ({acc['records']} records): Dice {m['dice']:.3f}, count acc "
-            f"{m['count_accuracy']:.3f}; vs FP32: token agreement {v['token_agreement']:.4f}, "
-            f"GT Dice drop {v['gt_dice_drop']:+.4f}"
+            f"eval ({acc['records']} records): Dice {_figure(m.get('dice'), '.3f')}, count acc "
+            f"{_figure(m.get('count_accuracy'), '.3f')}; vs FP32: token agreement "
+            f"{_figure(v.get('token_agreement'), '.4f')}, "
+            f"GT Dice drop {_figure(v.get('gt_dice_drop'), '+.4f')}"
         )
     else:
         table.caption = f"accuracy not measured here: {acc.get('reason')}"

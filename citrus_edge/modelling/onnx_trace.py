@@ -162,6 +162,10 @@ def _copy_bytes(src: Any, dst: Any, n: int, chunk: int = 64 << 20) -> int:
     return done
 
 
+class UnexportableModelError(ValueError):
+    """A model whose traced graph cannot serve the component's spec (one line, names why)."""
+
+
 def _declare_shapes(graph: onnx.GraphProto, spec: GraphSpec) -> None:
     """Write the spec's shapes (named dynamic axes, fixed sizes) on the graph's inputs/outputs.
 
@@ -169,6 +173,13 @@ def _declare_shapes(graph: onnx.GraphProto, spec: GraphSpec) -> None:
     declare what its manifest says. A dtype that differs from the spec is an internal error.
     """
     values = {v.name: v for v in (*graph.input, *graph.output)}
+    missing = [t.name for t in spec.inputs + spec.outputs if t.name not in values]
+    if missing:
+        raise UnexportableModelError(
+            f"{spec.component}: the traced graph has no {missing}: this model does not use "
+            "them (e.g. a vision tower without a windowed block ignores the window layout), "
+            "and the runtime feeds every input its spec names; keep such a block"
+        )
     for t in spec.inputs + spec.outputs:
         tensor = values[t.name].type.tensor_type
         expected = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype))
