@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from .calibrate import FeedsReader
@@ -99,6 +100,25 @@ def has_external_data(src: Path) -> bool:
     return Path(f"{src}.data").is_file()
 
 
+def shape_groups(
+    feeds: Sequence[Mapping[str, np.ndarray]], input_names: Sequence[str]
+) -> list[list[Mapping[str, np.ndarray]]]:
+    """The recorded feeds split by the shapes of the graph's inputs, in first-seen order.
+
+    ORT's histogram calibrators (percentile, entropy) stack each tensor over all the samples of
+    one `collect_data` call (`np.asarray` of a list), which fails ("inhomogeneous shape") when
+    the samples differ in shape: the mask decoder gets one row per `[SEG]` of an answer, and a
+    student that answers with 1, 2 or 3 `[SEG]`s records `seg_hidden` of [1|2|3, D]. Each call
+    merges into the histograms of the earlier ones (ORT widens the bins as needed), so one call
+    per shape calibrates on every sample; feeds of one shape stay one call (ranges unchanged).
+    """
+    groups: dict[tuple, list[Mapping[str, np.ndarray]]] = {}
+    for f in feeds:
+        key = tuple((n, np.shape(f[n])) for n in input_names)
+        groups.setdefault(key, []).append(f)
+    return list(groups.values())
+
+
 def _quant_type(name: str):
     from onnxruntime.quantization import QuantType
 
@@ -154,7 +174,8 @@ class StaticQdqQuantizer:
             providers=["CPUExecutionProvider"],
             extra_options=options,
         )
-        calibrator.collect_data(FeedsReader(request.calib, inputs))
+        for group in shape_groups(request.calib, inputs):
+            calibrator.collect_data(FeedsReader(group, inputs))
         ranges = calibrator.compute_data()
         del calibrator
         return ranges
