@@ -44,6 +44,21 @@ BUNDLE_MANIFEST = EXPORT_MANIFEST
 DEFAULT_IMAGE_SIZES = ((224, 224), (168, 280), (280, 196))
 
 
+def check_exportable(cfg) -> None:
+    """Refuse, before any work, a config whose graphs could not serve their specs: a vision
+    tower of full-attention blocks only never reads the window layout the vision graph takes
+    (the trace would drop those inputs, after the LLM was exported)."""
+    from citrus_edge.modelling.onnx_trace import UnexportableModelError
+
+    v = cfg.vision
+    if set(range(v.depth)) <= set(v.fullatt_block_indexes):
+        raise UnexportableModelError(
+            f"{cfg.name}: every vision block is full-attention ({list(v.fullatt_block_indexes)} "
+            f"of {v.depth}), so the vision graph's window inputs would go unused; keep at least "
+            "one windowed block"
+        )
+
+
 def export_all(
     model: CitrusV,
     out_dir: Path,
@@ -85,6 +100,7 @@ def export_all(
     check_export_out(out_dir, overwrite)
     if tokenizer_json is not None and not Path(tokenizer_json).is_file():
         raise FileNotFoundError(f"tokenizer_json {tokenizer_json} is not a file")
+    check_exportable(model.config)
     from . import components  # noqa: F401  (registers every component)
 
     model.eval()

@@ -248,11 +248,35 @@ def test_layer_importance_rows_and_choice(teacher, batch):
 
 def test_a_vision_student_without_a_windowed_block_is_refused_in_one_line(tmp_path):
     """TINY's vision tower cut to its full-attention block ignores the window layout inputs;
-    its export says so in one typed line (it raised KeyError: 'gather_index')."""
+    its export says so in one typed line before any graph is traced (it raised KeyError:
+    'gather_index' after the LLM's export); a trace that drops a spec input anyway is refused
+    by name."""
     from citrus_edge.export.export_manifest import random_source_hash
     from citrus_edge.export.export_run import export_all
     from citrus_edge.modelling.onnx_trace import UnexportableModelError
 
     student = make_student(tiny_model(), StudentSpec(vision_blocks=(1,)))
-    with pytest.raises(UnexportableModelError, match=r"vision: the traced graph has no \["):
+    with pytest.raises(UnexportableModelError, match="every vision block is full-attention"):
         export_all(student, tmp_path / "x", source_hash=random_source_hash("s"))
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_trace_that_drops_a_spec_input_is_refused_by_name():
+    from types import SimpleNamespace
+
+    import onnx
+
+    from citrus_edge.modelling.onnx_trace import UnexportableModelError, _declare_shapes
+
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["a"], ["y"])],
+        "g",
+        [onnx.helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+    )
+    t = lambda name: SimpleNamespace(name=name, dtype="float32", shape=(1,))  # noqa: E731
+    spec = SimpleNamespace(component="vision", inputs=[t("a"), t("gather_index")], outputs=[t("y")])
+    with pytest.raises(
+        UnexportableModelError, match=r"vision: the traced graph has no \['gather_index'\]"
+    ):
+        _declare_shapes(graph, spec)
