@@ -155,21 +155,20 @@ class StreamingInt4Quantizer:
             for t in model.graph.initializer
             if t.data_type in NP_DTYPES and len(t.dims) == 2
         }
-        self._candidates = [
-            Candidate(n.name, n.op_type)
+        lm_head = logits_matmuls(model) if settings.keep_lm_head else set()
+        quantizable = [
+            n
             for n in model.graph.node
-            if n.op_type in settings.op_types and len(n.input) == 2 and n.input[1] in weights
+            if n.op_type in settings.op_types
+            and len(n.input) == 2
+            and n.input[1] in weights  # a 2-D float initializer: what `write` streams
+            and n.name not in lm_head
         ]
-        self._activation = {
-            n.name: n.input[0]
-            for n in model.graph.node
-            if n.name in {c.name for c in self._candidates}
-        }
+        self._candidates = [Candidate(n.name, n.op_type) for n in quantizable]
+        self._activation = {n.name: n.input[0] for n in quantizable}
         self.external = any(
             t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer
         )
-        self._lm_head = logits_matmuls(model) if settings.keep_lm_head else set()
-        self._candidates = [c for c in self._candidates if c.name not in self._lm_head]
         self._alpha: dict[str, float] | None = None
         self._mse: dict[str, list[float]] = {}
 

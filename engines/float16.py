@@ -85,16 +85,16 @@ def fp16_carrier_file(src: Path, dst: Path, keep_fp32: Iterable[str] = ()) -> Pa
     model = onnx.load(str(src), load_external_data=False)
     external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
     convert = [] if is_fp16_carrier(model) else _restructure(model, keep_fp32)
-    converting = {id(t) for t in convert}
+    converting = {t.name for t in convert}
     reader = TensorReader(src)
     writer = ExternalWriter(Path(f"{dst}.data")) if external else None
     try:
         for init in model.graph.initializer:
             stored = onnx.TensorProto()
             stored.CopyFrom(init)
-            if id(init) in converting and init.data_location != onnx.TensorProto.EXTERNAL:
+            if init.name in converting and init.data_location != onnx.TensorProto.EXTERNAL:
                 _to_f16(init)
-            elif id(init) in converting:
+            elif init.name in converting:
                 values = reader.array(stored).reshape(-1)
                 init.data_type = F16
                 step = CHUNK_BYTES // 4

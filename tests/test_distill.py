@@ -179,3 +179,22 @@ def test_command_runs_and_resumes(teacher, tmp_path):
     assert again.exit_code != 0 and "config.steps" in str(again.exception)
     same = CliRunner().invoke(app, [*args, "--steps", "1"])  # the same command: done already
     assert same.exit_code == 0 and str(tmp_path / "run" / "model") in same.output
+
+
+def test_distill_without_optional_flags_uses_the_demo_teacher_and_fresh_phantoms(tmp_path):
+    """The path a user gets with only the required flags: the shipped demo model as teacher,
+    fresh training phantoms, the default batch and evaluation (one step)."""
+    from citrus_edge.cli import entry
+    from citrus_edge.modelling.checkpoint import load_checkpoint
+    from citrus_edge.modelling.student import param_count
+
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as done:
+        entry(["distill", "--student", "demo-small", "--steps", "1", "--out", str(out)])
+    assert done.value.code in (0, None)
+    student = load_checkpoint(out / "model")
+    assert param_count(student) == 2_145_425  # demo-small of the shipped demo model
+    rows = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1]
+    assert all(math.isfinite(v) for r in rows for k, v in r.items() if k != "step")
+    assert rows[0]["kl"] > 0.5  # an undistilled student disagrees with its teacher
