@@ -21,7 +21,9 @@ from typing import Any
 
 from citrus_edge.atomic import atomic_path
 
-DISTILL_CONFIG_VERSION = 1
+# 2: the visual-token term (`w_vis`) and the SAM2-width adapters in `state.pt`; a version-1
+# run folder is refused on resume (its settings differ: version, w_vis).
+DISTILL_CONFIG_VERSION = 2
 CONFIG_NAME = "distill_config.json"
 SEG_LOSSES = ("cosine", "mse")
 # TrainConfig fields that DistillConfig sets itself (or that make no sense in a distillation).
@@ -42,6 +44,7 @@ class DistillConfig:
     seg_loss: str = "cosine"  # SEG_LOSSES
     w_mask_kd: float = 1.0  # BCE + Dice of the student's mask logits against the teacher's
     w_feat: float = 1.0  # MSE on the SAM2 image embeddings (needs no labels)
+    w_vis: float = 1.0  # normalised MSE on the visual tokens (merger output; needs no labels)
     w_gt: float = 1.0  # scale of every ground-truth term (TrainConfig's weights inside)
     steps: int = 1000
     batch_size: int = 8  # global: summed over processes and micro-batches
@@ -58,7 +61,7 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "train", tuple((str(k), v) for k, v in dict(self.train).items()))
-        weights = ("w_kl", "w_seg", "w_mask_kd", "w_feat", "w_gt")
+        weights = ("w_kl", "w_seg", "w_mask_kd", "w_feat", "w_vis", "w_gt")
         for name in weights:
             v = getattr(self, name)
             if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):

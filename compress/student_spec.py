@@ -1,17 +1,35 @@
 """Which parts of a teacher Citrus-V a distillation student keeps (torch-free).
 
 A `StudentSpec` names, by the teacher's own indexes, the LLM decoder layers, vision-tower blocks
-and SAM2 Hiera blocks the student keeps, and the fraction of each LLM MLP's channels; every
-other width (hidden sizes, heads, vocabulary, SAM2 neck, prompt encoder, mask decoder, seg
-projector) is the teacher's, so those weights carry over unchanged
-(`citrus_edge.modelling.student.make_student` copies them). `student_config` turns a spec into
-the student's `CitrusVConfig`, checking it against the teacher first.
+and SAM2 Hiera blocks the student keeps, and the fraction of each LLM MLP's channels; and,
+optionally, narrower widths for two parts: the vision tower (`vision-hidden`, `vision-heads`,
+`vision-mlp`) and SAM2's prompt side (`sam-hidden`, `sam-decoder-mlp`: the FPN neck's output,
+prompt encoder, mask decoder and the seg projector's output). Every other width (LLM hidden
+size and heads, vocabulary, Hiera stages) is the teacher's, so those weights carry over
+unchanged (`citrus_edge.modelling.student.make_student` copies them where shapes allow and
+initialises the re-widened parts afresh). `student_config` turns a spec into the student's
+`CitrusVConfig`, checking it against the teacher first.
 
 CLI form (`StudentSpec.parse`): a preset name from `STUDENT_PRESETS`, or `key=value` pairs
 separated by `;`, e.g. `llm-layers=0,3;vision-blocks=1,3;hiera=1,1,1,1;llm-mlp=0.5`.
 Keys: `llm-layers` and `vision-blocks` (teacher indexes, increasing; `a-b` is the inclusive
 range; `all` keeps every one), `llm-mlp` (fraction of MLP channels kept, in (0, 1]), `hiera`
 (blocks kept per Hiera stage, four numbers: each stage's first blocks), `name`.
+Width keys (all optional; a width equal to the teacher's changes nothing):
+- `vision-hidden` (vision-tower width, an integer), `vision-heads` (its attention heads;
+  default the teacher's number), `vision-mlp` (fraction of the teacher's MLP expansion
+  intermediate/hidden kept, in (0, 1]; the tower's MLP gets round(vision-mlp * teacher's
+  ratio * vision-hidden) channels). The merger's output stays the LLM's hidden size.
+- `sam-hidden` (width of SAM2's FPN-neck output, prompt encoder and mask decoder, a multiple of
+  8 whose half the decoder's heads divide), `sam-decoder-mlp` (fraction of the teacher's mask-
+  decoder MLP expansion kept, in (0, 1]); the IoU head's hidden width keeps the teacher's
+  ratio to `sam-hidden`.
+A tower or SAM2 side whose widths differ from the teacher's is a different function, not a
+slice of the teacher's (a narrower residual stream changes every matrix in it), so
+`make_student` initialises it afresh rather than cutting the teacher's tensors; the `vision-
+blocks` then only set its depth and attention kinds. That holds for `vision-mlp` < 1 at the
+teacher's width too (unlike `llm-mlp`, which is Minitron-pruned: the LLM is where the
+teacher's knowledge of the answers lives, and it keeps its width).
 
 Not in a spec, with the reason:
 - Attention-head pruning of the LLM (`llm_heads`): in `TextDims` the head size is derived
@@ -47,6 +65,11 @@ class StudentSpec:
     llm_mlp: float = 1.0  # fraction of each LLM MLP's intermediate channels kept
     vision_blocks: tuple[int, ...] | None = None  # teacher vision-tower block indexes
     hiera_blocks: tuple[int, int, int, int] | None = None  # first blocks kept per Hiera stage
+    vision_hidden: int | None = None  # vision-tower width (None: the teacher's)
+    vision_heads: int | None = None  # vision-tower heads (None: the teacher's number)
+    vision_mlp: float = 1.0  # fraction of the teacher's vision MLP expansion (intermediate/hidden)
+    sam_hidden: int | None = None  # SAM2 neck output / prompt encoder / mask decoder width
+    sam_decoder_mlp: float = 1.0  # fraction of the teacher's mask-decoder MLP expansion
     name: str = "student"
 
     @classmethod
@@ -96,8 +119,20 @@ class StudentSpec:
                 raise StudentSpecError(
                     f"{label} {list(idx)}: indexes must be >= 0, increasing, without repeats"
                 )
-        if not 0.0 < self.llm_mlp <= 1.0:
-            raise StudentSpecError(f"llm-mlp {self.llm_mlp}: must be in (0, 1]")
+        for label, frac in (
+            ("llm-mlp", self.llm_mlp),
+            ("vision-mlp", self.vision_mlp),
+            ("sam-decoder-mlp", self.sam_decoder_mlp),
+        ):
+            if not 0.0 < frac <= 1.0:
+                raise StudentSpecError(f"{label} {frac}: must be in (0, 1]")
+        for label, n in (
+            ("vision-hidden", self.vision_hidden),
+            ("vision-heads", self.vision_heads),
+            ("sam-hidden", self.sam_hidden),
+        ):
+            if n is not None and n < 1:
+                raise StudentSpecError(f"{label} {n}: must be >= 1")
         if self.hiera_blocks is not None and (
             len(self.hiera_blocks) != 4 or min(self.hiera_blocks) < 1
         ):
@@ -128,6 +163,19 @@ class StudentSpec:
             parts.append("vision-blocks=" + ",".join(map(str, self.vision_blocks)))
         if self.hiera_blocks is not None:
             parts.append("hiera=" + ",".join(map(str, self.hiera_blocks)))
+        for key, value in (
+            ("vision-hidden", self.vision_hidden),
+            ("vision-heads", self.vision_heads),
+            ("sam-hidden", self.sam_hidden),
+        ):
+            if value is not None:
+                parts.append(f"{key}={value}")
+        for key, frac in (
+            ("vision-mlp", self.vision_mlp),
+            ("sam-decoder-mlp", self.sam_decoder_mlp),
+        ):
+            if frac != 1.0:
+                parts.append(f"{key}={frac!r}")
         parts.append(f"name={self.name}")
         return ";".join(parts)
 
@@ -138,18 +186,29 @@ _KEYS = {
     "vision-blocks": "vision_blocks",
     "hiera": "hiera_blocks",
     "hiera-blocks": "hiera_blocks",
+    "vision-hidden": "vision_hidden",
+    "vision-heads": "vision_heads",
+    "vision-mlp": "vision_mlp",
+    "sam-hidden": "sam_hidden",
+    "sam-decoder-mlp": "sam_decoder_mlp",
     "name": "name",
 }
+_FRACTIONS = ("llm_mlp", "vision_mlp", "sam_decoder_mlp")
+_WIDTHS = ("vision_hidden", "vision_heads", "sam_hidden")
 
 
 def _parse_value(field: str, value: str) -> object:
     if field == "name":
         return value
-    if field == "llm_mlp":
+    if field in _FRACTIONS:
         try:
             return float(value)
         except ValueError:
             raise ValueError("not a number") from None
+    if field in _WIDTHS:
+        if not value.isdigit():
+            raise ValueError("not a whole number")
+        return int(value)
     if value == "all" and field != "hiera_blocks":
         return None
     out: list[int] = []
@@ -171,8 +230,16 @@ def _auto_name(fields: dict[str, object]) -> str:
         value = fields.get(field)
         if value is not None:
             parts.append(prefix + ".".join(map(str, value)))  # type: ignore[arg-type]
-    if "llm_mlp" in fields:
-        parts.append(f"m{fields['llm_mlp']}")
+    for prefix, field in (
+        ("m", "llm_mlp"),
+        ("vh", "vision_hidden"),
+        ("vn", "vision_heads"),
+        ("vm", "vision_mlp"),
+        ("sh", "sam_hidden"),
+        ("sm", "sam_decoder_mlp"),
+    ):
+        if field in fields:
+            parts.append(f"{prefix}{fields[field]}")
     return "-".join(parts) or "student"
 
 
@@ -204,6 +271,7 @@ def student_config(teacher: CitrusVConfig, spec: StudentSpec) -> CitrusVConfig:
         vision = dataclasses.replace(
             v, depth=len(kept), fullatt_block_indexes=full or (len(kept) - 1,)
         )
+    vision = _vision_widths(vision, v, spec, where)
     sam2 = s
     if spec.hiera_blocks is not None:
         over = [
@@ -221,8 +289,47 @@ def student_config(teacher: CitrusVConfig, spec: StudentSpec) -> CitrusVConfig:
             blocks_per_stage=tuple(spec.hiera_blocks),
             global_attention_blocks=student_global_blocks(s, tuple(spec.hiera_blocks)),
         )
+    sam2 = _sam_widths(sam2, s, spec, where)
     return dataclasses.replace(
         teacher, name=f"{teacher.name}-{spec.name}", text=text, vision=vision, sam2=sam2
+    )
+
+
+def _vision_widths(vision, teacher, spec: StudentSpec, where: str):
+    """The tower's width, heads and MLP of `spec` (module docstring); the teacher's if unset."""
+    hidden = spec.vision_hidden or teacher.hidden_size
+    heads = spec.vision_heads or teacher.num_heads
+    # The teacher's expansion ratio scaled by vision-mlp, at the student's width.
+    inter = max(
+        1, round(spec.vision_mlp * teacher.intermediate_size * hidden / teacher.hidden_size)
+    )
+    if hidden % heads or (hidden // heads) % 4:
+        # Qwen2.5-VL's 2-D rotary splits each head into row and column halves of cos/sin pairs.
+        raise StudentSpecError(
+            f"{where}: vision-hidden {hidden} / vision-heads {heads}: the head size must be a "
+            "whole multiple of 4"
+        )
+    return dataclasses.replace(vision, hidden_size=hidden, num_heads=heads, intermediate_size=inter)
+
+
+def _sam_widths(sam2, teacher, spec: StudentSpec, where: str):
+    """SAM2's neck-output / prompt / decoder width of `spec`, its decoder MLP and IoU head
+    scaled at the teacher's ratios; the teacher's if unset."""
+    hidden = spec.sam_hidden or teacher.hidden_size
+    heads = teacher.decoder_heads
+    # The decoder's cross-attention works at half the width; upscaling and the high-res
+    # features go to hidden/4 and hidden/8 channels; the positional encoding to hidden/2.
+    if hidden % 8 or (hidden // 2) % heads:
+        raise StudentSpecError(
+            f"{where}: sam-hidden {hidden}: must be a multiple of 8 whose half the mask "
+            f"decoder's {heads} heads divide"
+        )
+    scale = hidden / teacher.hidden_size
+    return dataclasses.replace(
+        sam2,
+        hidden_size=hidden,
+        decoder_mlp_dim=max(1, round(spec.sam_decoder_mlp * teacher.decoder_mlp_dim * scale)),
+        iou_head_hidden_dim=max(1, round(teacher.iou_head_hidden_dim * scale)),
     )
 
 
@@ -281,6 +388,26 @@ STUDENT_PRESETS: dict[str, StudentSpec] = {
             vision_blocks=(0, 3),
             hiera_blocks=(1, 1, 1, 1),
             name="demo-small",
+        ),
+        # The shipped student, >= 3x fewer parameters than the demo model: 1,027,105 of
+        # 3,182,353 (3.10x). demo-small's depths (LLM layers 0,1 by the figures above; vision
+        # blocks 0 windowed and 3 full-attention, as export needs a windowed one; Hiera 1,1,1,1),
+        # a quarter of the LLM MLP (128 channels, Minitron-pruned), and two re-widened parts
+        # initialised afresh: a 64-wide vision tower (4 heads, MLP 128: half the teacher's
+        # expansion) and 64-wide SAM2 prompt side (neck output, prompt encoder, mask decoder
+        # with MLP 64, seg projector output). The LLM (embeddings, lm_head, layers) and the
+        # Hiera backbone are the teacher's.
+        StudentSpec(
+            llm_layers=(0, 1),
+            llm_mlp=0.25,
+            vision_blocks=(0, 3),
+            hiera_blocks=(1, 1, 1, 1),
+            vision_hidden=64,
+            vision_heads=4,
+            vision_mlp=0.5,
+            sam_hidden=64,
+            sam_decoder_mlp=0.25,
+            name="demo-tiny",
         ),
         # Citrus-V 8B (28 layers): every other layer.
         StudentSpec(llm_layers=tuple(range(0, 28, 2)), name="8b-half-layers"),

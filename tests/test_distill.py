@@ -20,6 +20,7 @@ from citrus_edge.modelling.distill import (
     kl_loss,
     mask_kd_loss,
     seg_embedding_loss,
+    visual_loss,
 )
 
 SPEC = "llm-layers=1;hiera=1,1,1,1"
@@ -48,6 +49,12 @@ def test_losses_in_numbers():
     assert seg_embedding_loss(emb, 3 * emb).item() == pytest.approx(0.0, abs=1e-6)  # scale-free
     assert seg_embedding_loss(emb, -emb).item() == pytest.approx(2.0, abs=1e-6)
     assert seg_embedding_loss(emb, emb + 1, "mse").item() == pytest.approx(1.0)
+    tokens = 5 * torch.randn(6, 8, generator=g)
+    assert visual_loss(tokens, tokens.clone()).item() == pytest.approx(0.0, abs=1e-6)
+    assert visual_loss(torch.zeros_like(tokens), tokens).item() == pytest.approx(1.0)
+    assert visual_loss(0.5 * tokens, tokens).item() == pytest.approx(0.25)  # scale-free
+    with pytest.raises(ValueError, match="visual tokens"):
+        visual_loss(tokens, tokens[:, :4])
     feats = torch.randn(2, 4, 8, 8, generator=g)
     assert feature_loss(feats, feats + 0.5).item() == pytest.approx(0.25)
     with pytest.raises(ValueError, match="same neck width"):
@@ -70,17 +77,24 @@ def test_config_checks_and_round_trip():
         ({"seg_loss": "l1"}, "seg_loss"),
         ({"batch_size": 6, "micro_batch": 4}, "multiple of micro_batch"),
         ({"train": (("lr", 1.0),)}, r"train overrides \['lr'\]"),
-        ({"w_kl": 0, "w_seg": 0, "w_mask_kd": 0, "w_feat": 0, "w_gt": 0}, "nothing to train"),
+        ({"w_vis": -0.5}, "w_vis -0.5"),
+        (
+            {"w_kl": 0, "w_seg": 0, "w_mask_kd": 0, "w_feat": 0, "w_vis": 0, "w_gt": 0},
+            "nothing to train",
+        ),
     ]:
         with pytest.raises(DistillConfigError, match=match):
             DistillConfig(**bad)
     with pytest.raises(DistillConfigError, match="split into 3 processes"):
         DistillConfig(batch_size=8, micro_batch=2).accumulation(3)
+    old = {k: v for k, v in cfg.to_dict().items() if k != "w_vis"} | {"version": 1}
+    with pytest.raises(DistillConfigError, match="version 1 is not 2"):
+        DistillConfig.from_dict(old)  # a run folder from before the visual-token term
 
 
 def test_short_distillation_lowers_the_kl(teacher, tmp_path):
     cfg = DistillConfig(
-        w_seg=0, w_mask_kd=0, w_feat=0, w_gt=0, steps=6, batch_size=2, micro_batch=2, lr=3e-4,
+        w_seg=0, w_mask_kd=0, w_feat=0, w_vis=0, w_gt=0, steps=6, batch_size=2, micro_batch=2, lr=3e-4,
         warmup=1, eval_every=0, eval_samples=4, ckpt_every=0,
     )  # fmt: skip
     student = distill(teacher, StudentSpec.parse(SPEC), cfg, tmp_path / "run")
@@ -127,6 +141,41 @@ def test_resume_after_interruption_is_exact(teacher, tmp_path):
     assert [r["step"] for r in curve] == [2, 4] and [r["step"] for r in evals] == [0, 2, 4]
     straight_evals = (tmp_path / "a" / "eval.jsonl").read_text().splitlines()
     assert [json.loads(x) for x in straight_evals] == evals
+
+
+def test_a_rewidened_student_distils_through_adapters_and_resumes_exactly(teacher, tmp_path):
+    """TINY's vision tower 32 -> 16 wide and SAM2 32 -> 16: fresh parts, the visual-token
+    term, and the feature and [SEG] terms through the training-only adapters; an interrupted
+    run resumes bit-identical (the adapters are in state.pt), and the student has none."""
+    spec = StudentSpec.parse("llm-layers=1;hiera=1,1,1,1;vision-hidden=16;sam-hidden=16")
+    cfg = DistillConfig(
+        steps=2, batch_size=2, micro_batch=2, warmup=1, lr=1e-3, eval_every=0, eval_samples=4,
+        ckpt_every=1, log_every=1,
+    )  # fmt: skip
+    straight = distill(teacher, spec, cfg, tmp_path / "a")
+    rows = [json.loads(x) for x in (tmp_path / "a" / "curve.jsonl").read_text().splitlines()]
+    rows += [json.loads(x) for x in (tmp_path / "a" / "eval.jsonl").read_text().splitlines()]
+    terms = {k for r in rows for k in r}
+    assert {"vis", "feat", "seg", "mask_kd", "kl", "lm", "mask"} <= terms, terms
+    assert all(math.isfinite(v) for r in rows for v in r.values())
+    print("step 0 eval:", {k: round(v, 4) for k, v in rows[-2].items()})
+    state = torch.load(tmp_path / "a" / "state.pt", weights_only=False)
+    assert state["adapters"]["feat.weight"].shape == (32, 16, 1, 1)  # 1x1 conv, 16 -> 32
+    assert state["adapters"]["seg.weight"].shape == (32, 16)
+    assert not any("adapter" in k for k in straight.state_dict())
+    assert straight.config.sam2.hidden_size == 16 and straight.config.vision.hidden_size == 16
+
+    def crash_at_step_2(ev):
+        if ev["kind"] == "step" and ev["step"] == 2:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        distill(teacher, spec, cfg, tmp_path / "b", progress=crash_at_step_2)
+    resumed = distill(teacher, spec, cfg, tmp_path / "b")
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
+    sa, sb = (torch.load(tmp_path / d / "state.pt", weights_only=False) for d in "ab")
+    assert all(torch.equal(sa["adapters"][k], sb["adapters"][k]) for k in sa["adapters"])
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,15 @@ from citrus_edge.modelling.layer_importance import (
     language_forward,
     layer_importance,
 )
-from citrus_edge.modelling.student import make_student, mlp_importance
+from citrus_edge.modelling.student import (
+    MASK_DECODER,
+    SAM_PROMPT_SIDE,
+    VISION_TOWER,
+    fresh_parts,
+    make_student,
+    mlp_importance,
+    param_count,
+)
 from citrus_edge.modelling.train import TRAIN_SEED_BASE, collate, make_sample
 
 LLM = "mllm.model.language_model.layers."
@@ -72,6 +80,13 @@ def test_parse_cli_form_and_round_trip():
         ("llm-layers=1;llm-layers=2", "given twice"),
         ("llm-layers=x", "'x' is not an index"),
         ("llm-layers=4-2", "runs backwards"),
+        ("vision-hidden=0", "vision-hidden 0: must be >= 1"),
+        ("vision-hidden=6.5", "not a whole number"),
+        ("sam-hidden=-8", "not a whole number"),
+        ("vision-heads=0", "vision-heads 0: must be >= 1"),
+        ("vision-mlp=0", "vision-mlp 0.0: must be in (0, 1]"),
+        ("sam-decoder-mlp=2", "sam-decoder-mlp 2.0: must be in (0, 1]"),
+        ("sam-decoder-mlp=wide", "not a number"),
     ],
 )
 def test_parse_errors_are_one_line_naming_the_input(text, words):
@@ -104,6 +119,99 @@ def test_student_config_dims():
     # stage 2 keeps positions 0..10, none global, so its last kept block (13) is global.
     assert edge.sam2.blocks_per_stage == (1, 2, 11, 2)
     assert edge.sam2.global_attention_blocks == (13,)
+
+
+def test_width_keys_round_trip_and_scale_at_the_teachers_ratios():
+    text = "vision-hidden=64;vision-heads=4;vision-mlp=0.5;sam-hidden=64;sam-decoder-mlp=0.25"
+    spec = StudentSpec.parse(text)
+    assert (spec.vision_hidden, spec.vision_heads, spec.vision_mlp) == (64, 4, 0.5)
+    assert (spec.sam_hidden, spec.sam_decoder_mlp) == (64, 0.25)
+    assert spec.name == "vh64-vn4-vm0.5-sh64-sm0.25"
+    assert StudentSpec.parse(spec.text()) == spec
+    tiny = STUDENT_PRESETS["demo-tiny"]
+    assert StudentSpec.parse(tiny.text()) == tiny and StudentSpec.parse("demo-tiny") is tiny
+    cfg = student_config(DEMO, tiny)
+    # Vision: 64 wide, 4 heads, MLP 0.5 x the teacher's 384/96 = 4 -> 2 x 64 = 128 channels.
+    v = cfg.vision
+    assert (v.depth, v.hidden_size, v.num_heads, v.intermediate_size) == (2, 64, 4, 128)
+    assert v.fullatt_block_indexes == (1,) and v.out_hidden_size == 128  # the LLM's width
+    # SAM2 prompt side 64 wide: decoder MLP 0.25 x 512/128 x 64 = 64, IoU head 128/128 x 64.
+    s2 = cfg.sam2
+    assert (s2.hidden_size, s2.decoder_mlp_dim, s2.iou_head_hidden_dim) == (64, 64, 64)
+    assert s2.embed_dim_per_stage == DEMO.sam2.embed_dim_per_stage  # Hiera: the teacher's
+    assert (cfg.text.hidden_size, cfg.text.num_layers, cfg.text.intermediate_size) == (128, 2, 128)
+    assert fresh_parts(DEMO, cfg) == (VISION_TOWER, *SAM_PROMPT_SIDE, "seg_projector.2.")
+    assert fresh_parts(DEMO, student_config(DEMO, STUDENT_PRESETS["demo-small"])) == ()
+    # Widths equal to the teacher's change nothing; a decoder MLP alone re-widens the decoder.
+    same = StudentSpec(vision_hidden=96, sam_hidden=128, name="s")
+    assert student_config(DEMO, same) == dataclasses.replace(DEMO, name="citrus-v-demo-s")
+    mlp_only = student_config(DEMO, StudentSpec(sam_decoder_mlp=0.5))
+    assert mlp_only.sam2.decoder_mlp_dim == 256 and fresh_parts(DEMO, mlp_only) == (MASK_DECODER,)
+    heads = student_config(DEMO, StudentSpec(vision_heads=6))  # same shapes, other head split
+    assert fresh_parts(DEMO, heads) == (VISION_TOWER,)
+    for spec, words in [
+        (StudentSpec(vision_hidden=60), "vision-hidden 60 / vision-heads 4: the head size"),
+        (StudentSpec(vision_heads=5), "vision-hidden 96 / vision-heads 5"),
+        (StudentSpec(sam_hidden=60), "sam-hidden 60: must be a multiple of 8"),
+        (StudentSpec(sam_hidden=24), "sam-hidden 24: must be a multiple of 8 whose half the"),
+    ]:
+        # The 8B's mask decoder has 8 heads: 24 / 2 = 12 does not split into them.
+        teacher_cfg = CITRUS_V_8B if spec.sam_hidden == 24 else DEMO
+        with pytest.raises(StudentSpecError, match=words) as e:
+            student_config(teacher_cfg, spec)
+        assert "\n" not in str(e.value)
+
+
+def test_demo_tiny_is_3x_smaller_with_the_teachers_llm_and_hiera(tmp_path):
+    from citrus_edge.defaults import resolve_model
+    from citrus_edge.modelling.checkpoint import load_checkpoint, save_checkpoint
+
+    demo_dir = resolve_model(None)
+    demo = load_checkpoint(demo_dir)
+    student = make_student(demo, STUDENT_PRESETS["demo-tiny"])
+    n, n_teacher = param_count(student), param_count(demo)
+    print(f"demo-tiny: {n} of {n_teacher} parameters ({n_teacher / n:.3f}x fewer)")
+    assert (n, n_teacher) == (1_027_105, 3_182_353)
+    assert n_teacher / n >= 3.0
+    ts, ss = demo.state_dict(), student.state_dict()
+    fresh = fresh_parts(demo.config, student.config)
+    inherited = [k for k in ss if not k.startswith(fresh)]
+    # LLM layers 0,1 (MLP rows/columns Minitron-sliced), embeddings, lm_head, norm, Hiera
+    # blocks 0,1,2,4, its embeddings, and the seg projector's input layer.
+    for key in inherited:
+        if ".mlp." in key and key.startswith(LLM):
+            assert ss[key].shape != ts[key].shape and 128 in ss[key].shape, key
+        elif key.startswith(HIERA):
+            old = {"0": "0", "1": "1", "2": "2", "3": "4"}[key[len(HIERA)]]
+            assert torch.equal(ss[key], ts[HIERA + old + key[len(HIERA) + 1 :]]), key
+        else:
+            assert torch.equal(ss[key], ts[key]), key
+    assert "seg_projector.0.weight" in inherited and "mllm.lm_head.weight" in inherited
+    n_fresh = sum(v.numel() for k, v in student.named_parameters() if k.startswith(fresh))
+    # Vision tower 257,344; neck 15,616, prompt encoder 1,804, mask decoder 151,765,
+    # no-memory embedding 64; seg projector output 8,256.
+    assert n_fresh == 434_849
+    # The fresh parts are the student's own seeded init: the same twice, another with a seed.
+    again = make_student(demo, STUDENT_PRESETS["demo-tiny"]).state_dict()
+    other = make_student(demo, STUDENT_PRESETS["demo-tiny"], seed=1).state_dict()
+    key = VISION_TOWER + "merger.mlp.0.weight"
+    assert torch.equal(again[key], ss[key]) and not torch.equal(other[key], ss[key])
+    # An ordinary checkpoint: saved and loaded back tensor for tensor.
+    save_checkpoint(student, tmp_path / "tiny", tokenizer_json=demo_dir / "tokenizer.json")
+    loaded = load_checkpoint(tmp_path / "tiny")
+    assert loaded.config == student.config
+    lo = loaded.state_dict()
+    assert lo.keys() == ss.keys() and all(torch.equal(lo[k], ss[k]) for k in ss)
+
+
+def test_a_width_change_outside_the_fresh_parts_is_refused(teacher, monkeypatch):
+    import citrus_edge.modelling.student as student_mod
+
+    spec = StudentSpec(sam_hidden=16, name="narrow")  # TINY's SAM2 is 32 wide
+    assert make_student(teacher, spec).config.sam2.hidden_size == 16
+    monkeypatch.setattr(student_mod, "fresh_parts", lambda t, s: ())  # nothing may be fresh
+    with pytest.raises(RuntimeError, match="teacher weights do not fit"):
+        make_student(teacher, spec)
 
 
 def test_student_config_checks_the_teacher():

@@ -53,8 +53,9 @@ def distill_cmd(
     student: Annotated[
         str,
         typer.Option(
-            help="Student: a preset (e.g. demo-small), a spec 'llm-layers=0,3;llm-mlp=0.5;"
-            "vision-blocks=1,3;hiera=1,1,1,1', or a checkpoint directory."
+            help="Student: a preset (e.g. demo-small, demo-tiny), a spec 'llm-layers=0,3;"
+            "llm-mlp=0.5;vision-blocks=1,3;hiera=1,1,1,1;vision-hidden=64;sam-hidden=64', or a "
+            "checkpoint directory."
         ),
     ],
     steps: Annotated[int, typer.Option(min=1, help="Optimiser steps.")],
@@ -78,6 +79,9 @@ def distill_cmd(
     w_seg: Annotated[float, typer.Option(help="Weight of the [SEG] embedding loss.")] = 1.0,
     w_mask_kd: Annotated[float, typer.Option(help="Weight of the mask distillation.")] = 1.0,
     w_feat: Annotated[float, typer.Option(help="Weight of the SAM2 feature distillation.")] = 1.0,
+    w_vis: Annotated[
+        float, typer.Option(help="Weight of the visual-token (vision tower output) distillation.")
+    ] = 1.0,
     w_gt: Annotated[
         float, typer.Option(help="Scale of the ground-truth losses (0: unlabelled).")
     ] = 1.0,
@@ -88,8 +92,8 @@ def distill_cmd(
         str | None, typer.Option(help="cpu or cuda [default: cpu; cuda:LOCAL_RANK under torchrun].")
     ] = None,
 ) -> None:
-    """Distil a student from a teacher: logits KL, [SEG] embedding, masks, SAM2 features and
-    the ground-truth losses; progress, periodic evaluation, resumable."""
+    """Distil a student from a teacher: logits KL, [SEG] embedding, masks, SAM2 features,
+    visual tokens and the ground-truth losses; progress, periodic evaluation, resumable."""
     from citrus_edge.compress.distill_config import DistillConfig
     from citrus_edge.defaults import resolve_model
 
@@ -99,6 +103,7 @@ def distill_cmd(
         w_seg=w_seg,
         w_mask_kd=w_mask_kd,
         w_feat=w_feat,
+        w_vis=w_vis,
         w_gt=w_gt,
         steps=steps,
         batch_size=batch_size,
@@ -140,7 +145,9 @@ def distill_cmd(
 
         def progress(ev: dict) -> None:
             terms = {
-                k: v for k, v in ev.items() if k in ("total", "kl", "seg", "mask_kd", "feat", "lm")
+                k: v
+                for k, v in ev.items()
+                if k in ("total", "kl", "seg", "mask_kd", "feat", "vis", "lm")
             }
             text = " ".join(f"{k} {v:.4f}" for k, v in terms.items())
             if ev["kind"] == "eval":

@@ -3,8 +3,24 @@
 Losses (each weighted in `compress.distill_config.DistillConfig`): KL on the answer tokens'
 logits at a temperature, cosine/MSE on the `[SEG]` embedding after the seg projector (the SAM2
 prompt token), BCE + Dice of the student's mask logits against the teacher's, MSE on the SAM2
-image embeddings (NanoSAM/EdgeTAM-style; needs no labels), plus the training loop's own
-ground-truth terms (`train.compute_losses`, weighted by the run's TrainConfig).
+image embeddings (NanoSAM/EdgeTAM-style; needs no labels), normalised MSE on the visual tokens
+(the vision tower's merger output, [N, LLM hidden] for both; needs no labels), plus the training
+loop's own ground-truth terms (`train.compute_losses`, weighted by the run's TrainConfig).
+
+A student whose SAM2 prompt side is narrower than the teacher's (`compress.student_spec`'s
+`sam-hidden`; `modelling.student` initialises it afresh) cannot compare its image embeddings
+[B, d, h, w] or its `[SEG]` prompt token [N, d] with the teacher's [.., D, ..] directly. A
+training-only linear adapter maps the student's d channels to the teacher's D (FitNets' regressor:
+a 1x1 convolution for the embeddings, a linear layer for the token), and the loss compares the
+adapted student with the teacher. Why an adapter rather than skipping the terms: these two are
+the only signals that teach the fresh neck and prompt side the teacher's features before the mask
+terms can (mask KD needs a working decoder; the GT mask loss alone is what the ground-truth
+baseline has); and why not a fixed projection (e.g. the teacher's channels' top-d principal
+directions): a learnt map only asks the student's features to carry the teacher's information
+linearly, not to copy an arbitrary d-subspace of it. The adapters live in `DistillStep` beside the
+occupancy head, are trained and checkpointed with it (exact resume), and are not part of the
+student. The visual-token term needs none: the merger writes the LLM's hidden size, which a
+student keeps.
 
 Why not `train.train(..., extra_loss=...)`: that loop has no data parallelism (rank shards,
 DDP wrapper, rank-0 writes), no periodic evaluation and no progress hook, and `extra_loss`
@@ -77,7 +93,7 @@ log = logging.getLogger(__name__)
 # Held-out phantoms of the periodic evaluation: seeds no training stage draws (training uses
 # TRAIN_SEED_BASE upwards, the default phantom set below 1e6).
 EVAL_SEED_BASE = 70_000_000
-KD_TERMS = ("kl", "seg", "mask_kd", "feat")
+KD_TERMS = ("kl", "seg", "mask_kd", "feat", "vis")
 STATE = "state.pt"
 MODEL_DIR = "model"
 
@@ -130,6 +146,18 @@ def feature_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(student, teacher)
 
 
+def visual_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """MSE of [N, H] visual tokens divided by the teacher's mean square (1.0: predicting zeros).
+
+    Normalised because the merger's outputs are large (mean square about 51 on the demo model,
+    so a plain MSE of a fresh tower would outweigh every other term about fifty times) and their
+    scale differs between models; the ratio keeps one default weight meaningful."""
+    if student.shape != teacher.shape:
+        raise ValueError(f"visual tokens {tuple(student.shape)} vs teacher {tuple(teacher.shape)}")
+    scale = teacher.detach().pow(2).mean().clamp_min(1e-12)
+    return F.mse_loss(student, teacher) / scale
+
+
 def gt_weights(tc: TrainConfig) -> dict[str, float]:
     """The ground-truth terms' weights, as `train.train` applies them."""
     return {
@@ -157,18 +185,50 @@ class DistillStep(nn.Module):
         self.cfg, self.tc = cfg, tc
         self.weights = {k: cfg.w_gt * w for k, w in gt_weights(tc).items()}
         self.weights.update(kl=cfg.w_kl, seg=cfg.w_seg, mask_kd=cfg.w_mask_kd, feat=cfg.w_feat)
+        self.weights["vis"] = getattr(cfg, "w_vis", 0.0)
+        # Training-only FitNets adapters, student SAM2 width -> teacher's (module docstring);
+        # made after the aux head, so that its seeded initialisation is the same as without.
+        self.adapters = nn.ModuleDict()
+        d, big = student.config.sam2.hidden_size, teacher.config.sam2.hidden_size
+        if d != big:
+            if cfg.w_feat > 0:
+                self.adapters["feat"] = nn.Conv2d(d, big, kernel_size=1)
+            if cfg.w_seg > 0:
+                self.adapters["seg"] = nn.Linear(d, big)
+            log.info("SAM2 width %d vs teacher %d: adapters %s", d, big, list(self.adapters))
+
+    def _adapt(self, term: str, x: torch.Tensor) -> torch.Tensor:
+        return self.adapters[term](x) if term in self.adapters else x
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         cfg, student, teacher = self.cfg, self.student, self._teacher[0]
-        if cfg.w_gt > 0:
-            keep: dict[str, torch.Tensor] = {}
-            losses = compute_losses(student, self.aux, batch, self.tc.centre_loss, keep)
-            hidden, logits = keep["hidden"], keep["logits"]
-        else:  # no labels needed beyond the token sequence the teacher is forced along
-            losses = {}
-            _, hidden, logits = llm_forward(student, batch)
+        w_vis = self.weights["vis"]
+        # The student's visual tokens, from the pass compute_losses makes anyway (its `keep`
+        # hands back hidden states and logits only): the tower's output as get_image_features
+        # reads it, before the split per image, i.e. llm_forward's `visual`.
+        seen: list[torch.Tensor] = []
+        hook = (
+            student.mllm.model.visual.register_forward_hook(
+                lambda _m, _a, out: seen.append(out.pooler_output)
+            )
+            if w_vis > 0
+            else None
+        )
+        try:
+            if cfg.w_gt > 0:
+                keep: dict[str, torch.Tensor] = {}
+                losses = compute_losses(student, self.aux, batch, self.tc.centre_loss, keep)
+                hidden, logits = keep["hidden"], keep["logits"]
+            else:  # no labels needed beyond the token sequence the teacher is forced along
+                losses = {}
+                _, hidden, logits = llm_forward(student, batch)
+        finally:
+            if hook is not None:
+                hook.remove()
         with torch.no_grad():
-            _, t_hidden, t_logits = llm_forward(teacher, batch)
+            t_visual, t_hidden, t_logits = llm_forward(teacher, batch)
+        if w_vis > 0:
+            losses["vis"] = visual_loss(seen[0], t_visual)
         answer = batch["labels"][:, 1:] != IGNORE  # positions predicting an answer token
         if cfg.w_kl > 0:
             losses["kl"] = kl_loss(logits[answer], t_logits[answer], cfg.temperature)
@@ -183,13 +243,13 @@ class DistillStep(nn.Module):
             with torch.no_grad():
                 t_feats = teacher.encode_image_sam(batch["sam_pixels"])
         if cfg.w_feat > 0:
-            losses["feat"] = feature_loss(s_feats[-1], t_feats[-1])
+            losses["feat"] = feature_loss(self._adapt("feat", s_feats[-1]), t_feats[-1])
         if n_seg:
             s_states, t_states = hidden[b_idx, p_idx], t_hidden[b_idx, p_idx]
             if cfg.w_seg > 0:
                 with torch.no_grad():
                     t_seg = teacher.seg_projector(t_states)
-                s_seg = student.seg_projector(s_states)
+                s_seg = self._adapt("seg", student.seg_projector(s_states))
                 losses["seg"] = seg_embedding_loss(s_seg, t_seg, cfg.seg_loss)
             if cfg.w_mask_kd > 0:
                 s_low, _ = student.decode_masks([f[b_idx] for f in s_feats], s_states)
@@ -296,7 +356,7 @@ def describe_student(student: Any) -> str:
     return f"spec:{text() if callable(text) else student}"
 
 
-def _build_student(teacher: CitrusV, student: Any) -> CitrusV:
+def _build_student(teacher: CitrusV, student: Any, seed: int = 0) -> CitrusV:
     if isinstance(student, CitrusV):
         return student
     if isinstance(student, str | os.PathLike):
@@ -305,7 +365,7 @@ def _build_student(teacher: CitrusV, student: Any) -> CitrusV:
         return load_checkpoint(Path(student))
     from citrus_edge.modelling.student import make_student
 
-    return make_student(teacher, student)
+    return make_student(teacher, student, seed=seed)
 
 
 def _check_pair(teacher: CitrusV, student: CitrusV) -> None:
@@ -405,7 +465,7 @@ def _run(teacher_dir, student_arg, cfg, tc, out_dir, data, progress, world, rank
     for p in teacher.parameters():
         p.requires_grad_(False)
     torch.manual_seed(cfg.seed)  # the training-only heads' initialisation
-    student = _build_student(teacher, student_arg)
+    student = _build_student(teacher, student_arg, cfg.seed)
     _check_pair(teacher, student)
     step_module = DistillStep(student, teacher, cfg, tc).to(dev)
     params = list(step_module.parameters())
@@ -416,6 +476,7 @@ def _run(teacher_dir, student_arg, cfg, tc, out_dir, data, progress, world, rank
         st = torch.load(state_path, weights_only=False, map_location=dev)
         step_module.student.load_state_dict(st["student"])
         step_module.aux.load_state_dict(st["aux"])
+        step_module.adapters.load_state_dict(st["adapters"])
         opt.load_state_dict(st["opt"])
         step = st["step"]
         log.info("resumed at step %d", step)
@@ -492,7 +553,11 @@ def _run(teacher_dir, student_arg, cfg, tc, out_dir, data, progress, world, rank
             t0, acc = time.time(), {}
         if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
             if rank == 0:
-                st = {"student": student.state_dict(), "aux": step_module.aux.state_dict()}
+                st = {
+                    "student": student.state_dict(),
+                    "aux": step_module.aux.state_dict(),
+                    "adapters": step_module.adapters.state_dict(),
+                }
                 _save_state(state_path, {**st, "opt": opt.state_dict(), "step": step})
             _barrier(world)
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
@@ -527,4 +592,5 @@ __all__ = [
     "kl_loss",
     "mask_kd_loss",
     "seg_embedding_loss",
+    "visual_loss",
 ]

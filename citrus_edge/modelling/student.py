@@ -1,11 +1,25 @@
-"""Build a distillation student from a teacher Citrus-V: depth and MLP-width pruning.
+"""Build a distillation student from a teacher Citrus-V: depth and width pruning.
 
 `make_student(teacher, spec)` returns an ordinary `CitrusV` of `compress.student_spec.
-student_config(teacher.config, spec)` whose weights are copies of the teacher's: the kept LLM
-decoder layers (all their parameters), the embeddings, final norm and lm_head; the kept vision
-blocks, the patch embedding and the merger; the kept Hiera blocks (each stage's first ones),
-Hiera's patch and position embeddings, and all the rest of SAM2 (FPN neck, prompt encoder, mask
-decoder) and the seg projector. `save_checkpoint` writes it like any Citrus-V.
+student_config(teacher.config, spec)` whose weights are taken from the teacher where shapes
+allow: the kept LLM decoder layers (all their parameters), the embeddings, final norm and
+lm_head; the kept vision blocks, the patch embedding and the merger; the kept Hiera blocks (each
+stage's first ones), Hiera's patch and position embeddings, and all the rest of SAM2 (FPN neck,
+prompt encoder, mask decoder) and the seg projector. `save_checkpoint` writes it like any
+Citrus-V.
+
+Parts the spec re-widens (`fresh_parts`) are initialised afresh instead: the whole vision tower
+when its width, heads or MLP differ from the teacher's; SAM2's FPN neck, prompt encoder, mask
+decoder (and the image-position and no-memory embeddings) and the seg projector's output layer
+when the SAM2 hidden size differs; the mask decoder alone when only its MLP differs. A narrower
+residual stream changes every matrix of the part and what each channel means, so a slice of the
+teacher's tensors is not the teacher's function either (and choosing which embedding channels
+to keep, Minitron's hidden-size pruning, would need an importance ranking across the whole
+part); distillation then teaches the fresh part (`modelling.distill`: visual-token, adapted
+feature and `[SEG]` terms). The fresh tensors are the student's own initialisation (transformers'
+init of `CitrusV(cfg)`, seeded, under a forked RNG so the caller's random state is unchanged),
+so a student is deterministic. Never mixed silently: every tensor is either the teacher's with
+the same shape or belongs to a re-widened part; anything else raises RuntimeError.
 
 MLP width pruning (Minitron style: rank channels by importance, keep the top ones, no search)
 keeps, in each kept LLM layer, the intermediate channels with the largest importance: the mean
@@ -23,6 +37,7 @@ for MLPs are a few lines here.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable
 
@@ -36,6 +51,24 @@ VISION_BLOCK = re.compile(r"^mllm\.model\.visual\.blocks\.(\d+)\.(.*)$")
 HIERA_BLOCK = re.compile(
     r"^grounding_encoder\.sam2_model\.vision_encoder\.backbone\.blocks\.(\d+)\.(.*)$"
 )
+VISION_TOWER = "mllm.model.visual."
+_SAM = "grounding_encoder.sam2_model."
+MASK_DECODER = _SAM + "mask_decoder."
+# SAM2 at its hidden size: everything but the Hiera backbone.
+SAM_PROMPT_SIDE = (
+    _SAM + "vision_encoder.neck.",
+    _SAM + "prompt_encoder.",
+    MASK_DECODER,
+    _SAM + "shared_image_embedding.",
+    _SAM + "no_memory_embedding",
+)
+# The seg projector's layers that write the SAM2 prompt width, per `CitrusVConfig.projector`.
+SEG_OUTPUT = {
+    "mlp": ("seg_projector.2.",),
+    "residual": ("seg_projector.mlp.2.", "seg_projector.skip."),
+}
+
+log = logging.getLogger(__name__)
 
 
 def llm_layers(model: CitrusV) -> torch.nn.ModuleList:
@@ -92,19 +125,45 @@ def mlp_importance(
     return {i: s / max(1, count[0]) for i, s in sums.items()}
 
 
+def fresh_parts(teacher_cfg, student_cfg) -> tuple[str, ...]:
+    """State-dict prefixes of the parts a student of `student_cfg` initialises afresh because
+    their widths differ from `teacher_cfg`'s (module docstring); empty: all the teacher's."""
+    t, s = teacher_cfg, student_cfg
+    parts: list[str] = []
+    tv, sv = t.vision, s.vision
+    if (tv.hidden_size, tv.num_heads, tv.intermediate_size) != (
+        sv.hidden_size,
+        sv.num_heads,
+        sv.intermediate_size,
+    ):
+        parts.append(VISION_TOWER)
+    if t.sam2.hidden_size != s.sam2.hidden_size:
+        parts.extend(SAM_PROMPT_SIDE)
+        parts.extend(SEG_OUTPUT[s.projector])
+    elif (t.sam2.decoder_mlp_dim, t.sam2.iou_head_hidden_dim) != (
+        s.sam2.decoder_mlp_dim,
+        s.sam2.iou_head_hidden_dim,
+    ):
+        parts.append(MASK_DECODER)
+    return tuple(parts)
+
+
 def make_student(
     teacher: CitrusV,
     spec,
     batches: Iterable[dict] | None = None,
     channels: dict[int, torch.Tensor] | None = None,
+    seed: int = 0,
 ) -> CitrusV:
-    """The student of `spec` (`compress.student_spec.StudentSpec`) with the teacher's weights.
+    """The student of `spec` (`compress.student_spec.StudentSpec`) with the teacher's weights
+    where shapes allow and a fresh initialisation of the parts it re-widens (`fresh_parts`).
 
     `batches`: calibration batches for activation-based MLP channel importance (default:
     weight-based). `channels`: the MLP channels to keep per teacher layer index, overriding the
-    importance ranking (e.g. a random choice, to compare). The teacher is not changed; the
-    student holds copies in the teacher's dtype, in eval mode. Raises `StudentSpecError` for
-    a spec that does not fit the teacher (before any copying).
+    importance ranking (e.g. a random choice, to compare). `seed`: of the fresh parts'
+    initialisation. The teacher is not changed; the student holds copies in the teacher's
+    dtype, in eval mode. Raises `StudentSpecError` for a spec that does not fit the teacher
+    (before any copying).
     """
     # The spec's own methods: this package may not import the compress stage (folder cycle).
     tcfg = teacher.config
@@ -127,8 +186,11 @@ def make_student(
     new_vis = {old: new for new, old in enumerate(blocks)}
     new_hiera = {old: new for new, old in enumerate(hiera)}
 
+    fresh = fresh_parts(tcfg, cfg)
     state = {}
     for key, value in teacher.state_dict().items():
+        if key.startswith(fresh):
+            continue
         if m := LLM_LAYER.match(key):
             old = int(m.group(1))
             if old not in new_llm:
@@ -154,12 +216,23 @@ def make_student(
             )
         state[key] = value.detach().clone()
 
-    with _parameters_on_meta():
-        student = CitrusV(cfg)
+    if fresh:
+        # The student's own initialisation, seeded, without touching the caller's RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            student = CitrusV(cfg)
+        dtype = next(teacher.parameters()).dtype
+        for key, value in student.state_dict().items():
+            if key.startswith(fresh):
+                state[key] = value.detach().to(dtype).clone()
+        log.info("student %s: initialised afresh (re-widened): %s", cfg.name, ", ".join(fresh))
+    else:
+        with _parameters_on_meta():
+            student = CitrusV(cfg)
     expected = student.state_dict()
-    # Every width but the MLP's is the teacher's, so each tensor must fit its place exactly:
-    # the FPN neck reads the teacher's stage widths, the mask decoder and the seg projector
-    # the teacher's SAM2 and LLM hidden sizes.
+    # Outside the re-widened parts every width is the teacher's (or its MLP slice), so each
+    # tensor must fit its place exactly: the FPN neck reads the teacher's stage widths, the
+    # mask decoder and the seg projector the SAM2 and LLM hidden sizes.
     wrong = [
         f"{k}: teacher {tuple(v.shape)}, student {tuple(expected[k].shape)}"
         for k, v in state.items()
