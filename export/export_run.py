@@ -8,6 +8,7 @@ beside `out_dir` and renamed into place once every graph has been validated.
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import shutil
@@ -84,8 +85,9 @@ def export_all(
         tokenizer_json: copied beside the graphs when given.
         opset: ONNX opset (>= 17).
         release_weights: free each part of `model`'s weights once nothing left to export needs
-            it (the embedding table once written, each graph's modules once validated), so the
-            torch weights and a graph's copies are not all held at once (the 8B-width slice:
+            it (the embedding table once written, each graph's modules once traced and their
+            PyTorch outputs on the validation samples computed, before ONNX Runtime loads the
+            graph), so the torch weights and a graph's copies are not all held at once (the 8B-width slice:
             the table alone is 2.2 GB). `model` is unusable afterwards: pass a model loaded for
             this call only (`build` does).
 
@@ -113,13 +115,17 @@ def export_all(
                 _release(model, "embeddings")
             results = []
             for name in REGISTRY:
+                release = functools.partial(_release, model, name) if release_weights else None
                 results.append(
                     export_component(
-                        name, model, staging, source_hash=source_hash, export_cfg=export_cfg
+                        name,
+                        model,
+                        staging,
+                        source_hash=source_hash,
+                        export_cfg=export_cfg,
+                        release=release,
                     )
                 )
-                if release_weights:
-                    _release(model, name)
             model.config.save(staging / "config.json")
             if tokenizer_json is not None:
                 shutil.copyfile(tokenizer_json, staging / "tokenizer.json")

@@ -8,12 +8,12 @@ never left behind.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -91,8 +91,14 @@ def export_component(
     *,
     source_hash: str,
     export_cfg: ExportConfig | None = None,
+    release: Callable[[], None] | None = None,
 ) -> GraphResult:
     """Export component `name` of `model` to `out_dir/<name>.onnx` (+ manifest), validated.
+
+    `release`, when given, frees the torch weights this component used; it is called once the
+    graph is traced and PyTorch's outputs on the validation samples are computed, before ONNX
+    Runtime loads the graph, so that the weights and the session's copy of them are never held
+    together (the full 8B's LLM: 28 GB each in fp32).
 
     Raises `ExportValidationError` when ONNX Runtime and PyTorch disagree beyond the spec's
     tolerance on the validation samples; nothing is written then.
@@ -104,7 +110,7 @@ def export_component(
     spec = component.spec(model.config, export_cfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    files, errors = _export_validated(component, model, spec, out_dir, export_cfg)
+    files, errors = _export_validated(component, model, spec, out_dir, export_cfg, release)
     seconds = time.perf_counter() - t0
     manifest = _manifest(spec, model, files, errors, export_cfg, source_hash, seconds)
     write_json_atomic(manifest_path(files[0]), manifest)
@@ -129,9 +135,17 @@ def _check_float32_cpu(model: CitrusV) -> None:
 
 
 def _export_validated(
-    component: Component, model: CitrusV, spec: GraphSpec, out_dir: Path, cfg: ExportConfig
+    component: Component,
+    model: CitrusV,
+    spec: GraphSpec,
+    out_dir: Path,
+    cfg: ExportConfig,
+    release: Callable[[], None] | None,
 ) -> tuple[list[Path], list[OutputError]]:
-    """Trace into a staging folder, validate there, then move the files into `out_dir`."""
+    """Trace into a staging folder, validate there, then move the files into `out_dir`.
+
+    PyTorch's outputs are computed first (a few samples, small), then the weights are released
+    (`release`) and only then does ONNX Runtime open the graph."""
     staging = Path(tempfile.mkdtemp(prefix=f".{spec.component}.", dir=out_dir))
     try:
         wrapper = component.wrapper(model).eval()
@@ -143,9 +157,13 @@ def _export_validated(
             opset=graph_opset(cfg.opset, external),
             external=external,
         )
+        del wrapper  # it may hold views of the weights (the LLM's lm_head slices)
         samples = [spec.make_sample(c, seed) for seed, c in enumerate(spec.validation_cases, 1)]
-        reference = functools.partial(component.reference, model)
-        errors = validate_graph(staged[0], spec, samples, reference)
+        wanted = [component.reference(model, s) for s in samples]
+        if release is not None:
+            release()
+        by_sample = {id(s): w for s, w in zip(samples, wanted, strict=True)}
+        errors = validate_graph(staged[0], spec, samples, lambda s: by_sample[id(s)])
         for f in staged:
             os.replace(f, out_dir / f.name)
     finally:

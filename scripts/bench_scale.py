@@ -106,11 +106,15 @@ class RssTrace:
         self.thread.join()
 
 
-def write_slice_once(folder: Path, meter: StageMeter) -> Path:
+def write_slice_once(folder: Path, meter: StageMeter, llm_layers: int = 1) -> Path:
     from citrus_edge.modelling.slice import SliceConfig, write_slice
 
     cfg = SliceConfig(
-        "citrus-v-8b", llm_layers=1, vision_blocks=2, full_attention=(1,), hiera_blocks=(1, 2, 3, 1)
+        "citrus-v-8b",
+        llm_layers=llm_layers,
+        vision_blocks=2,
+        full_attention=(1,),
+        hiera_blocks=(1, 2, 3, 1),
     )
     config = folder / "config.json"
     if config.is_file() and json.loads(config.read_text())["name"] == cfg.name:
@@ -309,6 +313,13 @@ def main() -> None:
     ap.add_argument(
         "--keep-weights", action="store_true", help="export without release_weights (before)"
     )
+    ap.add_argument(
+        "--llm-layers",
+        type=int,
+        default=1,
+        help="LLM layers of the slice (default 1, the issue's probe; two depths give the "
+        "per-layer cost the README's full-8B projection uses)",
+    )
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(
@@ -316,7 +327,8 @@ def main() -> None:
     )
     OUT.mkdir(parents=True, exist_ok=True)
     meter = StageMeter()
-    model_dir = write_slice_once(OUT / "slice", meter)
+    name = "slice" if args.llm_layers == 1 else f"slice-llm{args.llm_layers}"
+    model_dir = write_slice_once(OUT / name, meter, args.llm_layers)
     results = {"slice": meter.rows, "builds": []}
     for row in meter.rows:
         print(f"slice: {row['seconds']:.1f} s, peak RSS {row['peak_rss_bytes'] / GIB:.2f} GiB")

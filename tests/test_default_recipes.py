@@ -117,6 +117,16 @@ def test_default_recipe_builds(name, tiny_ckpt, phantoms, tmp_path):
         if target.tensorrt:
             types = {t.data_type for t in graph.graph.initializer if len(t.dims) >= 2}
             assert onnx.TensorProto.FLOAT not in types, (c, types)  # no fp32 matrix left
+    if target.tensorrt:  # each fp16 graph checked against its validated fp32 original
+        from citrus_edge.engines.carrier_check import FP16_RTOL
+
+        checked = manifest["fp16_carriers"]
+        assert set(checked) == {"vision", "llm", "sam_encoder", "mask_decoder"}
+        for c, outputs in checked.items():
+            worst = max(e["max_rel"] for e in outputs.values())
+            assert 0 < worst <= FP16_RTOL[c], (c, worst)  # fp16 rounding seen, within bound
+    else:
+        assert "fp16_carriers" not in manifest
     if target.tensorrt:
         plan = json.loads(plan_file.read_text())
         assert plan == manifest["engine_plan"] and plan["target"] == name

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -465,3 +466,31 @@ def test_build_frees_the_pytorch_reference_before_it_opens_the_bundle(
     manifest = build(cfg, tmp_path / "bundle")
     assert alive == [[False]]  # one reference made, and gone when the bundle opened
     assert manifest["accuracy"]["vs_fp32"]["token_agreement"] == 1.0
+
+
+def test_released_weights_are_freed_before_onnx_runtime_opens_the_graph(tmp_path, monkeypatch):
+    """With `release_weights`, PyTorch's outputs are computed first and the component's torch
+    weights freed before ONNX Runtime loads its graph: the weights and the session's copy are
+    never held together (the 8B's LLM would need 2 x 28 GB in fp32)."""
+    from citrus_edge.export import export_all
+    from citrus_edge.export import validate as validate_mod
+
+    model = tiny_model()
+    lm = model.mllm.model.language_model
+    parts = {
+        "llm": [lm.layers, model.mllm.lm_head],
+        "sam_encoder": [model.sam2.vision_encoder],
+        "vision": [model.mllm.model.visual],
+    }
+    held_at_open: dict[str, int] = {}
+    real = validate_mod.cpu_session
+
+    def spy(path):
+        name = Path(path).stem
+        held_at_open[name] = sum(p.numel() for m in parts.get(name, []) for p in m.parameters())
+        return real(path)
+
+    monkeypatch.setattr(validate_mod, "cpu_session", spy)
+    manifest = export_all(model, tmp_path / "x", source_hash="random:t", release_weights=True)
+    assert held_at_open == {"llm": 0, "sam_encoder": 0, "mask_decoder": 0, "vision": 0}
+    assert all(g["max_abs_error"] < 1e-4 for g in manifest["graphs"].values())

@@ -125,9 +125,10 @@ def _build_in(
         graphs_dir, quant = _quantize(cfg, fp32_dir, recipe, target, scratch / "quantized")
     with staged_directory(out) as tmp:
         _copy_tree(graphs_dir, tmp)
-        if target.tensorrt:
-            _fp16_carriers(tmp)
+        carriers = _fp16_carriers(tmp) if target.tensorrt else None
         info = _describe(cfg, target, recipe, quant)
+        if carriers is not None:
+            info["fp16_carriers"] = carriers
         info["components"] = _components(tmp, recipe)
         if target.tensorrt:
             progress("engine plan")
@@ -178,23 +179,45 @@ def _copy_tree(src: Path, dst: Path) -> None:
             shutil.copyfile(p, dst / rel)
 
 
-def _fp16_carriers(folder: Path) -> None:
+def _fp16_carriers(folder: Path) -> dict:
     """Every graph of a TensorRT bundle rewritten with fp16 carriers (`engines.float16`): the
     weights TensorRT consumes, half the bytes of fp32; graph inputs and outputs stay float32
     (the runtime's feeds are unchanged), Q/DQ weights and scales as quantized, the RMSNorms
     float32 (`FP16_CARRIER_KEEP_FP32`). Streamed one weight at a time; `engines build` parses
     them as they are. Export and quantization run in fp32 on the build machine because ONNX
     Runtime on a CPU runs fp16 graphs by casting every weight back to fp32 at load (measured: the
-    optimised graph holds fp32 copies), which would double their memory there."""
+    optimised graph holds fp32 copies), which would double their memory there.
+
+    Each fp16 graph is checked against its fp32 original on the export's validation samples
+    with its component's tolerance (`engines.carrier_check.FP16_RTOL`); returns the measured
+    differences per component (the manifest's `fp16_carriers`), raises `CarrierCheckError`."""
+    from citrus_edge.config import CitrusVConfig
+    from citrus_edge.engines.carrier_check import (
+        SPECS,
+        check_or_raise,
+        compare_outputs,
+        run_graph,
+        validation_samples,
+    )
     from citrus_edge.engines.component import FP16_CARRIER_KEEP_FP32
     from citrus_edge.engines.float16 import fp16_carrier_file
 
+    model_cfg = CitrusVConfig.load(folder / "config.json")
+    measured = {}
     for graph in sorted(folder.glob("*.onnx")):
         work = folder / f".{graph.stem}.fp16"
         work.mkdir()
         try:
             keep = FP16_CARRIER_KEEP_FP32.get(graph.stem, ())
+            checked = graph.stem in SPECS
+            if checked:
+                spec, samples = validation_samples(graph.stem, model_cfg)
+                want = run_graph(graph, spec, samples)
             written = fp16_carrier_file(graph, work / graph.name, keep)
+            if checked:
+                got = run_graph(written, spec, samples)
+                measured[graph.stem] = compare_outputs(graph.stem, want, got)
+                del want, got
             data, new_data = Path(f"{graph}.data"), Path(f"{written}.data")
             data.unlink(missing_ok=True)
             if new_data.exists():
@@ -202,6 +225,7 @@ def _fp16_carriers(folder: Path) -> None:
             written.replace(graph)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+    return check_or_raise([e for errors in measured.values() for e in errors])
 
 
 def _describe(cfg: BuildConfig, target: Target, recipe: Recipe, quant: Any) -> dict:
