@@ -62,10 +62,23 @@ class VisionDims:
     temporal_patch_size: int = 2
     window_size: int = 112
     fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
+    # The patch merger's MLP width; None: Qwen2.5-VL's, hidden_size * spatial_merge_size**2
+    # (a pruned student keeps fewer channels; written to config.json only when set).
+    merger_intermediate_size: int | None = None
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def merged_size(self) -> int:
+        """Width of the merger's input: 2x2 neighbouring patches concatenated."""
+        return self.hidden_size * self.spatial_merge_size**2
+
+    @property
+    def merger_width(self) -> int:
+        """The merger MLP's hidden width."""
+        return self.merger_intermediate_size or self.merged_size
 
     def validate(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -158,7 +171,11 @@ class CitrusVConfig:
             "pad_token_id": t.pad,
             "projector_type": self.projector,
             "text_config": dataclasses.asdict(self.text),
-            "vision_config": dataclasses.asdict(self.vision),
+            "vision_config": {
+                k: v
+                for k, v in dataclasses.asdict(self.vision).items()
+                if not (k == "merger_intermediate_size" and v is None)
+            },
             "grounding_encoder_config": dataclasses.asdict(self.sam2),
             "preprocess": self.preprocess.to_dict(),
         }

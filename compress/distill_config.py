@@ -34,6 +34,40 @@ class DistillConfigError(ValueError):
     """A distillation setting is out of range, or a resumed run's settings changed."""
 
 
+# TrainConfig fields a `--train KEY=VALUE` may set, and their kinds (kept here, torch-free, so
+# that the CLI checks them before torch loads; tests/test_distill.py checks them against
+# TrainConfig): the ground-truth weights and heads, the LR floor and weight decay.
+TRAIN_OPTIONS: dict[str, Any] = {
+    **dict.fromkeys(
+        ("w_lm", "w_mask", "w_iou", "w_aux", "w_mask_aux", "w_first", "w_count", "w_centre"), float
+    ),
+    "min_lr": float,
+    "weight_decay": float,
+    "centre_loss": ("bce", "focal"),
+}
+
+
+def parse_train_option(text: str) -> tuple[str, Any]:
+    """`KEY=VALUE` of `TRAIN_OPTIONS` -> (key, value); one-line `DistillConfigError` if bad."""
+    key, sep, raw = (s.strip() for s in text.partition("="))
+    kind = TRAIN_OPTIONS.get(key)
+    if not sep or kind is None:
+        raise DistillConfigError(
+            f"--train {text!r}: expected KEY=VALUE with KEY one of {', '.join(TRAIN_OPTIONS)}"
+        )
+    if isinstance(kind, tuple):
+        if raw not in kind:
+            raise DistillConfigError(f"--train {text!r}: {key} is one of {', '.join(kind)}")
+        return key, raw
+    try:
+        value = float(raw)
+    except ValueError:
+        raise DistillConfigError(f"--train {text!r}: {raw!r} is not a number") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise DistillConfigError(f"--train {text!r}: expected a finite number >= 0")
+    return key, value
+
+
 @dataclass(frozen=True)
 class DistillConfig:
     """One distillation run. Loss weights of 0 switch a term off (and skip its work)."""

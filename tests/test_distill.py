@@ -3,6 +3,7 @@ and the command's one-line refusals."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -186,6 +187,10 @@ def test_a_rewidened_student_distils_through_adapters_and_resumes_exactly(teache
         (["--student", "llm-layers=0", "--temperature", "0"], "temperature 0.0"),
         (["--student", "llm-layers=0", "--teacher", "NOPE"], "NOPE: no config.json"),
         (["--student", "llm-layers=0", "--data", "NOPE.jsonl"], "--data NOPE.jsonl: no such"),
+        (["--student", "llm-layers=0", "--train", "w_foo=1"], "--train 'w_foo=1': expected KEY"),
+        (["--student", "llm-layers=0", "--train", "steps=9"], "--train 'steps=9': expected KEY"),
+        (["--student", "llm-layers=0", "--train", "w_first=-1"], "finite number >= 0"),
+        (["--student", "llm-layers=0", "--train", "centre_loss=x"], "centre_loss is one of"),
     ],
 )
 def test_command_refuses_bad_input_in_one_line(tmp_path, extra, message, monkeypatch, capsys):
@@ -247,3 +252,19 @@ def test_distill_without_optional_flags_uses_the_demo_teacher_and_fresh_phantoms
     assert [r["step"] for r in rows] == [0, 1]
     assert all(math.isfinite(v) for r in rows for k, v in r.items() if k != "step")
     assert rows[0]["kl"] > 0.5  # an undistilled student disagrees with its teacher
+
+
+def test_train_options_are_training_loop_fields_of_the_same_kind():
+    """`--train KEY=VALUE` is checked torch-free; its table must match TrainConfig."""
+    from citrus_edge.compress.distill_config import TRAIN_OPTIONS, parse_train_option
+    from citrus_edge.modelling.train import CENTRE_LOSSES, TrainConfig
+
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for key, kind in TRAIN_OPTIONS.items():
+        default = getattr(TrainConfig(), key)
+        assert key in fields and isinstance(default, str if isinstance(kind, tuple) else float)
+    assert TRAIN_OPTIONS["centre_loss"] == CENTRE_LOSSES
+    assert parse_train_option(" w_first = 3 ") == ("w_first", 3.0)
+    assert parse_train_option("centre_loss=focal") == ("centre_loss", "focal")
+    tc = TrainConfig(**DistillConfig(train=(parse_train_option("w_count=1"),)).train_fields())
+    assert tc.w_count == 1.0 and tc.w_first == TrainConfig().w_first

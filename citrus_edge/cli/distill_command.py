@@ -88,15 +88,24 @@ def distill_cmd(
     eval_every: Annotated[int, typer.Option(min=0, help="Steps between evaluations.")] = 100,
     ckpt_every: Annotated[int, typer.Option(min=0, help="Steps between checkpoints.")] = 50,
     seed: Annotated[int, typer.Option(help="Seed of the training-only heads.")] = 0,
+    train: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Ground-truth setting KEY=VALUE, repeatable: a weight (w_lm, w_mask, w_iou, "
+            "w_aux, w_mask_aux, w_first, w_count, w_centre), min_lr, weight_decay, or "
+            "centre_loss=bce|focal [default: the training loop's]."
+        ),
+    ] = None,
     device: Annotated[
         str | None, typer.Option(help="cpu or cuda [default: cpu; cuda:LOCAL_RANK under torchrun].")
     ] = None,
 ) -> None:
     """Distil a student from a teacher: logits KL, [SEG] embedding, masks, SAM2 features,
     visual tokens and the ground-truth losses; progress, periodic evaluation, resumable."""
-    from citrus_edge.compress.distill_config import DistillConfig
+    from citrus_edge.compress.distill_config import DistillConfig, parse_train_option
     from citrus_edge.defaults import resolve_model
 
+    overrides = dict(parse_train_option(t) for t in train or ())
     cfg = DistillConfig(
         w_kl=w_kl,
         temperature=temperature,
@@ -112,6 +121,7 @@ def distill_cmd(
         seed=seed,
         eval_every=eval_every,
         ckpt_every=ckpt_every,
+        train=tuple(overrides.items()),
     )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg.accumulation(world)

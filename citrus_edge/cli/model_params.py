@@ -82,8 +82,8 @@ def vision_params(v: VisionDims) -> ParamCount:
         + _linear(h, i)  # mlp.up_proj
         + _linear(i, h)  # mlp.down_proj
     )
-    merged = h * v.spatial_merge_size**2
-    merger = _plain(h) + _linear(merged, merged) + _linear(merged, v.out_hidden_size)
+    merged, m = v.merged_size, v.merger_width
+    merger = _plain(h) + _linear(merged, m) + _linear(m, v.out_hidden_size)
     count = patch + merger
     for _ in range(v.depth):
         count += block

@@ -138,6 +138,12 @@ class CitrusV(nn.Module):
         super().__init__()
         self.config = cfg
         self.mllm = Qwen2_5_VLForConditionalGeneration(qwen_config(cfg))
+        if cfg.vision.merger_intermediate_size is not None:
+            # A pruned merger (transformers' has no setting for its MLP width): same layout,
+            # fewer hidden channels.
+            v, mlp = cfg.vision, self.mllm.model.visual.merger.mlp
+            mlp[0] = nn.Linear(v.merged_size, v.merger_width)
+            mlp[2] = nn.Linear(v.merger_width, v.out_hidden_size)
         self.grounding_encoder = GroundingEncoder(cfg)
         self.seg_projector = seg_projector(cfg)
 

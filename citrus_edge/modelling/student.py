@@ -9,7 +9,7 @@ prompt encoder, mask decoder) and the seg projector. `save_checkpoint` writes it
 Citrus-V.
 
 Parts the spec re-widens (`fresh_parts`) are initialised afresh instead: the whole vision tower
-when its width, heads or MLP differ from the teacher's; SAM2's FPN neck, prompt encoder, mask
+when its width or heads differ from the teacher's; SAM2's FPN neck, prompt encoder, mask
 decoder (and the image-position and no-memory embeddings) and the seg projector's output layer
 when the SAM2 hidden size differs; the mask decoder alone when only its MLP differs. A narrower
 residual stream changes every matrix of the part and what each channel means, so a slice of the
@@ -25,7 +25,9 @@ MLP width pruning (Minitron style: rank channels by importance, keep the top one
 keeps, in each kept LLM layer, the intermediate channels with the largest importance: the mean
 |act(gate) * up| of the channel on calibration batches when some are given (activation-based,
 as Minitron), else a weight-based proxy ||down_proj[:, j]|| * ||gate_proj[j]|| *
-||up_proj[j]||. Kept channels stay in the teacher's order.
+||up_proj[j]||. Kept channels stay in the teacher's order. At the teacher's vision width the
+vision blocks' SwiGLU MLPs and the patch merger's MLP are pruned the same way, by the weight-based
+proxy (||down[:, j]|| * ||gate[j]|| * ||up[j]||; the merger: ||mlp.2[:, j]|| * ||mlp.0[j]||).
 
 Why not `modelopt.torch.prune`: its Minitron mode (`mcore_minitron`) prunes Megatron-Core GPT
 and Mamba models only, and its other mode (`fastnas`) is an architecture search over
@@ -52,6 +54,7 @@ HIERA_BLOCK = re.compile(
     r"^grounding_encoder\.sam2_model\.vision_encoder\.backbone\.blocks\.(\d+)\.(.*)$"
 )
 VISION_TOWER = "mllm.model.visual."
+MERGER = VISION_TOWER + "merger."
 _SAM = "grounding_encoder.sam2_model."
 MASK_DECODER = _SAM + "mask_decoder."
 # SAM2 at its hidden size: everything but the Hiera backbone.
@@ -125,17 +128,57 @@ def mlp_importance(
     return {i: s / max(1, count[0]) for i, s in sums.items()}
 
 
+def _keep_top(score: torch.Tensor, n: int) -> torch.Tensor:
+    """Indexes of the `n` highest scores, in increasing (the teacher's) order."""
+    return score.topk(n).indices.sort().values
+
+
+def vision_channels(teacher: CitrusV, student_cfg) -> dict[str, torch.Tensor]:
+    """Channels a student at the teacher's vision width keeps, by the weight-based proxy
+    (module docstring): "block.<i>" per teacher block whose SwiGLU MLP narrows, "merger" when
+    the merger's MLP narrows. Empty when the tower is re-widened (fresh) or unchanged."""
+    tv, sv = teacher.config.vision, student_cfg.vision
+    if (tv.hidden_size, tv.num_heads) != (sv.hidden_size, sv.num_heads):
+        return {}
+    visual = teacher.mllm.model.visual
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        if sv.intermediate_size != tv.intermediate_size:
+            for i, block in enumerate(visual.blocks):
+                mlp = block.mlp
+                score = (
+                    mlp.down_proj.weight.float().norm(dim=0)
+                    * mlp.gate_proj.weight.float().norm(dim=1)
+                    * mlp.up_proj.weight.float().norm(dim=1)
+                )
+                out[f"block.{i}"] = _keep_top(score, sv.intermediate_size)
+        if sv.merger_width != tv.merger_width:
+            mlp = visual.merger.mlp
+            score = mlp[2].weight.float().norm(dim=0) * mlp[0].weight.float().norm(dim=1)
+            out["merger"] = _keep_top(score, sv.merger_width)
+    return out
+
+
+def _slice_vision(rest: str, value: torch.Tensor, idx: torch.Tensor | None):
+    """The teacher tensor `value` (vision block MLP or merger MLP parameter `rest`) cut to the
+    kept channels `idx` (rows of the widening layers, columns of the narrowing one)."""
+    if idx is None:
+        return value
+    if rest in ("mlp.gate_proj.weight", "mlp.gate_proj.bias", "mlp.up_proj.weight",
+                "mlp.up_proj.bias", "mlp.0.weight", "mlp.0.bias"):  # fmt: skip
+        return value[idx]
+    if rest in ("mlp.down_proj.weight", "mlp.2.weight"):
+        return value[:, idx]
+    return value
+
+
 def fresh_parts(teacher_cfg, student_cfg) -> tuple[str, ...]:
     """State-dict prefixes of the parts a student of `student_cfg` initialises afresh because
     their widths differ from `teacher_cfg`'s (module docstring); empty: all the teacher's."""
     t, s = teacher_cfg, student_cfg
     parts: list[str] = []
     tv, sv = t.vision, s.vision
-    if (tv.hidden_size, tv.num_heads, tv.intermediate_size) != (
-        sv.hidden_size,
-        sv.num_heads,
-        sv.intermediate_size,
-    ):
+    if (tv.hidden_size, tv.num_heads) != (sv.hidden_size, sv.num_heads):
         parts.append(VISION_TOWER)
     if t.sam2.hidden_size != s.sam2.hidden_size:
         parts.extend(SAM_PROMPT_SIDE)
@@ -187,6 +230,7 @@ def make_student(
     new_hiera = {old: new for new, old in enumerate(hiera)}
 
     fresh = fresh_parts(tcfg, cfg)
+    vis_ch = vision_channels(teacher, cfg)
     state = {}
     for key, value in teacher.state_dict().items():
         if key.startswith(fresh):
@@ -205,7 +249,10 @@ def make_student(
             old = int(m.group(1))
             if old not in new_vis:
                 continue
+            value = _slice_vision(m.group(2), value, vis_ch.get(f"block.{old}"))
             key = f"mllm.model.visual.blocks.{new_vis[old]}.{m.group(2)}"
+        elif key.startswith(MERGER):
+            value = _slice_vision(key[len(MERGER) :], value, vis_ch.get("merger"))
         elif m := HIERA_BLOCK.match(key):
             old = int(m.group(1))
             if old not in new_hiera:
