@@ -1,10 +1,13 @@
-"""Benchmark one bundle on one backend: latency percentiles, stage times, decode ms/token, video
-ms/frame, peak RSS and cold start, all from one call on the same bundle and inputs.
+"""Benchmark bundles on one backend: latency percentiles, stage times, decode ms/token, video
+ms/frame, peak RSS and cold start, all from one call on the same bundles and inputs.
 
-`run_bench(...)` returns a JSON-ready dict. Cold start (import + verify/load the bundle + first
-result) is measured in a fresh Python process (`python -m citrus_edge.runtime.bench`), so it
-includes what a cart pays at boot and nothing a warm caller has already loaded; its peak RSS is
-that of a process holding only the runtime. `peak_rss_mb` of the warm runs is this process's
+`run_bench(...)` returns a JSON-ready dict for one bundle. `run_bench_alternating(...)` returns
+one per bundle, all loaded in one process and run in turn, case by case: the fair way to compare
+recipes on a shared machine, where load that comes and goes would otherwise fall on whichever
+bundle ran at the time. Cold start (import + verify/load the bundle + first result) is measured
+in a fresh Python process (`python -m citrus_edge.runtime.bench`), so it includes what a cart
+pays at boot and nothing a warm caller has already loaded; its peak RSS is that of a process
+holding only the runtime. `peak_rss_mb` of the warm runs is this process's
 (it includes whatever the caller imported, e.g. torch for a side-by-side comparison).
 """
 
@@ -29,6 +32,10 @@ log = logging.getLogger(__name__)
 
 Case = tuple[Any, str]  # (image: array / path / LoadedImage, prompt)
 HEAVY_MODULES = ("torch", "transformers")  # the cold-start probe reports if these got imported
+
+
+class BenchInputError(ValueError):
+    """A benchmark asked for with nothing to run (no bundle, no case)."""
 
 
 def summarize(values: Sequence[float]) -> dict[str, float]:
@@ -62,39 +69,74 @@ def peak_rss_mb() -> float:
     return rss / (1 << 20) if sys.platform == "darwin" else rss / 1024
 
 
+class _Samples:
+    """The per-run figures of one bundle, gathered one grounding at a time (so that runs of
+    several bundles can be interleaved and each bundle still gets its own summary)."""
+
+    def __init__(self) -> None:
+        self.totals: list[float] = []
+        self.per_token: list[float] = []
+        self.prefill: list[float] = []
+        self.tokens: list[float] = []
+        self.stages: dict[str, list[float]] = {}
+
+    def add(self, grounding) -> None:
+        t = grounding.result.timings_ms
+        self.totals.append(t["total"])
+        self.prefill.append(t["prefill"])
+        self.tokens.append(len(grounding.result.token_ids))
+        if grounding.generation.steps:
+            self.per_token.append(t["decode"] / grounding.generation.steps)
+        for name, ms in t.items():
+            self.stages.setdefault(name, []).append(ms)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "e2e_ms": summarize(self.totals),
+            "prefill_ms": summarize(self.prefill),
+            "decode_ms_per_token": summarize(self.per_token),
+            "new_tokens": summarize(self.tokens),
+            "stages_ms": {name: summarize(v) for name, v in self.stages.items()},
+        }
+
+
+class _VideoSamples:
+    """The per-frame latencies of one bundle's video run, gathered one frame at a time."""
+
+    def __init__(self) -> None:
+        self.key: list[float] = []
+        self.tracked: list[float] = []
+        self.n_seg = 0
+
+    def add(self, frame) -> None:
+        (self.key if frame.key_frame else self.tracked).append(frame.latency_ms)
+        self.n_seg = frame.result.n_seg
+
+    def summary(self) -> dict[str, Any]:
+        if self.n_seg == 0:
+            log.warning("video: the key frame's answer has no [SEG]; tracked frames ran nothing")
+        return {
+            "key_frame_ms": summarize(self.key),
+            "ms_per_frame": summarize(self.tracked),
+            "n_seg": self.n_seg,
+        }
+
+
 def _timed_runs(pipeline, cases: Sequence[Case], repeats: int) -> dict[str, Any]:
-    totals, per_token, prefill, tokens = [], [], [], []
-    stages: dict[str, list[float]] = {}
+    samples = _Samples()
     for _ in range(repeats):
         for image, prompt in cases:
-            g = pipeline.ground(image, prompt)
-            t = g.result.timings_ms
-            totals.append(t["total"])
-            prefill.append(t["prefill"])
-            tokens.append(len(g.result.token_ids))
-            if g.generation.steps:
-                per_token.append(t["decode"] / g.generation.steps)
-            for name, ms in t.items():
-                stages.setdefault(name, []).append(ms)
-    return {
-        "e2e_ms": summarize(totals),
-        "prefill_ms": summarize(prefill),
-        "decode_ms_per_token": summarize(per_token),
-        "new_tokens": summarize(tokens),
-        "stages_ms": {name: summarize(v) for name, v in stages.items()},
-    }
+            samples.add(pipeline.ground(image, prompt))
+    return samples.summary()
 
 
 def _video_runs(pipeline, video: Any, prompt: str, key_frame: int) -> dict[str, Any]:
     from .video import run_video
 
-    key, tracked, n_seg = [], [], 0
+    samples = _VideoSamples()
     for fr in run_video(pipeline, video, prompt, key_frame=key_frame):
-        (key if fr.key_frame else tracked).append(fr.latency_ms)
-        n_seg = fr.result.n_seg
-    if n_seg == 0:
-        log.warning("video: the key frame's answer has no [SEG]; tracked frames ran nothing")
-    return {"key_frame_ms": summarize(key), "ms_per_frame": summarize(tracked), "n_seg": n_seg}
+        samples.add(fr)
+    return samples.summary()
 
 
 def run_bench(
@@ -123,7 +165,7 @@ def run_bench(
     from .pipeline import Pipeline
 
     if not cases:
-        raise ValueError("run_bench needs at least one (image, prompt) case")
+        raise BenchInputError("run_bench needs at least one (image, prompt) case")
     pipeline = Pipeline.from_bundle(bundle, backend, providers, max_new_tokens)
     for _ in range(warmup):
         pipeline.ground(*cases[0])
@@ -149,6 +191,97 @@ def run_bench(
             max_new_tokens=max_new_tokens,
         )
     return out
+
+
+def run_bench_alternating(
+    bundles: Sequence[str | Path],
+    cases: Sequence[Case],
+    *,
+    backend: str = "onnxruntime",
+    providers: Sequence[str] | None = None,
+    max_new_tokens: int = 96,
+    repeats: int = 3,
+    warmup: int = 1,
+    video: Any = None,
+    video_prompt: str | None = None,
+    key_frame: int = 0,
+    cold_start: bool = True,
+) -> list[dict[str, Any]]:
+    """`run_bench` for several bundles loaded in one process and run in turn, so that a busy
+    machine slows all of them alike and their ratios stay fair.
+
+    Every bundle is loaded first, then warmed up (`warmup` runs of the first case each, in turn);
+    the timed runs go round-robin per case and repeat (bundle 0 on case 0, bundle 1 on case 0,
+    ..., bundle 0 on case 1, ...), and video mode advances every bundle's sweep one frame at a
+    time in the same order. Returns one dict per bundle, in the order given, with `run_bench`'s
+    keys. Their `peak_rss_mb` is this process's, which holds every bundle at once; the cold
+    start (a fresh process per bundle, one after the other) gives each bundle's own peak RSS.
+    The same path may be given twice (its two pipelines are timed as two bundles).
+    """
+    from .pipeline import Pipeline
+
+    if not bundles:
+        raise BenchInputError("run_bench_alternating needs at least one bundle")
+    if not cases:
+        raise BenchInputError("run_bench_alternating needs at least one (image, prompt) case")
+    pipelines = [Pipeline.from_bundle(b, backend, providers, max_new_tokens) for b in bundles]
+    for _ in range(warmup):
+        for pipeline in pipelines:
+            pipeline.ground(*cases[0])
+    samples = [_Samples() for _ in pipelines]
+    for _ in range(repeats):
+        for image, prompt in cases:
+            for pipeline, sample in zip(pipelines, samples, strict=True):
+                sample.add(pipeline.ground(image, prompt))
+    videos: list[dict[str, Any] | None] = [None] * len(pipelines)
+    if video is not None:
+        prompt = video_prompt or cases[0][1]
+        videos = _video_runs_alternating(pipelines, video, prompt, key_frame)
+    peak = peak_rss_mb()
+    outs = []
+    for bundle, pipeline, sample, vid in zip(bundles, pipelines, samples, videos, strict=True):
+        out: dict[str, Any] = {
+            "bundle_id": pipeline.bundle_id,
+            "backend": pipeline.backend.label,
+            "max_new_tokens": max_new_tokens,
+            "load_ms": dict(pipeline.load_ms),
+            **sample.summary(),
+            "video": vid,
+            "peak_rss_mb": peak,
+        }
+        if cold_start:
+            image, prompt = cases[0]
+            out["cold_start"] = measure_cold_start(
+                bundle,
+                image,
+                prompt,
+                backend=backend,
+                providers=providers,
+                max_new_tokens=max_new_tokens,
+            )
+        outs.append(out)
+    return outs
+
+
+def _video_runs_alternating(
+    pipelines: Sequence[Any], video: Any, prompt: str, key_frame: int
+) -> list[dict[str, Any]]:
+    """One video sweep per pipeline, advanced one frame at a time in turn (key frames first)."""
+    from .video import run_video
+
+    if not isinstance(video, (str, os.PathLike)):
+        video = list(video)  # each pipeline walks the same frames; an iterator walks once
+    streams = [run_video(p, video, prompt, key_frame=key_frame) for p in pipelines]
+    samples = [_VideoSamples() for _ in pipelines]
+    live = list(range(len(streams)))
+    while live:
+        for i in list(live):
+            frame = next(streams[i], None)
+            if frame is None:
+                live.remove(i)
+            else:
+                samples[i].add(frame)
+    return [s.summary() for s in samples]
 
 
 def measure_cold_start(

@@ -1,8 +1,12 @@
 """`make bench`: latency of the runtime (ONNX Runtime, per recipe) vs the PyTorch eager reference.
 
 Builds CPU bundles of the shipped demo model under out/bench/ (reused when present), then prints,
-in one run on the same model and inputs: end-to-end p50/p95, per-stage times, decode ms/token,
-video ms/frame, peak RSS and cold start; and the speed-up of each recipe over the FP32 bundle.
+in one run on the same model and inputs: the processor's instruction sets (they decide which
+ONNX Runtime kernels an INT8 graph reaches), end-to-end p50/p95, per-stage times, decode
+ms/token, video ms/frame, peak RSS and cold start; and each recipe's per-component speed-up over
+the FP32 bundle. All bundles are loaded in one process and run in turn, case by case and frame
+by frame (`run_bench_alternating`), so a machine busy with other work slows every recipe alike
+and the ratios are fair; each figure is a median of that one run. JSON: out/bench/bench.json.
 """
 
 from __future__ import annotations
@@ -19,10 +23,23 @@ from citrus_edge.bundle import load_bundle
 from citrus_edge.calib_data.data_manifest import read_manifest
 from citrus_edge.calib_data.load import load_image
 from citrus_edge.calib_data.phantom_set import default_phantom_manifest
+from citrus_edge.cpu_features import describe, instruction_sets
 from citrus_edge.defaults import DEMO_MODEL_DIR
 from citrus_edge.tasks import REPORT_PROMPT, SEGMENT_PROMPT
 
 OUT = Path("out/bench")
+
+# The components whose speed-up over FP32 is printed: (label, how to read its median from one
+# bundle's report, unit suffix). Stage names are those of `GroundingResult.timings_ms`.
+COMPONENTS = (
+    ("end-to-end", lambda r: r["e2e_ms"], ""),
+    ("vision", lambda r: r["stages_ms"].get("vision_encoder"), ""),
+    ("sam_encoder", lambda r: r["stages_ms"].get("sam_encoder"), ""),
+    ("mask_decoder", lambda r: r["stages_ms"].get("mask_decoder"), ""),
+    ("prefill", lambda r: r["prefill_ms"], ""),
+    ("decode", lambda r: r["decode_ms_per_token"], "/token"),
+    ("video", lambda r: (r.get("video") or {}).get("ms_per_frame"), "/frame"),
+)
 
 
 def cases(n: int) -> list[tuple[np.ndarray, str]]:
@@ -84,35 +101,74 @@ def _pct(v: list[float]) -> dict:
 
 
 def main() -> None:
-    from citrus_edge.runtime.bench import run_bench
+    from citrus_edge.runtime.bench import run_bench_alternating
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipes", default="fp32,int8", help="CPU recipes to build and time")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--images", type=int, default=4)
     args = ap.parse_args()
+    print(f"CPU: {describe()}", flush=True)
+    recipes = args.recipes.split(",")
     cs = cases(args.images)
-    report = {"torch_eager": torch_eager(cs, args.repeats), "onnxruntime": {}}
-    for recipe in args.recipes.split(","):
-        path = bundle_for(recipe)
-        r = run_bench(path, cs, repeats=args.repeats, video=sweep(cs[0][0]))
+    report = {"cpu": instruction_sets(), "schedule": "alternating", "onnxruntime": {}}
+    report["torch_eager"] = torch_eager(cs, args.repeats)
+    paths = [bundle_for(recipe) for recipe in recipes]
+    runs = run_bench_alternating(paths, cs, repeats=args.repeats, video=sweep(cs[0][0]))
+    for recipe, path, r in zip(recipes, paths, runs, strict=True):
         r["bundle_bytes"] = sum(f["bytes"] for f in load_bundle(path).manifest["files"].values())
         report["onnxruntime"][recipe] = r
+    base = report["onnxruntime"].get("fp32")
+    if base is not None:
+        report["speedup_vs_fp32"] = {
+            recipe: speedups(base, r) for recipe, r in report["onnxruntime"].items()
+        }
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "bench.json").write_text(json.dumps(report, indent=2))
     print_report(report)
 
 
+def _median(entry: dict | None) -> float | None:
+    """The p50 of a `summarize` entry, None when the entry is missing or empty."""
+    if not entry or not entry.get("n"):
+        return None
+    return entry["p50"]
+
+
+def speedups(base: dict, r: dict) -> dict:
+    """Per component, FP32 median / this recipe's median (> 1: the recipe is faster), from the
+    same alternating run; a component either bundle did not run (e.g. SAM2 without a [SEG])
+    is None. Also "bytes": this bundle's size as a fraction of the FP32 bundle's."""
+    out: dict = {}
+    for label, read, _ in COMPONENTS:
+        b, x = _median(read(base)), _median(read(r))
+        out[label] = b / x if b is not None and x else None
+    out["bytes"] = r["bundle_bytes"] / base["bundle_bytes"]
+    return out
+
+
+def format_speedups(s: dict) -> str:
+    """One line, e.g. "vs fp32: end-to-end 1.08x, vision 1.45x, ..., decode 1.12x/token; 29.4% of
+    the bytes" (components without a figure are left out)."""
+    parts = [
+        f"{label} {s[label]:.2f}x{unit}"
+        for label, _, unit in COMPONENTS
+        if s.get(label) is not None
+    ]
+    return f"vs fp32: {', '.join(parts)}; {s['bytes']:.1%} of the bytes"
+
+
 def print_report(report: dict) -> None:
+    print(f"CPU: {describe(report['cpu'])}")
     t = report["torch_eager"]
     print(f"{'':34}{'p50 ms':>10}{'p95 ms':>10}")
     print(f"{'PyTorch eager (reference)':34}{t['e2e_ms']['p50']:10.1f}{t['e2e_ms']['p95']:10.1f}")
-    base = report["onnxruntime"].get("fp32")
     for recipe, r in report["onnxruntime"].items():
         e = r["e2e_ms"]
         print(f"{'ONNX Runtime CPU ' + recipe:34}{e['p50']:10.1f}{e['p95']:10.1f}")
     print(f"\nPyTorch stages (median ms): {_fmt(t['stages_ms'])}")
     print(f"PyTorch generate ms/token: {t['generate_ms_per_token']:.2f}")
+    base = report["onnxruntime"].get("fp32")
     for recipe, r in report["onnxruntime"].items():
         print(f"\n[{recipe}] bundle {r['bundle_id']}, {r['bundle_bytes'] / 1e6:.2f} MB")
         print(f"  stages p50 ms: {_fmt({k: v['p50'] for k, v in r['stages_ms'].items()})}")
@@ -124,9 +180,9 @@ def print_report(report: dict) -> None:
             )
         print(f"  peak RSS {r['peak_rss_mb']:.0f} MB; cold start {_fmt(r['cold_start'])}")
         if base is not None and recipe != "fp32":
-            speed = base["e2e_ms"]["p50"] / r["e2e_ms"]["p50"]
-            size = r["bundle_bytes"] / base["bundle_bytes"]
-            print(f"  vs fp32: {speed:.2f}x end-to-end speed-up, {size:.1%} of the bytes")
+            print(f"  {format_speedups(speedups(base, r))}")
+    if base is None:
+        print("\n(no fp32 recipe in --recipes: no speed-ups printed)")
 
 
 def _fmt(d: dict) -> str:
