@@ -6,6 +6,12 @@ import os
 from pathlib import Path
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
+# Models shipped inside the package, by the name `--model` accepts: the demo model and its
+# distilled student (`demo-lite`, issue 18; README "Distillation").
+SHIPPED_MODELS = {
+    "demo": DEMO_MODEL_DIR,
+    "demo-lite": Path(__file__).resolve().parent / "demo_lite",
+}
 
 
 def cache_dir() -> Path:
@@ -14,8 +20,11 @@ def cache_dir() -> Path:
 
 
 def resolve_model(path: str | os.PathLike | None) -> Path:
-    """A model directory given by the user, or the shipped demo model."""
+    """A model directory given by the user, a shipped model by name (`SHIPPED_MODELS`, when no
+    path of that name exists), or the shipped demo model."""
     p = Path(path) if path is not None else DEMO_MODEL_DIR
+    if path is not None and str(path) in SHIPPED_MODELS and not p.exists():
+        p = SHIPPED_MODELS[str(path)]
     if not (p / "config.json").is_file():
         what = "the shipped demo model" if path is None else str(p)
         raise FileNotFoundError(f"{what}: no config.json in {p} (expected a Citrus-V checkpoint)")

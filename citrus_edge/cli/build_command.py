@@ -21,7 +21,10 @@ def build_cmd(
     target: Annotated[str, typer.Option(help="Target name (see `citrus-edge targets`).")],
     out: Annotated[Path, typer.Option(help="Bundle directory to write (replaced atomically).")],
     model: Annotated[
-        Path | None, typer.Option(help="Citrus-V checkpoint directory (default: the demo model).")
+        Path | None,
+        typer.Option(
+            help="Citrus-V checkpoint directory, or a shipped model by name: demo, demo-lite (default: demo)."
+        ),
     ] = None,
     precision: Annotated[
         str | None, typer.Option(help="Recipe name (default: the target's default).")

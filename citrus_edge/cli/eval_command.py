@@ -40,7 +40,9 @@ def _eval_table(summary: dict, title: str) -> Table:
 def eval_cmd(
     model: Annotated[
         Path | None,
-        typer.Option(help="Citrus-V checkpoint directory (default: the demo model)."),
+        typer.Option(
+            help="Citrus-V checkpoint directory, or a shipped model by name: demo, demo-lite (default: demo)."
+        ),
     ] = None,
     data: Annotated[
         Path | None, typer.Option(help="Manifest (default: the default phantom set).")

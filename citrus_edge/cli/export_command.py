@@ -28,7 +28,10 @@ def _parse_hw(text: str) -> tuple[int, int]:
 def export_cmd(
     out: Annotated[Path, typer.Option(help="Directory to create with the ONNX graphs.")],
     model: Annotated[
-        Path | None, typer.Option(help="Citrus-V checkpoint directory (default: the demo model).")
+        Path | None,
+        typer.Option(
+            help="Citrus-V checkpoint directory, or a shipped model by name: demo, demo-lite (default: demo)."
+        ),
     ] = None,
     image_size: Annotated[
         list[str] | None,
