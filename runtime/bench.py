@@ -122,23 +122,6 @@ class _VideoSamples:
         }
 
 
-def _timed_runs(pipeline, cases: Sequence[Case], repeats: int) -> dict[str, Any]:
-    samples = _Samples()
-    for _ in range(repeats):
-        for image, prompt in cases:
-            samples.add(pipeline.ground(image, prompt))
-    return samples.summary()
-
-
-def _video_runs(pipeline, video: Any, prompt: str, key_frame: int) -> dict[str, Any]:
-    from .video import run_video
-
-    samples = _VideoSamples()
-    for fr in run_video(pipeline, video, prompt, key_frame=key_frame):
-        samples.add(fr)
-    return samples.summary()
-
-
 def run_bench(
     bundle: str | Path,
     cases: Sequence[Case],
@@ -162,35 +145,21 @@ def run_bench(
     where every latency entry is `summarize`'s p50/p95/mean/min/max in ms; "video" holds
     "key_frame_ms", "ms_per_frame" (tracked frames: SAM2 only) and "n_seg" (states tracked).
     """
-    from .pipeline import Pipeline
-
     if not cases:
         raise BenchInputError("run_bench needs at least one (image, prompt) case")
-    pipeline = Pipeline.from_bundle(bundle, backend, providers, max_new_tokens)
-    for _ in range(warmup):
-        pipeline.ground(*cases[0])
-    out: dict[str, Any] = {
-        "bundle_id": pipeline.bundle_id,
-        "backend": pipeline.backend.label,
-        "max_new_tokens": max_new_tokens,
-        "load_ms": dict(pipeline.load_ms),
-        **_timed_runs(pipeline, cases, repeats),
-        "video": None,
-    }
-    if video is not None:
-        out["video"] = _video_runs(pipeline, video, video_prompt or cases[0][1], key_frame)
-    out["peak_rss_mb"] = peak_rss_mb()
-    if cold_start:
-        image, prompt = cases[0]
-        out["cold_start"] = measure_cold_start(
-            bundle,
-            image,
-            prompt,
-            backend=backend,
-            providers=providers,
-            max_new_tokens=max_new_tokens,
-        )
-    return out
+    return run_bench_alternating(
+        [bundle],
+        cases,
+        backend=backend,
+        providers=providers,
+        max_new_tokens=max_new_tokens,
+        repeats=repeats,
+        warmup=warmup,
+        video=video,
+        video_prompt=video_prompt,
+        key_frame=key_frame,
+        cold_start=cold_start,
+    )[0]
 
 
 def run_bench_alternating(
