@@ -7,7 +7,7 @@
 - `video.run_video(pipeline, source, prompt, key_frame)`: VLM on one frame, SAM2 on the rest;
 - `result_files.write_json`, `result_files.write_overlay`, `result_files.encode_rle` / `decode_rle`;
 - `measure.measure_masks`: mm² and mm from a DICOM's pixel spacing, never guessed;
-- `bench.run_bench`, `bench.measure_cold_start`;
+- `bench.run_bench`, `bench.run_bench_alternating` (several bundles in turn), `bench.measure_cold_start`;
 - `backends.create_backend`: `onnxruntime` (`ort_backend`) and `tensorrt` (`tensorrt_backend`).
 
 Nothing here imports torch or transformers. Importing this package imports nothing heavy;
