@@ -45,8 +45,17 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 # is its default here, not ModelOpt's own "entropy", for the same reason.
 DEFAULT_METHODS = {"onnxruntime": "percentile", "tensorrt": "minmax"}
 
-# Op types whose weights / activations get INT8 in the encoders and the decoder.
+# Op types whose weights / activations get INT8 in the encoders and the decoder (TensorRT).
 GEMM_OP_TYPES = ("MatMul", "Gemm", "Conv", "ConvTranspose")
+# ONNX Runtime's CPU static INT8: MatMul and Gemm only. A QDQ Conv becomes the integer
+# QLinearConv only with a Q on its output too (there is no "ConvIntegerToFloat";
+# `StaticQdqSettings.quantize_outputs` stays off), so a quantized Conv ran as DequantizeLinear of
+# its weight on every call plus a float Conv whose weight is no longer a constant (no NCHWc
+# pre-packing). Measured on the demo's SAM2 encoder (ORT profiler, per-node medians, 1 thread,
+# Intel Xeon with AVX-512 VNNI and AMX, 2026-12-03): its 5 such Convs 1.56 ms against 0.99 ms for
+# the float graph's 7, plus 0.33 ms of DequantizeLinear; the whole int8 graph 1.16x the float
+# one's node time. Conv and ConvTranspose stay float.
+CPU_GEMM_OP_TYPES = ("MatMul", "Gemm")
 # What "quantize the norms, softmax and residual adds too" adds (deliberately bad; tests).
 EVERYTHING_OP_TYPES = GEMM_OP_TYPES + (
     "Add",
@@ -78,7 +87,7 @@ class StaticQdqSettings:
     (measured: identical ranges and SQNR); 2048 bins is TensorRT's entropy calibrator's choice.
     """
 
-    op_types: tuple[str, ...] = GEMM_OP_TYPES
+    op_types: tuple[str, ...] = CPU_GEMM_OP_TYPES
     per_channel: bool = True
     reduce_range: bool = True
     activation_type: str = "uint8"
@@ -291,15 +300,8 @@ def _check_common(s: Any) -> None:
 
 
 # -- presets ---------------------------------------------------------------------------------
-# CPU (ONNX Runtime): the encoders and the mask decoder, MatMul and Gemm only. A QDQ Conv
-# becomes ONNX Runtime's integer QLinearConv only with a Q on its output too (there is no
-# "ConvIntegerToFloat"; `quantize_outputs` stays off, above), so a quantized Conv ran as
-# DequantizeLinear of its weight on every call plus a float Conv whose weight is no longer a
-# constant (no NCHWc pre-packing). Measured on the demo's SAM2 encoder (ORT profiler, per-node
-# medians, 1 thread, Intel Xeon with AVX-512 VNNI and AMX, 2026-12-03): its 5 such Convs 1.56 ms
-# against 0.99 ms for the float graph's 7, plus 0.33 ms of DequantizeLinear; the whole int8
-# graph 1.16x the float one's node time. Conv and ConvTranspose stay float.
-CPU_STATIC_INT8 = StaticQdqSettings(op_types=("MatMul", "Gemm"))
+# CPU (ONNX Runtime): the encoders and the mask decoder (MatMul and Gemm: CPU_GEMM_OP_TYPES).
+CPU_STATIC_INT8 = StaticQdqSettings()
 # CPU LLM, "int8" recipe: both candidates keep 8-bit weights (a 4-bit LLM is the "int4"
 # precision, recipe "int8-w4"; picking it for "int8" would be a silent downgrade).
 CPU_DYNAMIC_INT8 = DynamicSettings()

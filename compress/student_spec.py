@@ -19,8 +19,8 @@ Width keys (all optional; a width equal to the teacher's changes nothing):
 - `vision-hidden` (vision-tower width, an integer), `vision-heads` (its attention heads;
   default the teacher's number), `vision-mlp` (fraction of the teacher's MLP expansion
   intermediate/hidden kept, in (0, 1]; the tower's MLP gets round(vision-mlp * teacher's
-  ratio * vision-hidden) channels), `merger-mlp` (fraction of the patch merger's MLP
-  channels kept, in (0, 1]). The merger's output stays the LLM's hidden size.
+  ratio * vision-hidden) channels), `merger-mlp` (fraction of the teacher's patch-merger MLP
+  channels kept, in (0, 1], at the student's width). The merger's output stays the LLM's hidden size.
 - `sam-hidden` (width of SAM2's FPN-neck output, prompt encoder and mask decoder, a multiple of
   8 whose half the decoder's heads divide), `sam-decoder-mlp` (fraction of the teacher's mask-
   decoder MLP expansion kept, in (0, 1]); the IoU head's hidden width keeps the teacher's
@@ -315,14 +315,12 @@ def _vision_widths(vision, teacher, spec: StudentSpec, where: str):
             f"{where}: vision-hidden {hidden} / vision-heads {heads}: the head size must be a "
             "whole multiple of 4"
         )
-    merged = hidden * vision.spatial_merge_size**2
-    merger = None if spec.merger_mlp == 1.0 else max(1, round(spec.merger_mlp * merged))
+    out = dataclasses.replace(vision, hidden_size=hidden, num_heads=heads, intermediate_size=inter)
+    # The teacher's merger width (its own, if it was pruned) scaled by merger-mlp, at the
+    # student's width; written only where it differs from Qwen2.5-VL's full width.
+    merger = max(1, round(spec.merger_mlp * teacher.merger_width * hidden / teacher.hidden_size))
     return dataclasses.replace(
-        vision,
-        hidden_size=hidden,
-        num_heads=heads,
-        intermediate_size=inter,
-        merger_intermediate_size=merger,
+        out, merger_intermediate_size=None if merger == out.merged_size else merger
     )
 
 

@@ -238,7 +238,7 @@ def _video_runs_alternating(
     """One video sweep per pipeline, advanced one frame at a time in turn (key frames first)."""
     from .video import run_video
 
-    if not isinstance(video, (str, os.PathLike)):
+    if len(pipelines) > 1 and not isinstance(video, (str, os.PathLike)):
         video = list(video)  # each pipeline walks the same frames; an iterator walks once
     streams = [run_video(p, video, prompt, key_frame=key_frame) for p in pipelines]
     samples = [_VideoSamples() for _ in pipelines]

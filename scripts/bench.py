@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from citrus_edge.atomic import write_text_atomic
 from citrus_edge.bundle import load_bundle
 from citrus_edge.calib_data.data_manifest import read_manifest
 from citrus_edge.calib_data.load import load_image
@@ -108,7 +109,6 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--images", type=int, default=4)
     args = ap.parse_args()
-    print(f"CPU: {describe()}", flush=True)
     recipes = args.recipes.split(",")
     cs = cases(args.images)
     report = {"cpu": instruction_sets(), "schedule": "alternating", "onnxruntime": {}}
@@ -124,7 +124,7 @@ def main() -> None:
             recipe: speedups(base, r) for recipe, r in report["onnxruntime"].items()
         }
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "bench.json").write_text(json.dumps(report, indent=2))
+    write_text_atomic(OUT / "bench.json", json.dumps(report, indent=2))
     print_report(report)
 
 

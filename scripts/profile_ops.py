@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from citrus_edge.atomic import write_text_atomic
 from citrus_edge.bundle import EXPORT_MANIFEST, components_of_export, load_bundle
 from citrus_edge.component_specs import llm_spec, mask_decoder_spec, sam_encoder_spec, vision_spec
 from citrus_edge.config import CitrusVConfig
@@ -325,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       for n in names},
         }  # fmt: skip
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+        write_text_atomic(args.json, json.dumps(doc, indent=2) + "\n")
     return 0
 
 

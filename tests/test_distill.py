@@ -191,6 +191,10 @@ def test_a_rewidened_student_distils_through_adapters_and_resumes_exactly(teache
         (["--student", "llm-layers=0", "--train", "steps=9"], "--train 'steps=9': expected KEY"),
         (["--student", "llm-layers=0", "--train", "w_first=-1"], "finite number >= 0"),
         (["--student", "llm-layers=0", "--train", "centre_loss=x"], "centre_loss is one of"),
+        (
+            ["--student", "llm-layers=0", "--train", "w_first=3", "--train", "w_first=2"],
+            "--train w_first: given twice (3.0 and 2.0)",
+        ),
     ],
 )
 def test_command_refuses_bad_input_in_one_line(tmp_path, extra, message, monkeypatch, capsys):

@@ -469,3 +469,20 @@ def test_demo_lite_keeps_the_teachers_vision_tower_pruned_and_is_3x_smaller():
     assert (v.hidden_size, v.num_heads, v.intermediate_size, v.merger_width) == (96, 4, 96, 64)
     # Only the SAM2 prompt side (64 wide) is fresh; the vision tower is the teacher's, pruned.
     assert fresh_parts(demo.config, lite.config) == (*SAM_PROMPT_SIDE, "seg_projector.2.")
+
+
+def test_a_student_of_a_pruned_teacher_keeps_or_prunes_the_teachers_own_merger_width():
+    """merger-mlp is a fraction of the teacher's merger (the shipped demo-lite's is 64 wide):
+    1.0 keeps it, 0.5 halves it; neither asks for channels the teacher does not have."""
+    from citrus_edge.defaults import SHIPPED_MODELS
+    from citrus_edge.modelling.checkpoint import load_checkpoint
+
+    lite = load_checkpoint(SHIPPED_MODELS["demo-lite"])
+    same = student_config(lite.config, StudentSpec(llm_layers=(0,), name="l0"))
+    assert same.vision.merger_width == 64 and same.vision.merger_intermediate_size == 64
+    half = make_student(lite, StudentSpec(merger_mlp=0.5, name="m"))
+    assert half.config.vision.merger_width == 32
+    assert half.mllm.model.visual.merger.mlp[0].weight.shape == (32, 384)
+    assert fresh_parts(lite.config, half.config) == ()
+    # Back to a full-width merger: the config says nothing (Qwen2.5-VL's own width).
+    assert student_config(DEMO, StudentSpec(merger_mlp=1.0)).vision.merger_intermediate_size is None

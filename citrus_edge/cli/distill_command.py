@@ -105,7 +105,12 @@ def distill_cmd(
     from citrus_edge.compress.distill_config import DistillConfig, parse_train_option
     from citrus_edge.defaults import resolve_model
 
-    overrides = dict(parse_train_option(t) for t in train or ())
+    overrides: dict[str, object] = {}
+    for text in train or ():
+        key, value = parse_train_option(text)
+        if key in overrides:
+            raise ValueError(f"--train {key}: given twice ({overrides[key]!r} and {value!r})")
+        overrides[key] = value
     cfg = DistillConfig(
         w_kl=w_kl,
         temperature=temperature,

@@ -78,6 +78,17 @@ def llm_layers(model: CitrusV) -> torch.nn.ModuleList:
     return model.mllm.model.language_model.layers
 
 
+def swiglu_score(mlp: torch.nn.Module) -> torch.Tensor:
+    """The weight-based importance of each intermediate channel of a SwiGLU MLP (module
+    docstring): ||down_proj[:, j]|| * ||gate_proj[j]|| * ||up_proj[j]||."""
+    with torch.no_grad():
+        return (
+            mlp.down_proj.weight.float().norm(dim=0)
+            * mlp.gate_proj.weight.float().norm(dim=1)
+            * mlp.up_proj.weight.float().norm(dim=1)
+        )
+
+
 def mlp_importance(
     teacher: CitrusV, batches: Iterable[dict] | None = None
 ) -> dict[int, torch.Tensor]:
@@ -89,16 +100,7 @@ def mlp_importance(
     """
     layers = llm_layers(teacher)
     if batches is None:
-        scores = {}
-        with torch.no_grad():
-            for i, layer in enumerate(layers):
-                mlp = layer.mlp
-                scores[i] = (
-                    mlp.down_proj.weight.float().norm(dim=0)
-                    * mlp.gate_proj.weight.float().norm(dim=1)
-                    * mlp.up_proj.weight.float().norm(dim=1)
-                )
-        return scores
+        return {i: swiglu_score(layer.mlp) for i, layer in enumerate(layers)}
     from citrus_edge.modelling.layer_importance import language_forward
 
     sums: dict[int, torch.Tensor] = {}
@@ -145,13 +147,7 @@ def vision_channels(teacher: CitrusV, student_cfg) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         if sv.intermediate_size != tv.intermediate_size:
             for i, block in enumerate(visual.blocks):
-                mlp = block.mlp
-                score = (
-                    mlp.down_proj.weight.float().norm(dim=0)
-                    * mlp.gate_proj.weight.float().norm(dim=1)
-                    * mlp.up_proj.weight.float().norm(dim=1)
-                )
-                out[f"block.{i}"] = _keep_top(score, sv.intermediate_size)
+                out[f"block.{i}"] = _keep_top(swiglu_score(block.mlp), sv.intermediate_size)
         if sv.merger_width != tv.merger_width:
             mlp = visual.merger.mlp
             score = mlp[2].weight.float().norm(dim=0) * mlp[0].weight.float().norm(dim=1)
