@@ -11,7 +11,7 @@ $(BIN)/citrus-edge: pyproject.toml constraints.txt
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, alone, so pip takes the local CPU wheel and nothing pulls a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[build,gpu,dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[build,gpu,dev,serve]'
 	touch $@
 
 install: $(BIN)/citrus-edge

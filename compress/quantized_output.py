@@ -154,6 +154,54 @@ def write_quantized_export(
         raise
 
 
+def write_with_float_components(
+    quant_dir: Path, export_dir: Path, components: list[str], recipe: dict, out_dir: Path, why: dict
+) -> None:
+    """A new export folder at `out_dir` (absent): the quantized export `quant_dir` with the
+    graphs of `components` taken back from the FP32 export `export_dir` (graph, external data,
+    component manifest; for the LLM also its embedding table, which a quantized LLM stores in
+    fp16). `export_manifest.json` names `recipe` (the mixed one) and lists every file's sha256;
+    `why` is recorded as `float_components`. Staged, then renamed."""
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} exists")
+    export = json.loads((quant_dir / EXPORT_MANIFEST).read_text())
+    fp32 = json.loads((export_dir / EXPORT_MANIFEST).read_text())
+    staging = make_staging_dir(out_dir, "writing")
+    try:
+        taken = set()
+        for c in components:
+            graph = fp32["graphs"][c]["file"]
+            taken |= {graph, f"{graph}.data", fp32["graphs"][c]["manifest"]}
+            if c == "llm":
+                table = fp32["embeddings"]["file"]
+                taken |= {table, f"{Path(table).stem}.manifest.json"}
+        for src in (quant_dir, export_dir):
+            for p in src.iterdir():
+                if (
+                    p.is_file()
+                    and p.name != EXPORT_MANIFEST
+                    and (p.name in taken) == (src == export_dir)
+                ):
+                    shutil.copyfile(p, staging / p.name)
+        out = dict(export)
+        out["precision"], out["recipe"] = recipe["name"], recipe
+        out["graphs"] = {
+            name: {**g, "precision": "fp32"} if name in components else g
+            for name, g in export["graphs"].items()
+        }
+        out["float_components"] = why
+        out["files"] = {
+            p.name: sha256_file(p)
+            for p in sorted(staging.iterdir())
+            if p.is_file() and p.name != EXPORT_MANIFEST
+        }
+        _write_json(staging / EXPORT_MANIFEST, out)
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def _update_graph_manifest(folder: Path, component: str, rep: ComponentReport) -> None:
     path = folder / f"{component}.manifest.json"
     data = json.loads(path.read_text())

@@ -87,7 +87,19 @@ def test_default_recipe_builds(name, tiny_ckpt, phantoms, tmp_path):
     out = tmp_path / "bundle"
     manifest = build(cfg, out)
     load_bundle(out)  # every file's sha256 verifies
-    assert manifest["recipe"]["name"] == target.default_recipe
+    if target.tensorrt:
+        assert manifest["optimize"] == "size" and "latency_choice" not in manifest
+        assert manifest["recipe"]["name"] == target.default_recipe
+    else:  # the default optimises latency: each component timed here against its fp32 graph
+        choice = manifest["latency_choice"]
+        assert manifest["optimize"] == "latency"
+        assert choice["requested_recipe"]["name"] == target.default_recipe
+        assert manifest["recipe"] == choice["chosen_recipe"]
+        for c, t in choice["components"].items():
+            assert t["fp32_ms"] > 0 and t["quantized_ms"] > 0
+            pays = t["quantized_ms"] <= t["fp32_ms"] * (1 - choice["margin"])
+            assert t["kept"] == (t["precision"] if pays else "fp32"), (c, t)
+            assert manifest["components"][c]["precision"] == t["kept"]
     assert manifest["target"]["name"] == name
     assert manifest["target_request"] == {
         "requested": name,
@@ -100,12 +112,14 @@ def test_default_recipe_builds(name, tiny_ckpt, phantoms, tmp_path):
         assert _int4_weights(out / comps["llm"]["file"]) == TINY_LLM_INT4
         for c in ("vision", "sam_encoder", "mask_decoder"):
             assert comps[c]["precision"] == "fp16" and _qdq_nodes(out / comps[c]["file"]) == 0
-    else:  # cpu: int8 (static Q/DQ encoders and decoder, 8-bit MatMulNBits LLM)
+    else:  # cpu: int8 (static Q/DQ encoders and decoder, 8-bit MatMulNBits LLM) where it paid
         assert target.default_recipe == "int8"
         for c in ("vision", "sam_encoder", "mask_decoder"):
-            assert _qdq_nodes(out / comps[c]["file"]) > 0, c
+            int8 = comps[c]["precision"] == "int8"
+            assert (_qdq_nodes(out / comps[c]["file"]) > 0) == int8, c
         llm = onnx.load(str(out / comps["llm"]["file"]), load_external_data=False)
-        assert sum(n.op_type == "MatMulNBits" for n in llm.graph.node) == TINY_LLM_MATMULS
+        nbits = sum(n.op_type == "MatMulNBits" for n in llm.graph.node)
+        assert nbits == (TINY_LLM_MATMULS if comps["llm"]["precision"] == "int8" else 0)
     plan_file = out / "engine_plan.json"
     assert plan_file.is_file() == target.tensorrt == ("engine_plan" in manifest)
     from citrus_edge.engines.float16 import is_fp16_carrier

@@ -41,6 +41,14 @@ def build_cmd(
             "for recipes with a 4-bit LLM). Keys left out keep the default."
         ),
     ] = None,
+    optimize: Annotated[
+        str | None,
+        typer.Option(
+            help="latency: time each quantized component against FP32 on this CPU and keep it "
+            "only where it is faster; size: the recipe exactly as named (default: latency for "
+            "a CPU target's default recipe, size otherwise)."
+        ),
+    ] = None,
 ) -> None:
     """Build a deployable bundle: export -> quantize -> engine plan -> validate -> manifest."""
     from citrus_edge.cli.bundle_build import BuildConfig, build
@@ -60,7 +68,9 @@ def build_cmd(
         eval_data=eval_data,
         eval_limit=eval_limit,
         budget=budget,
+        optimize=optimize,
     )
+    cfg.optimization(tgt)  # refuses --optimize latency for a TensorRT target, before any work
     with console.status("building") as status:
         manifest = build(cfg, out, progress=lambda stage: status.update(f"build: {stage}"))
     _stdout().print(_build_table(manifest, out))
@@ -94,6 +104,16 @@ def _build_table(manifest: dict, out: Path) -> Table:
         )
     else:
         table.caption = f"accuracy not measured here: {acc.get('reason')}"
+    choice = manifest.get("latency_choice")
+    if choice:
+        e2e = choice["end_to_end_ms"]
+        kept = ", ".join(
+            f"{c} {t['kept']} ({t['speedup']:.2f}x)" for c, t in choice["components"].items()
+        )
+        table.caption += (
+            f" | timed here ({choice['cpu']}): {kept}; end to end {e2e['chosen']:.1f} ms vs "
+            f"fp32 {e2e['fp32']:.1f} ms (noise {choice['noise']:.0%})"
+        )
     if "engine_plan" in manifest:
         table.caption += " | portable bundle: run `citrus-edge engines build` on the device"
     table.caption = Text(table.caption)

@@ -32,6 +32,7 @@ from citrus_edge.targets import Target, check_recipe, get_target
 log = logging.getLogger(__name__)
 
 BUILD_CONFIG_VERSION = 1
+OPTIMIZE = (None, "latency", "size")
 # Precisions whose graphs only TensorRT executes faithfully (modelopt custom ops / FP8 types).
 TENSORRT_ONLY = frozenset({"fp8", "int4", "nvfp4"})
 
@@ -47,6 +48,9 @@ class BuildConfig:
     eval_data: Path | None = None  # manifest; None: the default phantom set's eval split
     eval_limit: int = 90  # records of the eval split measured at build time
     budget: str | None = None  # e.g. "dice=1,tokens=99" (see compress.budget)
+    # "latency": time each quantized component against FP32 here and keep it only where it pays
+    # (`compress.latency_choice`); "size": the recipe as named. None: `optimization()`.
+    optimize: str | None = None
     version: int = BUILD_CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -63,6 +67,10 @@ class BuildConfig:
                 f"eval_limit {self.eval_limit}: the build measures the bundle on at least one "
                 "eval record; pass --eval-limit 1 or more"
             )
+        if self.optimize not in OPTIMIZE:
+            raise ValueError(
+                f"optimize {self.optimize!r} is not one of {', '.join(o for o in OPTIMIZE if o)}"
+            )
         if self.version != BUILD_CONFIG_VERSION:
             raise ValueError(f"build config version {self.version} is not {BUILD_CONFIG_VERSION}")
 
@@ -72,6 +80,20 @@ class BuildConfig:
         recipe = get_recipe(self.recipe or target.default_recipe)
         check_recipe(target, recipe)
         return target, recipe
+
+    def optimization(self, target: Target) -> str:
+        """What the build optimises: as asked, else "latency" for a CPU target's default recipe
+        (the user gets the faster bundle on the machine that builds it, never a slower one than
+        FP32) and "size" otherwise (a recipe named with --precision is built as named; TensorRT
+        engines are timed on their device, not here). Refuses latency for a TensorRT target."""
+        if self.optimize is None:
+            return "latency" if self.recipe is None and not target.tensorrt else "size"
+        if self.optimize == "latency" and target.tensorrt:
+            raise ValueError(
+                f"--optimize latency times the graphs with ONNX Runtime on this CPU; {target.name} "
+                "runs TensorRT engines, which only its own GPU can time: use --optimize size"
+            )
+        return self.optimize
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -91,6 +113,7 @@ def build(cfg: BuildConfig, out: Path, progress: Progress = lambda stage: None) 
     out = Path(out)
     check_bundle_out(out)  # first: a wrong --out costs no export
     target, recipe = cfg.resolved()
+    cfg.optimization(target)  # refuses latency for a TensorRT target before any work
     with sigterm_cleanup():
         out.parent.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.scratch-", dir=out.parent))
@@ -119,14 +142,22 @@ def _build_in(
         release_weights=True,
     )
     gc.collect()
-    graphs_dir, quant = fp32_dir, None
+    graphs_dir, quant, choice = fp32_dir, None, None
     if any(p in LOW_BIT for _, p in recipe.items()):
         progress("quantize")
         graphs_dir, quant = _quantize(cfg, fp32_dir, recipe, target, scratch / "quantized")
+        if cfg.optimization(target) == "latency":
+            progress("time components")
+            graphs_dir, recipe, choice = _choose_by_latency(
+                cfg, fp32_dir, graphs_dir, recipe, scratch
+            )
     with staged_directory(out) as tmp:
         _copy_tree(graphs_dir, tmp)
         carriers = _fp16_carriers(tmp) if target.tensorrt else None
         info = _describe(cfg, target, recipe, quant)
+        info["optimize"] = cfg.optimization(target)
+        if choice is not None:
+            info["latency_choice"] = choice.to_dict()
         if carriers is not None:
             info["fp16_carriers"] = carriers
         info["components"] = _components(tmp, recipe)
@@ -277,6 +308,44 @@ def _quantize(cfg: BuildConfig, fp32_dir: Path, recipe: Recipe, target: Target, 
         checkpoint=cfg.model_dir,
     )
     return out, report
+
+
+def _choose_by_latency(
+    cfg: BuildConfig, fp32_dir: Path, quant_dir: Path, recipe: Recipe, scratch: Path
+) -> tuple[Path, Recipe, Any]:
+    """Time the quantized export against the FP32 one on a few eval images (the runtime, this
+    CPU) and set back to FP32 each component whose low-bit graph does not pay here; returns the
+    graphs folder to ship, its recipe and the `LatencyChoice` (recorded in the manifest)."""
+    from citrus_edge.calib_data.data_manifest import read_manifest
+    from citrus_edge.calib_data.phantom_set import default_phantom_manifest
+    from citrus_edge.compress.calibrate import bundle_view
+    from citrus_edge.compress.latency_choice import distinct_images, measure_latency
+    from citrus_edge.compress.quantized_output import write_with_float_components
+
+    manifest = cfg.eval_data or default_phantom_manifest()
+    records = distinct_images(read_manifest(manifest, split="eval"))
+    with (
+        bundle_view(fp32_dir, scratch, "timed-fp32") as fp32_view,
+        bundle_view(quant_dir, scratch, "timed-quantized") as quant_view,
+    ):
+        choice = measure_latency(fp32_view, quant_view, recipe, records, manifest.parent)
+    for t in choice.timings:
+        log.info(
+            "%s: fp32 %.2f ms, %s %.2f ms -> %s",
+            t.component,
+            t.fp32_ms,
+            t.precision,
+            t.quantized_ms,
+            t.kept,
+        )
+    if not choice.reverted:
+        return quant_dir, recipe, choice
+    out = scratch / "chosen"
+    why = {t.component: t.why() for t in choice.timings if t.component in choice.reverted}
+    write_with_float_components(
+        quant_dir, fp32_dir, list(choice.reverted), choice.recipe.to_dict(), out, why
+    )
+    return out, choice.recipe, choice
 
 
 def _engine_plan(bundle_dir: Path, target: Target, recipe: Recipe) -> dict:
