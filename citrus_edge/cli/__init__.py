@@ -39,6 +39,7 @@ from citrus_edge.cli.plan_commands import plan_cmd, recipes_cmd, targets_cmd
 from citrus_edge.cli.export_command import export_cmd
 from citrus_edge.cli.engines_commands import engines_build
 from citrus_edge.cli.run_command import run_cmd
+from citrus_edge.cli.listen_command import listen_cmd
 from citrus_edge.cli.build_command import build_cmd
 from citrus_edge.cli.quantize_command import quantize_cmd
 from citrus_edge.cli.distill_command import distill_cmd
@@ -63,6 +64,7 @@ __all__ = [
     "error_line",
     "eval_cmd",
     "export_cmd",
+    "listen_cmd",
     "main",
     "model_app",
     "model_slice",

@@ -62,6 +62,15 @@ def run_cmd(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the result JSON on stdout instead of a table.")
     ] = False,
+    dicom_out: Annotated[
+        Path | None,
+        typer.Option(
+            file_okay=False,
+            help="Also write DICOM results of a DICOM input into <DIR>/<name>/: seg.dcm (a "
+            "Segmentation, when the answer has a mask) and sr.dcm (TID 1500 report). Needs the "
+            "serve extra.",
+        ),
+    ] = None,
 ) -> None:
     """Run a bundle on an image: report text, boxes, masks (RLE JSON + PNG overlay), sizes in mm.
 
@@ -71,6 +80,8 @@ def run_cmd(
     from citrus_edge.runtime.pipeline import Pipeline
     from citrus_edge.runtime.result_files import result_to_dict, write_json, write_overlay
 
+    if dicom_out is not None:
+        _check_dicom_out(input, video)
     pipe = Pipeline.from_bundle(
         bundle,
         backend=backend,
@@ -85,11 +96,34 @@ def run_cmd(
     name = input.stem if g.image.n_frames <= 1 else f"{input.stem}.frame{frame:04d}"
     j = write_json(g.result, out / f"{name}.json")
     o = write_overlay(g.image.pixels, g.result, out / f"{name}.overlay.png")
+    written = [j, o]
+    if dicom_out is not None:
+        from citrus_edge.cart.dicom_out import read_source, write_dicom_results
+
+        written += write_dicom_results(
+            read_source(input), g.result, pipe.bundle_id, dicom_out / name, frame
+        )
     if as_json:
         _print_json(result_to_dict(g.result))
     else:
         _stdout().print(_result_table(g.result))
-    console.print(Text(f"wrote {j}\nwrote {o}"))
+    console.print(Text("\n".join(f"wrote {p}" for p in written)))
+
+
+def _check_dicom_out(input: Path, video: bool) -> None:
+    """Refuse --dicom-out before the bundle loads: it needs the serve extra, a DICOM input and
+    one grounded frame."""
+    from citrus_edge.calib_data.load import is_dicom
+    from citrus_edge.cart.dicom_out import NotDicomSourceError, require_extra
+
+    require_extra("highdicom")
+    if video:
+        raise typer.BadParameter("--dicom-out writes the results of one frame; drop --video")
+    if not is_dicom(input):
+        raise NotDicomSourceError(
+            f"{input.name} is not DICOM; --dicom-out needs a DICOM input (SEG and SR reference "
+            "its patient, study and SOP instance)"
+        )
 
 
 def _result_table(result) -> Table:
