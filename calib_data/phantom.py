@@ -22,9 +22,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .phantom_bmode import (
+    Display,
     Polar,
     Sector,
     depth_gain,
+    display_compress,
     draw_sector,
     log_compress,
     polar_grid,
@@ -117,13 +119,18 @@ class Lesion:
 
 @dataclass(frozen=True)
 class Phantom:
-    """A grey B-mode image and its lesions (sorted left to right by box x1)."""
+    """A B-mode image and its lesions (sorted left to right by box x1).
 
-    image: np.ndarray = field(repr=False)  # [H, W] uint8
+    A clean phantom is grey [H, W]; a screen-like one (`phantom_screen`) is RGB [H, W, 3],
+    states its layout in `screen` and every pixel its display drew on in `overlay`."""
+
+    image: np.ndarray = field(repr=False)  # [H, W] uint8, or [H, W, 3] for a screen
     lesions: tuple[Lesion, ...]
     spacing_mm: float
     seed: int
-    fov: np.ndarray | None = field(default=None, repr=False)  # [H, W] bool, the fan
+    fov: np.ndarray | None = field(default=None, repr=False)  # [H, W] bool, the fan(s)
+    screen: dict | None = field(default=None, repr=False)  # layout of a screen-like phantom
+    overlay: np.ndarray | None = field(default=None, repr=False)  # [H, W] bool, drawn over
 
 
 DEFAULT_CONFIG = PhantomConfig()
@@ -132,8 +139,38 @@ DEFAULT_CONFIG = PhantomConfig()
 def generate_phantom(seed: int, config: PhantomConfig = DEFAULT_CONFIG) -> Phantom:
     """Generate the phantom of `seed`; the same seed and config always give the same arrays."""
     rng = np.random.default_rng(seed)
-    hw = (config.height, config.width)
     sector = draw_sector(rng, config.height, config.width, config.apex_offset)
+    scan = render_scan(rng, config, sector)
+    return Phantom(scan.image, scan.lesions, config.spacing_mm, seed, scan.inside)
+
+
+@dataclass(frozen=True)
+class Scan:
+    """One rendered field of view: the grey image, its lesions (sorted by box) and the fan."""
+
+    image: np.ndarray  # [H, W] uint8
+    lesions: tuple[Lesion, ...]
+    inside: np.ndarray  # [H, W] bool
+
+
+FLAT_LESION, FLAT_TISSUE = 255, 110  # grey levels of a `flat` rendering
+
+
+def render_scan(
+    rng: np.random.Generator,
+    config: PhantomConfig,
+    sector: Sector,
+    display: Display | None = None,
+    flat: bool = False,
+) -> Scan:
+    """Tissue, lesions, posterior features, speckle and display mapping inside `sector`.
+
+    `display` None is the clean phantom's own mapping (`log_compress`, which draws its dynamic
+    range from `rng`); a `Display` applies a screen's gain, dynamic range and TGC instead.
+    `flat` renders lesions FLAT_LESION on FLAT_TISSUE (no speckle or shading) with the same
+    masks: the noise-free picture that checks where a screen puts each lesion's pixels.
+    """
+    hw = (config.height, config.width)
     polar = polar_grid(sector, *hw)
     echo = tissue_layers(rng, polar)  # [H, W]
     n_lesions = int(rng.choice(len(config.lesion_count_probs), p=config.lesion_count_probs))
@@ -147,13 +184,23 @@ def generate_phantom(seed: int, config: PhantomConfig = DEFAULT_CONFIG) -> Phant
         drawn = render(outline, hw, edge=2.0 if shape == "irregular" else 0.8, halo_px=halo)
         echo = _apply_echogenicity(rng, echo, drawn.soft, drawn.halo, echogenicity)
         posteriors.append((drawn.mask, posterior))
-        lesions.append(_describe(drawn.mask, shape, echogenicity, posterior, config.spacing_mm))
+        spacing = config.spacing_mm
+        lesions.append(describe_lesion(drawn.mask, shape, echogenicity, posterior, spacing))
+    lesions.sort(key=lambda les: (les.box[0], les.box[1]))
+    if flat:
+        union = np.zeros(hw, dtype=bool)
+        for mask, _ in posteriors:
+            union |= mask
+        image = np.where(union, FLAT_LESION, np.where(polar.inside, FLAT_TISSUE, 0))
+        return Scan(image.astype(np.uint8), tuple(lesions), polar.inside)
     for mask, posterior in posteriors:
         echo = echo * _posterior(rng, polar, sector, mask, posterior)
     env = echo * speckle(rng, hw) * depth_gain(rng, polar)
-    image = log_compress(rng, env, polar.inside)
-    lesions.sort(key=lambda les: (les.box[0], les.box[1]))
-    return Phantom(image, tuple(lesions), config.spacing_mm, seed, polar.inside)
+    if display is None:
+        image = log_compress(rng, env, polar.inside)
+    else:
+        image = display_compress(env, polar, display)
+    return Scan(image, tuple(lesions), polar.inside)
 
 
 def _place_outlines(
@@ -211,7 +258,11 @@ def _posterior(
     return posterior_factor(polar, sector, mask, lo + strength * (hi - lo), fade)
 
 
-def _describe(mask: np.ndarray, shape: str, echo: str, posterior: str, spacing: float) -> Lesion:
+def describe_lesion(
+    mask: np.ndarray, shape: str, echo: str, posterior: str, spacing: float
+) -> Lesion:
+    """The `Lesion` of `mask` in the image it is drawn in (box, location and size follow the
+    mask, so a screen re-describes a scan's lesion on its own canvas)."""
     margin = "irregular" if shape == "irregular" else "circumscribed"
     size = int(np.floor(longest_diameter_px(mask) * spacing + 0.5))
     return Lesion(mask, box_of(mask), shape, echo, margin, location_of(mask), size, posterior)
@@ -250,6 +301,14 @@ def longest_diameter_px(mask: np.ndarray) -> float:
     pts = np.argwhere(boundary(mask)).astype(np.float64)  # [N, 2]
     diff = pts[:, None, :] - pts[None, :, :]  # [N, N, 2]
     return float(np.sqrt((diff**2).sum(-1).max()))
+
+
+def longest_diameter_ends(mask: np.ndarray) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The (row, column) pixels at the two ends of `longest_diameter_px` (where calipers go)."""
+    pts = np.argwhere(boundary(mask))  # [N, 2]
+    d2 = ((pts[:, None, :] - pts[None, :, :]) ** 2).sum(-1)  # [N, N]
+    i, j = np.unravel_index(int(d2.argmax()), d2.shape)
+    return (int(pts[i][0]), int(pts[i][1])), (int(pts[j][0]), int(pts[j][1]))
 
 
 def _lists(value: object) -> object:

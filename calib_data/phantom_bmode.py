@@ -135,3 +135,66 @@ def log_compress(rng: np.random.Generator, env: np.ndarray, inside: np.ndarray) 
     dynamic_range = rng.uniform(42, 55)
     grey = np.clip((db - top + dynamic_range) / dynamic_range, 0, 1) * 255
     return np.where(inside, np.rint(grey), 0).astype(np.uint8)
+
+
+GEOMETRIES = ("curvilinear", "linear", "phased")
+
+
+def draw_fov(
+    rng: np.random.Generator,
+    geometry: str,
+    height: int,
+    width: int,
+    apex_offset: tuple[float, float],
+) -> Sector:
+    """The field of view of a probe kind, as a `Sector` (so placement, layers and posterior
+    features work unchanged for all three):
+
+    - curvilinear: `draw_sector` (apex `apex_offset` image heights above row 0);
+    - linear: an apex 40 image heights above, so beams are parallel to within a degree and the
+      field is a rectangle whose top and bottom sag under one pixel;
+    - phased: the apex just above row 0 and a pie slice of up to +-45 degrees.
+    """
+    if geometry == "curvilinear":
+        return draw_sector(rng, height, width, apex_offset)
+    if geometry == "linear":
+        a = 40.0 * height
+        r0, r1 = a + 2.0, a + height - 3.0
+        half_width = (width / 2 - 3.0) * rng.uniform(0.8, 1.0)
+        return Sector((width - 1) / 2, -a, r0, r1, float(half_width / r1))
+    if geometry == "phased":
+        a = rng.uniform(0.0, 0.03) * height
+        r0, r1 = a + 2.0, a + height - 3.0
+        half_max = min(np.arcsin(min(1.0, (width / 2 - 3.0) / r1)), np.pi / 4)
+        return Sector((width - 1) / 2, -a, r0, r1, float(rng.uniform(0.88, 1.0) * half_max))
+    raise ValueError(f"unknown probe geometry {geometry!r}; expected one of {GEOMETRIES}")
+
+
+@dataclass(frozen=True)
+class Display:
+    """The operator's display settings of a screen-like phantom: overall gain, dynamic range
+    and the TGC sliders (dB at evenly spaced depths from the probe face to the bottom)."""
+
+    gain_db: float
+    dynamic_range: float
+    tgc_db: tuple[float, ...]
+
+
+def draw_display(rng: np.random.Generator) -> Display:
+    """Random settings within what a sonographer would leave on screen."""
+    tgc = np.cumsum(rng.normal(0.0, 1.5, 8))
+    return Display(
+        float(rng.uniform(-6, 6)), float(rng.uniform(40, 60)), tuple(float(v) for v in tgc)
+    )
+
+
+def display_compress(env: np.ndarray, polar: Polar, display: Display) -> np.ndarray:
+    """`log_compress` under `display`: TGC sliders added in dB along depth, the brightest echo
+    moved by the gain, then the dynamic range mapped to 0..255; black outside. [H, W] uint8."""
+    depth = np.clip(polar.depth, 0, 1)
+    tgc = np.interp(depth, np.linspace(0, 1, len(display.tgc_db)), display.tgc_db)
+    db = 20 * np.log10(env + 1e-6) + tgc
+    top = np.percentile(db[polar.inside], 99.7) - display.gain_db
+    dr = display.dynamic_range
+    grey = np.clip((db - top + dr) / dr, 0, 1) * 255
+    return np.where(polar.inside, np.rint(grey), 0).astype(np.uint8)

@@ -8,7 +8,12 @@ Layout of a set (all paths in the manifest are relative to the folder):
     phantom_set.json               the spec and the list of files this set consists of
     manifest.jsonl                 3 records per image: segment, detect, report
 
-Phantom i uses seed `seed * 1_000_003 + i`. The set is built in a temporary folder next to
+Phantom i uses seed `seed * 1_000_003 + i`. A set may mix in screen-like phantoms (`screen`,
+the fraction of its ultrasound images drawn by `phantom_screen`: RGB DICOMs of a scanner's
+display, with their own size and `resized_hw`) and images that are not ultrasound (`non_us`:
+`images/nonus_00000.png`, every task answered `NOT_US_ANSWER`, no masks); which image is which
+is `phantom_screen.image_kind` of its seed, and its label file states `kind`. With both
+fractions 0 (the default) the set is exactly what it was before mixes existed. The set is built in a temporary folder next to
 `out_dir` and moved in only when complete. An existing non-empty `out_dir` is refused unless
 `overwrite=True` and it is itself a phantom set (its `phantom_set.json` lists the files it
 made, and only those are replaced); files this code did not create are never deleted.
@@ -32,6 +37,7 @@ from citrus_edge.atomic import make_staging_dir, replace_directory
 from citrus_edge.defaults import cache_dir
 from citrus_edge.preprocess import smart_resize
 from citrus_edge.tasks import (
+    NOT_US_ANSWER,
     PROMPTS,
     TASKS,
     detect_answer,
@@ -42,7 +48,9 @@ from citrus_edge.tasks import (
 
 from .data_manifest import MANIFEST_NAME, Record, split_of, write_manifest
 from .dicom_writer import write_us_dicom
+from .not_ultrasound import non_us_image
 from .phantom import DEFAULT_CONFIG, Phantom, PhantomConfig, generate_phantom
+from .phantom_screen import DEFAULT_SCREEN, ScreenConfig, generate_screen_phantom, image_kind
 
 log = logging.getLogger(__name__)
 
@@ -61,20 +69,31 @@ class PhantomSetSpec:
     config: PhantomConfig = DEFAULT_CONFIG
     resized_hw: tuple[int, int] | None = None  # None: the demo model's input size
     version: int = 1
+    screen: float = 0.0  # fraction of the ultrasound images that are screen-like
+    non_us: float = 0.0  # fraction of all images that are not ultrasound
+    screen_config: ScreenConfig = DEFAULT_SCREEN
 
     def __post_init__(self) -> None:
         if self.n < 0:
             raise ValueError(f"n must be >= 0, got {self.n}")
+        image_kind(0, self.screen, self.non_us)  # validates both fractions
 
     def to_dict(self) -> dict:
+        """The stored spec; the mix keys appear only in a mixed set, so a clean set's spec
+        (and the default set's cache check) is what it was before mixes existed."""
         resized = None if self.resized_hw is None else list(self.resized_hw)
-        return {
+        data = {
             "version": self.version,
             "n": self.n,
             "seed": self.seed,
             "config": self.config.to_dict(),
             "resized_hw": resized,
         }
+        if self.screen > 0:
+            data.update(screen=self.screen, screen_config=self.screen_config.to_dict())
+        if self.non_us > 0:
+            data["non_us"] = self.non_us
+        return data
 
 
 DEFAULT_SET = PhantomSetSpec(n=600, seed=0)
@@ -123,13 +142,19 @@ def write_phantom_set(
     config: PhantomConfig = DEFAULT_CONFIG,
     resized_hw: tuple[int, int] | None = None,
     overwrite: bool = False,
+    screen: float = 0.0,
+    non_us: float = 0.0,
+    screen_config: ScreenConfig = DEFAULT_SCREEN,
 ) -> Path:
     """Generate `n` phantoms into `out_dir` (layout in the module docstring).
 
     `resized_hw` is the model input size the detection boxes are scaled to; None means
-    `default_resized_hw(config.height, config.width)`. Returns the manifest path.
+    `default_resized_hw(config.height, config.width)` (an image of another size, a screen or
+    a non-US picture, always gets its own `default_resized_hw`). `screen` and `non_us` are the
+    mix fractions (0: a clean set). Returns the manifest path.
     """
-    spec = resolved(PhantomSetSpec(n, seed, config, resized_hw))
+    spec = PhantomSetSpec(n, seed, config, resized_hw, 1, screen, non_us, screen_config)
+    spec = resolved(spec)
     out = Path(out_dir)
     old_files = _check_target(out, overwrite)
     hw = spec.resized_hw
@@ -174,9 +199,21 @@ def _build(staging: Path, spec: PhantomSetSpec, resized_hw: tuple[int, int]) -> 
     for sub in _SUBDIRS:
         (staging / sub).mkdir()
     files, records = [], []
+    clean_hw = (spec.config.height, spec.config.width)
     for index in range(spec.n):
-        phantom = generate_phantom(phantom_seed(spec.seed, index), spec.config)
-        written, new_records = _write_one(staging, index, phantom, resized_hw)
+        seed = phantom_seed(spec.seed, index)
+        kind = image_kind(seed, spec.screen, spec.non_us)
+        if kind == "non_us":
+            written, new_records = _write_non_us(staging, index, seed)
+        elif kind == "screen":
+            phantom = generate_screen_phantom(seed, spec.config, spec.screen_config)
+            hw = phantom.image.shape[:2]
+            own_hw = resized_hw if hw == clean_hw else default_resized_hw(*hw)
+            extra = {"kind": "screen", "screen": phantom.screen}
+            written, new_records = _write_one(staging, index, phantom, own_hw, extra)
+        else:
+            phantom = generate_phantom(seed, spec.config)
+            written, new_records = _write_one(staging, index, phantom, resized_hw)
         files += written
         records += new_records
     info = {
@@ -192,9 +229,14 @@ def _build(staging: Path, spec: PhantomSetSpec, resized_hw: tuple[int, int]) -> 
 
 
 def _write_one(
-    root: Path, index: int, phantom: Phantom, resized_hw: tuple[int, int]
+    root: Path,
+    index: int,
+    phantom: Phantom,
+    resized_hw: tuple[int, int],
+    extra_label: dict | None = None,
 ) -> tuple[list[str], list[Record]]:
-    """DICOM, masks, label file and the three records of one phantom."""
+    """DICOM, masks, label file and the three records of one phantom (`extra_label`: keys a
+    screen phantom adds to its label file)."""
     name = f"phantom_{index:05d}"
     image = f"images/{name}.dcm"
     write_us_dicom(root / image, phantom.image, phantom.spacing_mm, seed=phantom.seed)
@@ -202,7 +244,7 @@ def _write_one(
     for rel, lesion in zip(masks, phantom.lesions, strict=True):
         Image.fromarray(lesion.mask.astype(np.uint8) * 255).save(root / rel)
     boxes = [lesion.box for lesion in phantom.lesions]
-    resized = [resize_box(b, phantom.image.shape, resized_hw) for b in boxes]
+    resized = [resize_box(b, phantom.image.shape[:2], resized_hw) for b in boxes]
     lesions = [lesion.to_dict() for lesion in phantom.lesions]
     answers = {
         "segment": segment_answer(len(lesions)),
@@ -231,10 +273,47 @@ def _write_one(
         "boxes": [list(b) for b in boxes],
         "resized_hw": list(resized_hw),
         "boxes_resized": [list(b) for b in resized],
+        **(extra_label or {}),
     }
     label_path = f"labels/{name}.json"
     (root / label_path).write_text(json.dumps(label) + "\n", encoding="utf-8")
     return [image, *masks, label_path], records
+
+
+def _write_non_us(root: Path, index: int, seed: int) -> tuple[list[str], list[Record]]:
+    """PNG, label file and three records of a non-ultrasound image: every task's answer is
+    NOT_US_ANSWER, with no masks, boxes, lesions or spacing."""
+    name = f"nonus_{index:05d}"
+    image = f"images/{name}.png"
+    rgb, source = non_us_image(seed)
+    Image.fromarray(rgb).save(root / image)
+    common = {
+        "image": image,
+        "frame": 0,
+        "masks": [],
+        "boxes": [],
+        "lesions": [],
+        "split": split_of(index),
+        "spacing_mm": None,
+    }
+    records = [
+        Record(id=f"{name}_{task}", task=task, prompt=PROMPTS[task], answer=NOT_US_ANSWER, **common)
+        for task in TASKS
+    ]
+    label = {
+        "schema": 1,
+        "id": name,
+        "index": index,
+        "seed": seed,
+        **common,
+        "kind": "non_us",
+        "source": source,
+        "resized_hw": list(default_resized_hw(*rgb.shape[:2])),
+        "boxes_resized": [],
+    }
+    label_path = f"labels/{name}.json"
+    (root / label_path).write_text(json.dumps(label) + "\n", encoding="utf-8")
+    return [image, label_path], records
 
 
 def _commit(staging: Path, out: Path, old_files: list[str], files: list[str]) -> None:

@@ -19,6 +19,8 @@ SEGMENT_PROMPT = "Please help segment the lesion in this scan."
 DETECT_PROMPT = "Locate the lesion, output its bbox coordinates using JSON format."
 REPORT_PROMPT = "Describe the findings in this scan."
 NO_LESION = "No focal lesion is seen."
+# Every task's answer for an image that is not ultrasound (the demo model learns it in stage 8).
+NOT_US_ANSWER = "This is not an ultrasound image."
 SEGMENT_ANSWER = "Sure, it is [SEG]."
 TASKS = ("segment", "detect", "report")
 PROMPTS = {"segment": SEGMENT_PROMPT, "detect": DETECT_PROMPT, "report": REPORT_PROMPT}

@@ -72,6 +72,16 @@ class TrainConfig:
     # (min_pixels, max_pixels) of the vision input, saved with the model (None: the model's own).
     # The vision tower's weights fit any image size, so a stage may change it.
     pixels: tuple[int, int] | None = None
+    # Mix of the training images (`calib_data.phantom_screen.image_kind` of each seed): the
+    # fraction of images that are not ultrasound, and of the ultrasound ones that are drawn as
+    # a scanner's screen. None (as 0) keeps the clean stream and earlier runs' saved configs.
+    screen: float | None = None
+    non_us: float | None = None
+    # Initial bias (log-odds) of a centre head that starts fresh (no `init_aux_from`); None:
+    # PyTorch's default. A fine-tune whose heads cannot be carried sets CenterNet's prior
+    # (log(0.1 / 0.9)): at 0 the focal loss starts near 100 and, after gradient clipping,
+    # leaves the language model almost no gradient.
+    centre_prior: float | None = None
     version: int = TRAIN_CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -113,6 +123,36 @@ def make_sample(model_cfg: CitrusVConfig, tokenizer, seed: int, phantom_cfg: Pha
     prompt, answer = task_text(task, ph, qp.resized_hw)
     lesions = [(les.mask, les.box) for les in ph.lesions]
     return sample_of(model_cfg, tokenizer, rgb, qp, prompt, answer, lesions)
+
+
+def make_mixed_sample(
+    model_cfg: CitrusVConfig,
+    tokenizer,
+    seed: int,
+    phantom_cfg: PhantomConfig,
+    screen: float = 0.0,
+    non_us: float = 0.0,
+):
+    """`make_sample`, or for a seed that `image_kind` makes a screen-like phantom or a
+    non-ultrasound image, that image with the task's answer (NOT_US_ANSWER and no lesions for
+    the latter)."""
+    from citrus_edge.calib_data.not_ultrasound import non_us_image
+    from citrus_edge.calib_data.phantom_screen import generate_screen_phantom, image_kind
+    from citrus_edge.tasks import NOT_US_ANSWER
+
+    kind = image_kind(seed, screen, non_us)
+    if kind == "clean":
+        return make_sample(model_cfg, tokenizer, seed, phantom_cfg)
+    task = tasks.TASKS[seed % len(tasks.TASKS)]
+    if kind == "non_us":
+        rgb, _ = non_us_image(seed)
+        qp = qwen_pixels(rgb, model_cfg.preprocess)
+        return sample_of(model_cfg, tokenizer, rgb, qp, tasks.PROMPTS[task], NOT_US_ANSWER, [])
+    ph = generate_screen_phantom(seed, phantom_cfg)
+    qp = qwen_pixels(ph.image, model_cfg.preprocess)
+    prompt, answer = task_text(task, ph, qp.resized_hw)
+    lesions = [(les.mask, les.box) for les in ph.lesions]
+    return sample_of(model_cfg, tokenizer, ph.image, qp, prompt, answer, lesions)
 
 
 def sample_of(model_cfg: CitrusVConfig, tokenizer, rgb, qp, prompt: str, answer: str, lesions):
@@ -187,9 +227,18 @@ def task_text(task: str, ph, resized_hw: tuple[int, int]) -> tuple[str, str]:
 class PhantomStream(IterableDataset):
     """Endless training samples from fresh phantoms, deterministic from the start index."""
 
-    def __init__(self, model_cfg, tokenizer_path: Path, start: int, phantom_cfg=None):
+    def __init__(
+        self,
+        model_cfg,
+        tokenizer_path: Path,
+        start: int,
+        phantom_cfg=None,
+        screen=None,
+        non_us=None,
+    ):
         self.model_cfg, self.tokenizer_path, self.start = model_cfg, tokenizer_path, start
         self.phantom_cfg = phantom_cfg or PhantomConfig()
+        self.mix = (screen or 0.0, non_us or 0.0)  # fractions; (0, 0): clean phantoms only
 
     def __iter__(self) -> Iterator[Sample]:
         from citrus_edge.tokenizer import load_tokenizer
@@ -197,7 +246,11 @@ class PhantomStream(IterableDataset):
         tok = load_tokenizer(self.tokenizer_path)
         i = self.start
         while True:
-            yield make_sample(self.model_cfg, tok, TRAIN_SEED_BASE + i, self.phantom_cfg)
+            seed = TRAIN_SEED_BASE + i
+            if self.mix == (0.0, 0.0):
+                yield make_sample(self.model_cfg, tok, seed, self.phantom_cfg)
+            else:
+                yield make_mixed_sample(self.model_cfg, tok, seed, self.phantom_cfg, *self.mix)
             i += 1
 
 
@@ -490,6 +543,9 @@ def _train(
     aux = OccupancyHead(model_cfg.text.hidden_size)
     if cfg.init_aux_from is not None:
         _load_heads(aux, Path(cfg.init_aux_from))
+    elif cfg.centre_prior is not None:
+        with torch.no_grad():
+            aux.centre.bias.fill_(cfg.centre_prior)
     params = list(model.parameters()) + list(aux.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = 0
@@ -507,6 +563,8 @@ def _train(
         tokenizer_path,
         start=cfg.data_start + step * cfg.batch_size,
         phantom_cfg=cfg.phantom,
+        screen=cfg.screen,
+        non_us=cfg.non_us,
     )
     loader = DataLoader(
         stream,
