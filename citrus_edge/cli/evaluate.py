@@ -18,7 +18,7 @@ from citrus_edge.calib_data.data_manifest import Record
 from citrus_edge.calib_data.load import load_image
 from citrus_edge.metrics import dice, precision_at_1
 from citrus_edge.result import GroundingResult
-from citrus_edge.tasks import REPORT_FIELDS, parse_report
+from citrus_edge.tasks import NOT_US_ANSWER, REPORT_FIELDS, parse_report
 
 Pipeline = Callable[[np.ndarray, str], GroundingResult]
 
@@ -37,6 +37,11 @@ class SampleScore:
     count_pred: int | None = None  # report tasks: the count the text states (None: none stated)
     fields_correct: dict[str, float] = field(default_factory=dict)
     token_ids: list[int] = field(default_factory=list)
+    # Records of a non-ultrasound image (answer `NOT_US_ANSWER`): 1.0 when the answer is that
+    # sentence; their other metrics stay None (no lesion to score, no mask for Dice).
+    not_us_correct: float | None = None
+    # Ultrasound records: 1.0 when the model answered the not-ultrasound sentence anyway.
+    not_us_false_alarm: float | None = None
 
 
 @dataclass
@@ -52,6 +57,8 @@ class EvalReport:
     field_accuracy: dict[str, float]
     report_field_accuracy: float | None
     samples: list[SampleScore]
+    not_us_accuracy: float | None = None  # over the non-ultrasound records (None: there were none)
+    not_us_false_alarms: float | None = None  # share of ultrasound records answered "not US"
 
     def summary(self) -> dict:
         d = asdict(self)
@@ -75,6 +82,11 @@ def union_mask(record: Record, manifest_dir: Path, hw: tuple[int, int]) -> np.nd
 def score(record: Record, result: GroundingResult, manifest_dir: Path) -> SampleScore:
     """Score one pipeline result against its record."""
     s = SampleScore(record.id, record.task, result.text, token_ids=list(result.token_ids))
+    said_not_us = float(result.text.strip() == NOT_US_ANSWER)
+    if record.answer == NOT_US_ANSWER:
+        s.not_us_correct = said_not_us
+        return s
+    s.not_us_false_alarm = said_not_us
     if record.task == "segment":
         pred = result.masks[0] if result.masks else np.zeros(result.image_hw, dtype=bool)
         s.dice = dice(pred, union_mask(record, manifest_dir, result.image_hw))
@@ -134,4 +146,6 @@ def evaluate(
         field_accuracy=fields,
         report_field_accuracy=_mean(fields.values()) if fields else None,
         samples=samples,
+        not_us_accuracy=_mean(s.not_us_correct for s in samples),
+        not_us_false_alarms=_mean(s.not_us_false_alarm for s in samples),
     )
