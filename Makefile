@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export PYTHONHASHSEED := 0
 
-.PHONY: install test test-slow test-defaults mutation lint format demo demo-model data bench bench-scale clean
+.PHONY: install test test-slow test-defaults mutation lint format demo demo-model data bench bench-scale load clean
 
 $(BIN)/citrus-edge: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -46,12 +46,13 @@ data: install
 
 DEMO_OUT ?= out/demo
 demo: install
-	# The target's default recipe (int8) under the default budget (dice=1,tokens=99).
+	# The target's default: recipe int8 (each component kept int8 where this CPU runs it faster) under the default budget (dice=1,tokens=99).
 	$(BIN)/citrus-edge build --target cpu --out $(DEMO_OUT)/bundle
 	$(BIN)/citrus-edge data phantoms --n 10 --seed 7 --out $(DEMO_OUT)/phantoms --overwrite
-	$(BIN)/citrus-edge run $(DEMO_OUT)/bundle $(DEMO_OUT)/phantoms/images/phantom_00002.dcm --out $(DEMO_OUT)/results
+	$(BIN)/citrus-edge run $(DEMO_OUT)/bundle $(DEMO_OUT)/phantoms/images/phantom_00000.dcm --out $(DEMO_OUT)/results
 	$(BIN)/citrus-edge run $(DEMO_OUT)/bundle $$($(BIN)/python -c "from pydicom import examples; print(examples.get_path('palette_color'))") --out $(DEMO_OUT)/results
-	@echo "demo results (JSON + overlays) in $(DEMO_OUT)/results"
+	@echo "demo results (JSON + overlays) in $(DEMO_OUT)/results; the overlays:"
+	@ls -1 $(DEMO_OUT)/results/*.png
 
 bench: install
 	$(BIN)/python scripts/bench.py
@@ -61,6 +62,14 @@ bench: install
 # and prints seconds and peak RSS per stage. BENCH_SCALE_ARGS="--target cpu:int8" for more.
 bench-scale: install
 	$(BIN)/python scripts/bench_scale.py $(BENCH_SCALE_ARGS)
+
+# Not in `make test`: 8 clients x 250 requests against `citrus-edge serve` on loopback (minutes);
+# prints p50/p99, 503s, errors and server RSS per 100 requests; exit 1 on errors or RSS growth
+# >= 5 %. LOAD_ARGS="--mode frames" loads the video-session API instead.
+load: install
+	test -d $(DEMO_OUT)/bundle || $(BIN)/citrus-edge build --target cpu --out $(DEMO_OUT)/bundle
+	$(BIN)/citrus-edge data phantoms --n 10 --seed 7 --out $(DEMO_OUT)/phantoms --overwrite
+	$(BIN)/python scripts/load_serve.py $(DEMO_OUT)/bundle --image $(DEMO_OUT)/phantoms/images/phantom_00000.dcm --json $(DEMO_OUT)/load.json $(LOAD_ARGS)
 
 # Resumable: re-run after an interruption. Ships the result as the package's demo model.
 demo-model: install

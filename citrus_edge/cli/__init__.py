@@ -43,6 +43,7 @@ from citrus_edge.cli.listen_command import listen_cmd
 from citrus_edge.cli.build_command import build_cmd
 from citrus_edge.cli.quantize_command import quantize_cmd
 from citrus_edge.cli.distill_command import distill_cmd
+from citrus_edge.cli.serve_command import serve_cmd
 # isort: on
 
 __all__ = [
@@ -72,5 +73,6 @@ __all__ = [
     "quantize_cmd",
     "recipes_cmd",
     "run_cmd",
+    "serve_cmd",
     "targets_cmd",
 ]
