@@ -16,8 +16,11 @@ from the result's `timings_ms`:
   changes);
 - sam_encoder, mask_decoder: from `Pipeline.track` with one `[SEG]` state (an untrained or
   "no lesion" answer has none, and the decoder must still be timed).
-A component's figure is the median over records x rounds; the spread (interquartile range over
-median) of the end-to-end sum is recorded as the measurement's noise.
+A component's speed-up is the median, over records x rounds, of the ratio of the two runs made
+back to back (a neighbour slowing the machine for a while slows both runs of a pair alike); it
+is kept only when that speed-up is at least 1 / (1 - MARGIN) and its median time is below
+FP32's. The spread (interquartile range over median) of the FP32 end-to-end sum between its own
+runs is recorded as the measurement's noise.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from citrus_edge.recipes import COMPONENTS, Recipe
 # the difference is inside what two runs of the same bundle differ by on a shared machine.
 MARGIN = 0.05
 DEFAULT_IMAGES = 3
-DEFAULT_ROUNDS = 3
+DEFAULT_ROUNDS = 5
 MAX_NEW_TOKENS = 32
 FLOAT = "fp32"
 
@@ -53,10 +56,7 @@ class ComponentTiming:
     fp32_ms: float
     quantized_ms: float
     kept: str  # the precision shipped: `precision` or "fp32"
-
-    @property
-    def speedup(self) -> float:
-        return self.fp32_ms / self.quantized_ms if self.quantized_ms > 0 else float("inf")
+    speedup: float  # median over the paired runs of fp32 ms / quantized ms
 
     def why(self) -> str:
         if self.kept == self.precision:
@@ -69,6 +69,14 @@ class ComponentTiming:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         return {**d, "speedup": round(self.speedup, 3), "why": self.why()}
+
+
+def paired_speedup(fp32_ms: Sequence[float], quantized_ms: Sequence[float]) -> float:
+    """Median of fp32 / quantized over runs made back to back (same image, same round): a
+    neighbour that slows the machine for a while slows both runs of a pair alike."""
+    return statistics.median(
+        f / q if q > 0 else float("inf") for f, q in zip(fp32_ms, quantized_ms, strict=True)
+    )
 
 
 @dataclass(frozen=True)
@@ -114,11 +122,20 @@ def choose(requested: Recipe, timings: Sequence[ComponentTiming], **facts: Any) 
     return LatencyChoice(requested, recipe, tuple(timings), **facts)
 
 
-def decide(component: str, precision: str, fp32_ms: float, quantized_ms: float) -> ComponentTiming:
-    """Keep `precision` when its median is at least `MARGIN` below FP32's."""
-    pays = quantized_ms <= fp32_ms * (1 - MARGIN)
+def decide(
+    component: str,
+    precision: str,
+    fp32_ms: float,
+    quantized_ms: float,
+    speedup: float | None = None,
+) -> ComponentTiming:
+    """Keep `precision` when it is at least `MARGIN` faster: the paired `speedup` (default:
+    the ratio of the medians) at least 1 / (1 - MARGIN), and its median below FP32's."""
+    if speedup is None:
+        speedup = fp32_ms / quantized_ms if quantized_ms > 0 else float("inf")
+    pays = speedup * (1 - MARGIN) >= 1 - 1e-9 and quantized_ms < fp32_ms
     return ComponentTiming(
-        component, precision, fp32_ms, quantized_ms, precision if pays else FLOAT
+        component, precision, fp32_ms, quantized_ms, precision if pays else FLOAT, speedup
     )
 
 
@@ -162,7 +179,6 @@ def measure_latency(
     probe = np.ones((1, hidden), np.float32)
     ref_steps: dict[int, int] = {}
     samples: dict[str, dict[str, list[float]]] = {v: {c: [] for c in COMPONENTS} for v in pipes}
-    sums: list[float] = []
 
     def one(variant: str, i: int) -> dict[str, float]:
         pipe = pipes[variant]
@@ -183,14 +199,21 @@ def measure_latency(
                 ms = one(v, i)
                 for c, x in ms.items():
                     samples[v][c].append(x)
-                if v == "fp32":
-                    sums.append(sum(ms.values()))
             if progress is not None:
                 progress(r * len(images) + i + 1, total)
     med = {v: {c: statistics.median(xs) for c, xs in s.items()} for v, s in samples.items()}
     timings = [
-        decide(c, requested.precision(c), med["fp32"][c], med["quantized"][c]) for c in quantized
+        decide(
+            c,
+            requested.precision(c),
+            med["fp32"][c],
+            med["quantized"][c],
+            paired_speedup(samples["fp32"][c], samples["quantized"][c]),
+        )
+        for c in quantized
     ]
+    # Noise: the spread of the FP32 end-to-end sum between its own runs (IQR / median).
+    sums = [sum(run) for run in zip(*samples["fp32"].values(), strict=True)]
     q1, _, q3 = statistics.quantiles(sums, n=4) if len(sums) > 1 else (0.0, 0.0, 0.0)
     chosen = {t.component: t.kept for t in timings}
     e2e = {

@@ -27,6 +27,10 @@ def test_a_component_keeps_int8_only_when_it_pays_by_the_margin():
     assert decide("vision", "int8", 10.0, 9.5).kept == "int8"  # exactly 5 % faster: pays
     assert decide("vision", "int8", 10.0, 9.51).kept == "fp32"
     assert decide("llm", "int4", 10.0, 2.5).speedup == pytest.approx(4.0)
+    # The paired runs' median ratio decides, and the medians must agree on the direction.
+    assert decide("vision", "int8", 10.0, 9.0, speedup=1.02).kept == "fp32"
+    assert decide("vision", "int8", 10.0, 10.5, speedup=1.2).kept == "fp32"
+    assert decide("vision", "int8", 10.0, 9.0, speedup=1.1).kept == "int8"
     slower = decide("sam_encoder", "int8", 10.0, 11.0)
     assert slower.kept == "fp32" and "0.91x" in slower.why()
     timings = [
@@ -49,6 +53,16 @@ def test_a_component_keeps_int8_only_when_it_pays_by_the_margin():
     assert choose(INT8, [], cpu="x", images=1, rounds=1, noise=0.0).recipe is INT8
 
 
+def test_paired_speedup_is_the_median_of_back_to_back_ratios():
+    from citrus_edge.compress.latency_choice import paired_speedup
+
+    # A slow spell (third pair) slows both runs: the ratio of the medians would say 1.0x.
+    fp32, int8 = [10.0, 10.0, 40.0, 10.0, 10.0], [8.0, 8.0, 32.0, 10.0, 12.5]
+    assert paired_speedup(fp32, int8) == pytest.approx(1.25)
+    with pytest.raises(ValueError):
+        paired_speedup([1.0], [1.0, 2.0])
+
+
 def test_component_ms_scales_decode_to_the_fp32_answer_length():
     from citrus_edge.compress.latency_choice import component_ms
 
@@ -66,7 +80,7 @@ def _build_forced(tmp_path, tiny_checkpoint, small_phantom_set, monkeypatch, rev
     real = latency_choice.decide
     seen = []
 
-    def forced(component, precision, fp32_ms, quantized_ms):
+    def forced(component, precision, fp32_ms, quantized_ms, speedup=None):
         seen.append((component, fp32_ms, quantized_ms))
         slow = fp32_ms * 2 if revert else fp32_ms / 2
         return real(component, precision, fp32_ms, slow)
