@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export PYTHONHASHSEED := 0
 
-.PHONY: install test test-slow test-defaults mutation lint format demo demo-model data bench bench-scale load clean
+.PHONY: install test test-slow test-defaults mutation lint format demo demo-model data bench bench-scale load sweep report-check clean
 
 $(BIN)/citrus-edge: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -70,6 +70,17 @@ load: install
 	test -d $(DEMO_OUT)/bundle || $(BIN)/citrus-edge build --target cpu --out $(DEMO_OUT)/bundle
 	$(BIN)/citrus-edge data phantoms --n 10 --seed 7 --out $(DEMO_OUT)/phantoms --overwrite
 	$(BIN)/python scripts/load_serve.py $(DEMO_OUT)/bundle --image $(DEMO_OUT)/phantoms/images/phantom_00000.dcm --json $(DEMO_OUT)/load.json $(LOAD_ARGS)
+
+# Not in `make test`: the sweep report of the shipped models on the CPU (builds cached in
+# out/sweep; resumable) and its HTML checked in headless Chromium (installed from Debian's
+# packages when missing).
+sweep: install
+	$(BIN)/citrus-edge data phantoms --n 160 --seed 4242 --out out/sweep-data --overwrite
+	$(BIN)/citrus-edge sweep --models demo,demo-lite --targets cpu,orin-nano-8 --recipes default,fp32,int8,int8-w4 --data out/sweep-data/manifest.jsonl --out out/sweep
+
+report-check: install
+	@command -v chromium >/dev/null 2>&1 || (apt-get update && apt-get install -y chromium)
+	$(BIN)/python scripts/check_report_html.py out/sweep/report.html --screenshot out/sweep/report.png
 
 # Resumable: re-run after an interruption. Ships the result as the package's demo model.
 demo-model: install

@@ -120,10 +120,10 @@ def answer_parses(task: str | None, text: str) -> bool | None:
     """Whether `text` is in the answer format of `task`; None when `task` is None."""
     if task is None:
         return None
-    from citrus_edge.tasks import NO_LESION, parse_report
+    from citrus_edge.tasks import NO_LESION, NOT_US_ANSWER, parse_report
 
-    if _normalise(text) == _normalise(NO_LESION):
-        return True  # the no-lesion sentence answers every task
+    if _normalise(text) in (_normalise(NO_LESION), _normalise(NOT_US_ANSWER)):
+        return True  # the no-lesion and not-ultrasound sentences answer every task
     if task == "segment":
         return "[SEG]" in text
     if task == "detect":

@@ -26,7 +26,7 @@ TASKS = ("segment", "detect", "report")
 PROMPTS = {"segment": SEGMENT_PROMPT, "detect": DETECT_PROMPT, "report": REPORT_PROMPT}
 
 REPORT_FIELDS = ("echogenicity", "location", "margin", "size_mm", "posterior")
-_VOCABULARY = {
+REPORT_VOCABULARY = {
     "echogenicity": ("anechoic", "hypoechoic", "isoechoic", "hyperechoic"),
     "location": ("upper left", "upper right", "lower left", "lower right"),
     "margin": ("circumscribed", "irregular"),
@@ -147,7 +147,7 @@ def parse_report(text: str) -> ParsedReport | None:
 def _parse_fields(segment: str) -> dict:
     lowered = segment.lower()
     fields: dict = {}
-    for key, words in _VOCABULARY.items():
+    for key, words in REPORT_VOCABULARY.items():
         # Longest match first, so "hypoechoic" never matches inside another word.
         hits = [w for w in sorted(words, key=len, reverse=True) if re.search(rf"\b{w}\b", lowered)]
         fields[key] = hits[0] if hits else None

@@ -9,6 +9,10 @@ in a fresh Python process (`python -m citrus_edge.runtime.bench`), so it include
 pays at boot and nothing a warm caller has already loaded; its peak RSS is that of a process
 holding only the runtime. `peak_rss_mb` of the warm runs is this process's
 (it includes whatever the caller imported, e.g. torch for a side-by-side comparison).
+
+`bench_report(...)` is what `citrus-edge bench` prints: `run_bench`'s figures plus the machine
+(processor and its instruction sets, cores, GPUs), every installed library's version and the
+bundle's bytes, because a latency means nothing without the machine and software it ran on.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ import argparse
 import json
 import logging
 import os
+import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,19 +44,23 @@ class BenchInputError(ValueError):
     """A benchmark asked for with nothing to run (no bundle, no case)."""
 
 
+BENCH_SCHEMA = "citrus-edge.bench/1"
+PERCENTILES = (50, 90, 95, 99)
+# Stages that run before the first new token exists (its logits come out of the prefill): their
+# sum is the time to first token.
+FIRST_TOKEN_STAGES = ("load", "preprocess", "vision_encoder", "llm_inputs", "grammar", "prefill")
+
+
 def summarize(values: Sequence[float]) -> dict[str, float]:
-    """p50 / p95 / mean / min / max of a list of milliseconds (empty list: n = 0 only)."""
+    """n / min / p50 / p90 / p95 / p99 / mean / max of a list of figures (linear interpolation
+    between samples, numpy's default); an empty list gives {"n": 0} only."""
     if not values:
         return {"n": 0}
     v = np.asarray(values, dtype=np.float64)
-    return {
-        "n": len(v),
-        "p50": float(np.percentile(v, 50)),
-        "p95": float(np.percentile(v, 95)),
-        "mean": float(v.mean()),
-        "min": float(v.min()),
-        "max": float(v.max()),
-    }
+    out: dict[str, float] = {"n": len(v), "min": float(v.min())}
+    out.update({f"p{q}": float(np.percentile(v, q)) for q in PERCENTILES})
+    out.update({"mean": float(v.mean()), "max": float(v.max())})
+    return out
 
 
 def peak_rss_mb() -> float:
@@ -76,28 +86,62 @@ class _Samples:
     def __init__(self) -> None:
         self.totals: list[float] = []
         self.per_token: list[float] = []
+        self.tokens_per_s: list[float] = []
         self.prefill: list[float] = []
+        self.ttft: list[float] = []
         self.tokens: list[float] = []
+        self.mask_per_seg: list[float] = []
+        self.vision_tokens: list[float] = []
+        self.prefill_tokens: list[float] = []
         self.stages: dict[str, list[float]] = {}
 
-    def add(self, grounding) -> None:
+    def add(self, grounding, token_counts: tuple[int, int] | None = None) -> None:
+        """One run; `token_counts` = (vision tokens, prefill tokens) of its case."""
         t = grounding.result.timings_ms
         self.totals.append(t["total"])
         self.prefill.append(t["prefill"])
+        self.ttft.append(sum(t.get(name, 0.0) for name in FIRST_TOKEN_STAGES))
         self.tokens.append(len(grounding.result.token_ids))
-        if grounding.generation.steps:
-            self.per_token.append(t["decode"] / grounding.generation.steps)
+        steps = grounding.generation.steps
+        if steps and t.get("decode", 0.0) > 0:
+            self.per_token.append(t["decode"] / steps)
+            self.tokens_per_s.append(steps / t["decode"] * 1e3)
+        n_seg = grounding.result.n_seg
+        if n_seg and "mask_decoder" in t:
+            self.mask_per_seg.append(t["mask_decoder"] / n_seg)
+        if token_counts is not None:
+            self.vision_tokens.append(token_counts[0])
+            self.prefill_tokens.append(token_counts[1])
         for name, ms in t.items():
             self.stages.setdefault(name, []).append(ms)
 
     def summary(self) -> dict[str, Any]:
         return {
             "e2e_ms": summarize(self.totals),
+            "ttft_ms": summarize(self.ttft),
             "prefill_ms": summarize(self.prefill),
             "decode_ms_per_token": summarize(self.per_token),
+            "decode_tokens_per_s": summarize(self.tokens_per_s),
             "new_tokens": summarize(self.tokens),
+            "vision_tokens": summarize(self.vision_tokens),
+            "prefill_tokens": summarize(self.prefill_tokens),
+            "mask_decoder_ms_per_seg": summarize(self.mask_per_seg),
             "stages_ms": {name: summarize(v) for name, v in self.stages.items()},
         }
+
+
+def token_counts(pipeline: Any, grounding: Any) -> tuple[int, int]:
+    """(vision tokens, prefill tokens) of one run: the image tokens the LLM sees after the patch
+    merger, and the whole prompt (template + image + text) the prefill processes. Recomputed
+    from the run's loaded image with the pipeline's own preprocessing, outside any timing."""
+    from citrus_edge.preprocess import qwen_pixels
+    from citrus_edge.prompts import n_image_tokens, prompt_ids
+
+    cfg = pipeline.model_config
+    qp = qwen_pixels(grounding.image.pixels, cfg.preprocess)
+    n_img = n_image_tokens(qp.grid_thw, cfg.vision.spatial_merge_size)
+    ids = prompt_ids(pipeline.tokenizer, grounding.result.prompt, n_img)
+    return n_img, len(ids)
 
 
 class _VideoSamples:
@@ -135,15 +179,19 @@ def run_bench(
     video_prompt: str | None = None,
     key_frame: int = 0,
     cold_start: bool = True,
+    threads: int = 0,
 ) -> dict[str, Any]:
     """Measure `bundle` on `backend` over `cases` (each `(image, prompt)`), `repeats` times each
     after `warmup` untimed runs of the first case; with `video` (a multi-frame file or an
-    iterable of RGB frames) also the per-frame latency of video mode.
+    iterable of RGB frames) also the per-frame latency of video mode. `threads` > 0 sets ONNX
+    Runtime's intra-op threads (0: its default, one per core).
 
-    Returns {"bundle_id", "backend", "max_new_tokens", "load_ms", "e2e_ms", "prefill_ms",
-    "decode_ms_per_token", "new_tokens", "stages_ms", "video", "peak_rss_mb", "cold_start"},
-    where every latency entry is `summarize`'s p50/p95/mean/min/max in ms; "video" holds
-    "key_frame_ms", "ms_per_frame" (tracked frames: SAM2 only) and "n_seg" (states tracked).
+    Returns {"bundle_id", "backend", "threads", "max_new_tokens", "load_ms", "e2e_ms", "ttft_ms",
+    "prefill_ms", "decode_ms_per_token", "decode_tokens_per_s", "new_tokens", "vision_tokens",
+    "prefill_tokens", "mask_decoder_ms_per_seg", "stages_ms", "video", "peak_rss_mb",
+    "cold_start"}, where every entry is `summarize`'s n/min/p50/p90/p95/p99/mean/max (ms unless
+    named otherwise; `mask_decoder_ms_per_seg` counts only runs whose answer had a [SEG]); "video"
+    holds "key_frame_ms", "ms_per_frame" (tracked frames: SAM2 only) and "n_seg" (states tracked).
     """
     if not cases:
         raise BenchInputError("run_bench needs at least one (image, prompt) case")
@@ -159,6 +207,7 @@ def run_bench(
         video_prompt=video_prompt,
         key_frame=key_frame,
         cold_start=cold_start,
+        threads=threads,
     )[0]
 
 
@@ -175,6 +224,7 @@ def run_bench_alternating(
     video_prompt: str | None = None,
     key_frame: int = 0,
     cold_start: bool = True,
+    threads: int = 0,
 ) -> list[dict[str, Any]]:
     """`run_bench` for several bundles loaded in one process and run in turn, so that a busy
     machine slows all of them alike and their ratios stay fair.
@@ -187,21 +237,24 @@ def run_bench_alternating(
     start (a fresh process per bundle, one after the other) gives each bundle's own peak RSS.
     The same path may be given twice (its two pipelines are timed as two bundles).
     """
-    from .pipeline import Pipeline
 
     if not bundles:
         raise BenchInputError("run_bench_alternating needs at least one bundle")
     if not cases:
         raise BenchInputError("run_bench_alternating needs at least one (image, prompt) case")
-    pipelines = [Pipeline.from_bundle(b, backend, providers, max_new_tokens) for b in bundles]
+    pipelines = [open_pipeline(b, backend, providers, max_new_tokens, threads) for b in bundles]
     for _ in range(warmup):
         for pipeline in pipelines:
             pipeline.ground(*cases[0])
     samples = [_Samples() for _ in pipelines]
+    counts: dict[tuple[int, int], tuple[int, int]] = {}  # (pipeline, case) -> token counts
     for _ in range(repeats):
-        for image, prompt in cases:
-            for pipeline, sample in zip(pipelines, samples, strict=True):
-                sample.add(pipeline.ground(image, prompt))
+        for c, (image, prompt) in enumerate(cases):
+            for p, (pipeline, sample) in enumerate(zip(pipelines, samples, strict=True)):
+                grounding = pipeline.ground(image, prompt)
+                if (p, c) not in counts:
+                    counts[p, c] = token_counts(pipeline, grounding)
+                sample.add(grounding, counts[p, c])
     videos: list[dict[str, Any] | None] = [None] * len(pipelines)
     if video is not None:
         prompt = video_prompt or cases[0][1]
@@ -212,6 +265,7 @@ def run_bench_alternating(
         out: dict[str, Any] = {
             "bundle_id": pipeline.bundle_id,
             "backend": pipeline.backend.label,
+            "threads": threads,
             "max_new_tokens": max_new_tokens,
             "load_ms": dict(pipeline.load_ms),
             **sample.summary(),
@@ -227,9 +281,207 @@ def run_bench_alternating(
                 backend=backend,
                 providers=providers,
                 max_new_tokens=max_new_tokens,
+                threads=threads,
             )
         outs.append(out)
     return outs
+
+
+def open_pipeline(
+    bundle: str | Path,
+    backend: str = "onnxruntime",
+    providers: Sequence[str] | None = None,
+    max_new_tokens: int = 96,
+    threads: int = 0,
+) -> Any:
+    """`Pipeline.from_bundle`, with `threads` > 0 giving ONNX Runtime that many intra-op threads
+    (what `--threads` compares: a cart shares its cores with the probe's other software)."""
+    from .pipeline import Pipeline
+
+    if threads < 0:
+        raise BenchInputError(f"threads must be 0 (the runtime's default) or more, got {threads}")
+    if not threads:
+        return Pipeline.from_bundle(bundle, backend, providers, max_new_tokens)
+    if backend != "onnxruntime":
+        raise BenchInputError(f"threads applies to the onnxruntime backend, not {backend!r}")
+    from citrus_edge.timing import StageTimer
+
+    from .artifacts import open_bundle
+    from .ort_backend import OnnxRuntimeBackend
+    from .pipeline import RuntimeConfig, _engines
+
+    config = RuntimeConfig(backend=backend, providers=providers, max_new_tokens=max_new_tokens)
+    timer = StageTimer()
+    with timer.stage("open_bundle"):
+        artifacts = open_bundle(Path(bundle), verify=config.verify_bundle)
+    with timer.stage("create_backend"):
+        ort = OnnxRuntimeBackend(providers, threads=threads)
+    with timer.stage("open_engines"):
+        engines = _engines(artifacts, ort, config)
+    with timer.stage("open_graphs"):
+        pipeline = Pipeline(artifacts, ort, config, engines)
+    pipeline.load_ms = timer.ms
+    return pipeline
+
+
+def bundle_bytes(bundle: str | Path) -> int:
+    """Bytes of the files the bundle's manifest lists (what a cart downloads and stores)."""
+    manifest = json.loads((Path(bundle) / "manifest.json").read_text())
+    return int(sum(f["bytes"] for f in manifest["files"].values()))
+
+
+def _gpus() -> list[dict[str, str]]:
+    """NVIDIA GPUs as `nvidia-smi` names them ([] without one or without the tool)."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    query = "--query-gpu=name,memory.total,driver_version,compute_cap"
+    try:
+        proc = subprocess.run(
+            [smi, query, "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return []
+    gpus = []
+    for line in proc.stdout.splitlines() if proc.returncode == 0 else []:
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 4:
+            gpus.append(dict(zip(("name", "memory", "driver", "compute_cap"), parts, strict=True)))
+    return gpus
+
+
+def _memory_gb() -> float | None:
+    meminfo = Path("/proc/meminfo")
+    if not meminfo.is_file():
+        return None
+    for line in meminfo.read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) / (1 << 20)
+    return None
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine a figure was measured on: processor model and instruction sets (they decide
+    ONNX Runtime's kernels), logical cores and the cores this process may use, memory, OS,
+    GPUs and ONNX Runtime's execution providers. Never raises."""
+    from citrus_edge.cpu_features import describe, instruction_sets
+
+    cpu = instruction_sets()
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count()
+    try:
+        import onnxruntime
+
+        providers = list(onnxruntime.get_available_providers())
+    except ImportError:
+        providers = []
+    return {
+        "cpu": cpu,
+        "cpu_line": describe(cpu),
+        "cores": cpu.get("cores"),
+        "cores_usable": usable,
+        "memory_gb": _memory_gb(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "gpus": _gpus(),
+        "onnxruntime_providers": providers,
+    }
+
+
+# The libraries a bundle's speed depends on, shown first; `library_versions` lists all.
+KEY_LIBRARIES = ("citrus-edge", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt")
+
+
+def library_versions() -> dict[str, Any]:
+    """{"key": versions of `KEY_LIBRARIES` installed, "all": every installed distribution}."""
+    from importlib import metadata
+
+    every: dict[str, str] = {}
+    for dist in metadata.distributions():
+        name = dist.metadata["Name"]
+        if name:
+            every.setdefault(name.lower(), dist.version)
+    key = {"python": platform.python_version()}
+    key.update({n: every[n] for n in KEY_LIBRARIES if n in every})
+    return {"key": key, "all": dict(sorted(every.items()))}
+
+
+def bench_report(
+    bundle: str | Path,
+    cases: Sequence[Case],
+    *,
+    warmup: int = 1,
+    iterations: int = 3,
+    threads: int = 0,
+    backend: str = "onnxruntime",
+    providers: Sequence[str] | None = None,
+    max_new_tokens: int = 96,
+    video_frames: int = 8,
+    cold_start: bool = True,
+) -> dict[str, Any]:
+    """`citrus-edge bench`'s record of one bundle: `run_bench` over `cases` (`iterations` timed
+    rounds of every case after `warmup` untimed runs), video mode over `video_frames` frames made
+    from the first case's image (shifted a pixel per frame: what a probe sweep tracks; 0: no
+    video), cold start in a fresh process, plus "schema", "bundle", "bundle_bytes", "settings",
+    "cases" (each case's image name and prompt), "machine" and "versions"."""
+    if iterations < 1:
+        raise BenchInputError(f"iterations must be 1 or more, got {iterations}")
+    if warmup < 0 or video_frames < 0:
+        raise BenchInputError(
+            f"warmup and video frames must be 0 or more, got {warmup}, {video_frames}"
+        )
+    if not cases:
+        raise BenchInputError("bench needs at least one image")
+    video = None
+    if video_frames:
+        from .inputs import load_input
+
+        first = load_input(cases[0][0], 0, None).pixels
+        video = [np.roll(first, shift=i, axis=1) for i in range(video_frames + 1)]
+    result = run_bench(
+        bundle,
+        cases,
+        backend=backend,
+        providers=providers,
+        max_new_tokens=max_new_tokens,
+        repeats=iterations,
+        warmup=warmup,
+        video=video,
+        video_prompt=cases[0][1] if video is not None else None,
+        cold_start=cold_start,
+        threads=threads,
+    )
+    return {
+        "schema": BENCH_SCHEMA,
+        "bundle": os.fspath(bundle),
+        "bundle_bytes": bundle_bytes(bundle),
+        "settings": {
+            "warmup": warmup,
+            "iterations": iterations,
+            "runs": iterations * len(cases),
+            "threads": threads,
+            "backend": backend,
+            "max_new_tokens": max_new_tokens,
+            "video_frames": video_frames,
+        },
+        "cases": [{"image": _case_name(image), "prompt": prompt} for image, prompt in cases],
+        **result,
+        "machine": machine_info(),
+        "versions": library_versions(),
+    }
+
+
+def _case_name(image: Any) -> str:
+    if isinstance(image, (str, os.PathLike)):
+        return os.fspath(image)
+    shape = getattr(image, "shape", None)
+    return f"array{list(shape)}" if shape is not None else type(image).__name__
 
 
 def _video_runs_alternating(
@@ -262,6 +514,7 @@ def measure_cold_start(
     providers: Sequence[str] | None = None,
     max_new_tokens: int = 96,
     timeout_s: float = 600.0,
+    threads: int = 0,
 ) -> dict[str, Any]:
     """Cold start in a fresh process: {"process_ms" (spawn to exit), "import_ms", "load_ms"
     (verify + open the bundle), "first_result_ms", "cold_start_ms" (load + first result),
@@ -279,6 +532,7 @@ def measure_cold_start(
             "backend": backend,
             "providers": list(providers) if providers else None,
             "max_new_tokens": max_new_tokens,
+            "threads": threads,
         }
         t0 = time.perf_counter()
         proc = subprocess.run(
@@ -297,11 +551,15 @@ def measure_cold_start(
 
 def _cold_start_child(args: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
-    from .pipeline import Pipeline
+    from .pipeline import Pipeline  # noqa: F401  (the import a cart pays, timed)
 
     t1 = time.perf_counter()
-    pipeline = Pipeline.from_bundle(
-        args["bundle"], args["backend"], args["providers"], args["max_new_tokens"]
+    pipeline = open_pipeline(
+        args["bundle"],
+        args["backend"],
+        args["providers"],
+        args["max_new_tokens"],
+        args.get("threads", 0),
     )
     t2 = time.perf_counter()
     image = args["image"]

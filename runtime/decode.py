@@ -7,16 +7,23 @@ all three axes; the token is the argmax of the last logits; EOS stops (and is no
 whose logits produced `[SEG]`. The KV cache stays inside the backend's runner between steps.
 Each kept token also records its log-probability under the step's softmax (`token_logprob`), the
 answer-confidence signal of `citrus_edge.quality`.
+
+With a `citrus_edge.grammar.Constraint` (the product tasks' answers), the argmax runs over the
+tokens the task's grammar allows next (EOS only once the answer is whole), so the text always
+parses in the task's format; the log-probability stays the model's unmasked one, so a forced
+format keeps the low confidence of an answer the model was unsure of.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from citrus_edge import positions
 from citrus_edge.config import TokenIds
+from citrus_edge.grammar import Constraint
 from citrus_edge.host_inputs import embed
 from citrus_edge.timing import StageTimer
 
@@ -63,9 +70,11 @@ def greedy_generate(
     tokens: TokenIds,
     max_new_tokens: int,
     timer: StageTimer,
+    constraint: Constraint | None = None,
 ) -> Generation:
     """Prefill with `prefill` (the `host_inputs.llm_prefill_inputs` feeds; its empty `past_*`
-    are the runner's business and ignored) and decode greedily."""
+    are the runner's business and ignored) and decode greedily, inside `constraint`'s grammar
+    when one is given (a fresh one per answer: it holds the answer's state)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     runner.reset()
@@ -75,14 +84,24 @@ def greedy_generate(
     logprobs: list[float] = []
     seg: list[np.ndarray] = []
     stopped_by, steps = "max_new_tokens", 0
+    grammar_s = 0.0  # the mask's share of "decode", timed as "grammar"
     with timer.stage("decode"):
         while True:
-            token = int(np.argmax(logits))
+            if constraint is None:
+                token = int(np.argmax(logits))
+            else:
+                t0 = time.perf_counter()
+                token = constraint.choose(logits)
+                grammar_s += time.perf_counter() - t0
             if token == tokens.eos:
                 stopped_by = "eos"
                 break
             out.append(token)
             logprobs.append(token_logprob(logits, token))
+            if constraint is not None:
+                t0 = time.perf_counter()
+                constraint.advance(token)
+                grammar_s += time.perf_counter() - t0
             if token == tokens.seg:
                 seg.append(hidden.copy())
             if len(out) == max_new_tokens:
@@ -90,5 +109,7 @@ def greedy_generate(
             feeds = step_feeds(token, embeddings, rope_deltas, runner.cache_len)
             logits, hidden = runner(feeds)
             steps += 1
+    if constraint is not None:
+        timer.add("grammar", grammar_s * 1e3)
     seg_hidden = np.stack(seg) if seg else np.zeros((0, len(hidden)), np.float32)
     return Generation(out, seg_hidden.astype(np.float32), stopped_by, steps, tuple(logprobs))

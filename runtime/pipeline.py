@@ -5,6 +5,7 @@ through `citrus_edge.host_inputs`, `postprocess`, `boxes`) around the bundle's f
 
     image ─ qwen_pixels ─ vision ─┐
     prompt ─ prompt_ids ─ embed ──┴ llm prefill ─ greedy steps (KV cache on the device)
+    prompt's task ─ grammar ─────────────────────────┘ (token mask: answers parse in its format)
                                         │ tokens ─ text ─ boxes (original pixels)
                                         └ [SEG] states ─ mask_decoder (all at once) ─ masks
     image ─ sam_pixels ─ sam_encoder (once, only if any [SEG]) ─┘          └ measurements (mm)
@@ -23,6 +24,7 @@ import numpy as np
 from citrus_edge.boxes import parse_boxes
 from citrus_edge.calib_data.load import LoadedImage
 from citrus_edge.calib_data.spacing import PixelSpacing
+from citrus_edge.grammar import AnswerGrammars
 from citrus_edge.host_inputs import llm_prefill_inputs, vision_inputs
 from citrus_edge.preprocess import check_image_size, qwen_pixels
 from citrus_edge.prompts import (
@@ -61,6 +63,9 @@ class RuntimeConfig:
     max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS
     engines: str | None = None  # engines folder (`citrus-edge engines build`); see from_bundle
     verify_bundle: bool = True  # sha256 of every file on load; refuse an altered bundle
+    # The product tasks' answers decode under their format's grammar (citrus_edge.grammar), so
+    # they always parse; False decodes every prompt freely (to measure what the model alone says).
+    constrained_decoding: bool = True
     version: int = RUNTIME_CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -136,6 +141,12 @@ class Pipeline:
         self.vision = graph("vision")
         self.llm = observe_kv_step(backend.open_kv_step(files["llm"], "llm"), observer)
         self.segmenter = Segmenter(graph("sam_encoder"), graph("mask_decoder"), artifacts.config)
+        cfg = artifacts.config
+        self.grammars = (
+            AnswerGrammars(self.tokenizer, cfg.tokens.seg, cfg.tokens.eos, cfg.text.vocab_size)
+            if config.constrained_decoding
+            else None
+        )
         self.load_ms: dict[str, float] = {}
 
     @classmethod
@@ -148,6 +159,7 @@ class Pipeline:
         engines: str | Path | None = None,
         max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS,
         observer: RunObserver | None = None,
+        constrained_decoding: bool = True,
     ) -> Pipeline:
         """Verify the bundle at `path` and open its graphs on `backend`.
 
@@ -157,6 +169,7 @@ class Pipeline:
         `max_context_tokens` caps prompt (template + image + text) + `max_new_tokens`, as does
         the model's context; a call past either raises `PromptTooLongError` before any graph runs.
         `observer` (`RunObserver`) is told about every graph run (see `observe`).
+        `constrained_decoding` keeps the product tasks' answers inside their format's grammar.
 
         Raises `BundleError` naming an altered or missing file (bundle or engines folder),
         `UnknownBackendError`, `OnnxRuntimeSetupError` / `TensorRTSetupError` when the backend
@@ -169,6 +182,7 @@ class Pipeline:
             max_new_tokens=max_new_tokens,
             engines=None if engines is None else str(engines),
             max_context_tokens=max_context_tokens,
+            constrained_decoding=constrained_decoding,
         )
         return cls.from_config(path, cfg, observer=observer)
 
@@ -282,6 +296,12 @@ class Pipeline:
             prefill, rope_deltas = llm_prefill_inputs(
                 ids[None], self.artifacts.embeddings, cfg, features, [qp.grid_thw]
             )
+        constraint = None
+        if self.grammars is not None:
+            with timer.stage("grammar"):
+                constraint = self.grammars.for_prompt(
+                    prompt, qp.resized_hw, self.config.max_new_tokens
+                )  # None: free-form
         gen = greedy_generate(
             self.llm,
             prefill,
@@ -290,6 +310,7 @@ class Pipeline:
             cfg.tokens,
             self.config.max_new_tokens,
             timer,
+            constraint,
         )
         return gen, qp.resized_hw
 

@@ -39,7 +39,9 @@ def seg_model():
     emits `[SEG]` (and its state is tested) while decoding stays deterministic.
     """
     model = tiny_model()
-    pipe = ReferencePipeline(model, tiny_tokenizer(), max_new_tokens=MAX_NEW)
+    pipe = ReferencePipeline(
+        model, tiny_tokenizer(), max_new_tokens=MAX_NEW, constrained_decoding=False
+    )
     h, w, seed, prompt = CASES[0]
     first = pipe(random_rgb(h, w, seed=seed), prompt).token_ids
     with torch.no_grad():
@@ -132,7 +134,9 @@ def test_ort_greedy_matches_reference_pipeline(exported, case):
     seen = []  # the hidden state of every step, as the reference feeds lm_head
     hook = model.mllm.lm_head.register_forward_hook(lambda _m, args, _o: seen.append(args[0][0]))
     try:
-        ref = ReferencePipeline(model, tiny_tokenizer(), max_new_tokens=MAX_NEW)(rgb, prompt)
+        ref = ReferencePipeline(
+            model, tiny_tokenizer(), max_new_tokens=MAX_NEW, constrained_decoding=False
+        )(rgb, prompt)
     finally:
         hook.remove()
     tokens, hidden = ort_greedy(model, sessions, table, rgb, prompt)

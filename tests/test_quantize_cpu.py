@@ -294,7 +294,8 @@ def test_runtime_reproduces_the_reported_token_agreement(request, data, tmp_path
     for record in records:
         rgb = load_image(record.abs_image(data[2].parent)).pixels
         a, b = fp32(rgb, record.prompt), quant(rgb, record.prompt)
-        assert len(a.token_ids) == 16 and len(b.token_ids) >= 1, record.id
+        # task prompts decode under their grammar: an answer may end before the 16 tokens
+        assert 1 <= len(a.token_ids) <= 16 and 1 <= len(b.token_ids) <= 16, record.id
         agreements.append(token_agreement(a.token_ids, b.token_ids))
     print(recipe, np.round(agreements, 3))
     assert len(records) == report.measured["n_records"] == 6

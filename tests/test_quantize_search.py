@@ -33,7 +33,9 @@ RECIPE = FP32.with_component("mask_decoder", "int8")
 ADDS_IN_INT8 = dataclasses.replace(
     CPU_STATIC_INT8, op_types=GEMM_OP_TYPES + ("Add",), per_channel=False
 )
-BUDGET = Budget(max_dice_drop=0.03, min_token_agreement=0.99, min_sqnr_db=20.0)
+# 25 dB: with the task grammars the decoder is fed what constrained answers give (measured: the
+# bad setting 22.5 dB, repaired 26.4 dB on the TINY model).
+BUDGET = Budget(max_dice_drop=0.03, min_token_agreement=0.99, min_sqnr_db=25.0)
 
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,9 @@ def _plain_forward(model, rgb, prompt: str, generated: list[int]):
 def _pipeline(script):
     model = tiny_model()
     model.mllm.lm_head = ScriptedHead(script, model.config.text.vocab_size)
-    return ReferencePipeline(model, tiny_tokenizer(), max_new_tokens=16), model
+    return ReferencePipeline(
+        model, tiny_tokenizer(), max_new_tokens=16, constrained_decoding=False
+    ), model
 
 
 def test_seg_state_equals_plain_forward_and_two_masks_one_encoder_run():
@@ -102,7 +104,7 @@ def test_max_new_tokens_stops():
 def test_unscripted_greedy_matches_transformers_generate():
     """Our one-pass loop gives the tokens of a full-sequence argmax re-run (teacher forcing)."""
     model = tiny_model(seed=3)
-    pipe = ReferencePipeline(model, tiny_tokenizer(), max_new_tokens=8)
+    pipe = ReferencePipeline(model, tiny_tokenizer(), max_new_tokens=8, constrained_decoding=False)
     rgb = random_rgb(seed=5)
     result = pipe(rgb, "Describe the findings in this scan.")
     out, n_prompt = _plain_forward(

@@ -30,7 +30,7 @@ from citrus_edge.runtime.pipeline import Pipeline
 from citrus_edge.runtime.video import run_video
 
 bundle, image, prompt, out = sys.argv[1], np.load(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
-pipe = Pipeline.from_bundle(bundle, max_new_tokens=24)
+pipe = Pipeline.from_bundle(bundle, max_new_tokens=24, constrained_decoding=False)
 result = pipe(image, prompt)
 write_json(result, out / "result.json")
 write_overlay(image, result, out / "overlay.png")

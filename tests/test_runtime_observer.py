@@ -123,7 +123,7 @@ class _Seen(RunObserver):
 
 def _pipeline(observer=None, kind="seg"):
     backend = _SpyBackend()
-    config = RuntimeConfig(max_new_tokens=MAX_NEW)
+    config = RuntimeConfig(max_new_tokens=MAX_NEW, constrained_decoding=False)
     pipe = Pipeline(open_bundle(bundle(kind)), backend, config, None, observer)
     return pipe, backend
 
@@ -156,7 +156,7 @@ def test_without_an_observer_the_runners_are_the_backends_own():
     assert pipe.llm is backend.opened["llm"]
     assert pipe.segmenter.encoder is backend.opened["sam_encoder"]
     assert pipe.segmenter.decoder is backend.opened["mask_decoder"]
-    plain = Pipeline.from_bundle(bundle("seg"), max_new_tokens=MAX_NEW)
+    plain = Pipeline.from_bundle(bundle("seg"), max_new_tokens=MAX_NEW, constrained_decoding=False)
     for runner in (plain.vision, plain.llm, plain.segmenter.encoder, plain.segmenter.decoder):
         assert not isinstance(runner, (_ObservedGraph, _ObservedKvStep))
         assert type(runner).__module__ == "citrus_edge.runtime.ort_backend"

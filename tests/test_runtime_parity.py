@@ -182,7 +182,7 @@ def test_altered_bundle_is_refused_naming_the_file(tmp_path):
 def test_bundle_without_components_uses_export_manifest(tmp_path):
     path = copy_bundle("seg", tmp_path / "bundle")
     write_manifest(path, {})  # a bundle straight from export_all: no "components"
-    pipe = Pipeline.from_bundle(path, max_new_tokens=MAX_NEW)
+    pipe = Pipeline.from_bundle(path, max_new_tokens=MAX_NEW, constrained_decoding=False)
     assert "components" not in pipe.artifacts.bundle.manifest
     case = CASES[1]
     assert (

@@ -98,14 +98,21 @@ def copy_bundle(kind: str, dest: Path) -> Path:
 def reference(kind: str, max_new_tokens: int = MAX_NEW):
     from citrus_edge.modelling.reference import ReferencePipeline
 
-    return ReferencePipeline(variant_model(kind), tiny_tokenizer(), max_new_tokens=max_new_tokens)
+    return ReferencePipeline(
+        variant_model(kind),
+        tiny_tokenizer(),
+        max_new_tokens=max_new_tokens,
+        constrained_decoding=False,
+    )
 
 
 @functools.cache
 def pipeline(kind: str, max_new_tokens: int = MAX_NEW):
     from citrus_edge.runtime.pipeline import Pipeline
 
-    return Pipeline.from_bundle(bundle(kind), max_new_tokens=max_new_tokens)
+    return Pipeline.from_bundle(
+        bundle(kind), max_new_tokens=max_new_tokens, constrained_decoding=False
+    )
 
 
 def case_image(case: tuple) -> np.ndarray:

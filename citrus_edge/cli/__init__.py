@@ -39,6 +39,8 @@ from citrus_edge.cli.plan_commands import plan_cmd, recipes_cmd, targets_cmd
 from citrus_edge.cli.export_command import export_cmd
 from citrus_edge.cli.engines_commands import engines_build
 from citrus_edge.cli.run_command import run_cmd
+from citrus_edge.cli.bench_command import bench_cmd
+from citrus_edge.cli.sweep_command import sweep_cmd
 from citrus_edge.cli.listen_command import listen_cmd
 from citrus_edge.cli.build_command import build_cmd
 from citrus_edge.cli.quantize_command import quantize_cmd
@@ -53,6 +55,7 @@ __all__ = [
     "EXIT_NOTHING_TRACKED",
     "EXIT_USAGE",
     "app",
+    "bench_cmd",
     "build_cmd",
     "command",
     "console",
@@ -73,6 +76,7 @@ __all__ = [
     "quantize_cmd",
     "recipes_cmd",
     "run_cmd",
+    "sweep_cmd",
     "serve_cmd",
     "targets_cmd",
 ]

@@ -3,6 +3,8 @@
 Greedy decoding records the `[SEG]` state in the same pass that generates the text: the state of a
 `[SEG]` token is the final-norm hidden state of the step whose logits produced it (the position
 before `[SEG]`, as LISA-style models select it). SAM2's image encoder runs once per image.
+The product tasks' answers decode under their format's grammar with the runtime's own automaton
+(`citrus_edge.grammar`, torch-free), so the oracle and the runtime pick the same tokens.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from tokenizers import Tokenizer
 from transformers import DynamicCache
 
 from citrus_edge.boxes import parse_boxes
+from citrus_edge.grammar import AnswerGrammars, Constraint
 from citrus_edge.modelling.model import CitrusV
 from citrus_edge.postprocess import select_masks
 from citrus_edge.preprocess import qwen_pixels, sam_pixels
@@ -54,10 +57,13 @@ def greedy_generate(
     pixel_values: torch.Tensor,
     grid_thw: torch.Tensor,
     max_new_tokens: int,
+    constraint: Constraint | None = None,
 ) -> Generation:
     """Prefill then 1-token steps with a KV cache; returns tokens and `[SEG]` states in one pass.
 
     ids: [1, S] prompt ids with image placeholders; pixel_values: [N_patches, C*T*P*P].
+    With `constraint`, each token is the argmax over the tokens its grammar allows (the
+    runtime's `runtime.decode` rule); log-probabilities stay those of the unmasked softmax.
     """
     tok = model.config.tokens
     pos = mrope_inputs(model, ids, grid_thw)  # [3, 1, S]
@@ -78,12 +84,17 @@ def greedy_generate(
     stopped_by = "max_new_tokens"
     for _ in range(max_new_tokens):
         logits = model.mllm.lm_head(hidden)  # [1, V]
-        token = int(logits.argmax(-1))
+        if constraint is None:
+            token = int(logits.argmax(-1))
+        else:
+            token = constraint.choose(logits[0].float().numpy())
         if token == tok.eos:
             stopped_by = "eos"
             break
         tokens.append(token)
         logprobs.append(float(torch.log_softmax(logits[0].double(), -1)[token]))
+        if constraint is not None:
+            constraint.advance(token)
         if token == tok.seg:
             seg_states.append(hidden[0])
         if len(tokens) == max_new_tokens:
@@ -108,14 +119,23 @@ class ReferencePipeline:
         tokenizer: Tokenizer,
         max_new_tokens: int = 96,
         max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS,
+        constrained_decoding: bool = True,
     ):
         """`max_context_tokens` caps prompt + `max_new_tokens` as `RuntimeConfig`'s field does
-        (the model's context applies too): past it, `PromptTooLongError` before the model runs."""
+        (the model's context applies too): past it, `PromptTooLongError` before the model runs.
+        `constrained_decoding` keeps the product tasks' answers in their format's grammar, as
+        `RuntimeConfig.constrained_decoding` does."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
         self.max_context_tokens = max_context_tokens
         self.cfg = model.config
+        tok = model.config.tokens
+        self.grammars = (
+            AnswerGrammars(tokenizer, tok.seg, tok.eos, model.config.text.vocab_size)
+            if constrained_decoding
+            else None
+        )
 
     @classmethod
     def from_checkpoint(cls, path: Path, **kw: object) -> ReferencePipeline:
@@ -137,6 +157,12 @@ class ReferencePipeline:
                 cfg.text.max_position_embeddings, self.max_context_tokens, self.max_new_tokens
             )
             ids = torch.from_numpy(prompt_ids(self.tokenizer, prompt, n_img, limit))[None]
+        constraint = None
+        if self.grammars is not None:
+            with timer.stage("grammar"):
+                constraint = self.grammars.for_prompt(
+                    prompt, qp.resized_hw, self.max_new_tokens
+                )  # None: free-form
         with timer.stage("generate"):
             gen = greedy_generate(
                 self.model,
@@ -144,6 +170,7 @@ class ReferencePipeline:
                 torch.from_numpy(qp.pixel_values),
                 torch.tensor([qp.grid_thw]),
                 self.max_new_tokens,
+                constraint,
             )
         text = self.tokenizer.decode(gen.tokens, skip_special_tokens=False)
         masks, scores = [], []

@@ -1,0 +1,678 @@
+"""`citrus-edge sweep`: models x targets x recipes, each built, timed and scored on one manifest.
+
+Per cell: a build (reused from the cache when its inputs hash the same: model weights, target,
+recipe, budget, the build's code and library versions), `bench` on a few images of the manifest,
+then every record of the chosen split through the bundle, scored with the eval metrics (Dice,
+lesion count, Precision@1, report fields) and against the FP32 PyTorch reference (token
+agreement, mask IoU, Dice drop). The accuracy budget (the recipe's default, or `--budget`)
+marks the cell VALID or INVALID, as MLPerf does: a fast cell outside the budget is not a choice.
+
+TensorRT targets are never timed here without their GPU: their cells are "not measured" and show
+the memory planner's projection in columns labelled as such. Each finished cell is written to
+`results.json` at once, so an interrupted sweep started again with the same `--out` resumes from
+the finished cells (and the cached builds). The reports (`results.csv`, `report.md`,
+`report.html`) are made from `results.json` by `citrus_edge.report`.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.text import Text
+
+from citrus_edge.cli.cli_app import _stdout, app, console
+
+log = logging.getLogger(__name__)
+
+SWEEP_VERSION = 1
+DEFAULT_RECIPE = "default"  # the target's default recipe, as `build` without --precision
+# Source folders and files whose code decides what a build writes: part of the build cache key,
+# so an edited quantizer never reuses a bundle it did not make.
+BUILD_CODE = ("compress", "export", "citrus_edge/cli/bundle_build.py", "citrus_edge/recipes.py")
+
+
+class SweepInputError(ValueError):
+    """A sweep asked for with an unknown model, target, recipe or data, or nothing to run."""
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """One sweep. `split=None` scores every record of the manifest; `limit` the first N."""
+
+    models: tuple[str, ...]
+    targets: tuple[str, ...]
+    recipes: tuple[str, ...]
+    data: Path
+    out: Path
+    split: str | None = "eval"
+    limit: int | None = None
+    cache: Path | None = None  # default: <out>/builds
+    budget: str | None = None
+    bench_images: int = 4
+    iterations: int = 3
+    warmup: int = 1
+    video_frames: int = 8
+    threads: int = 0
+    max_new_tokens: int = 96
+    build_eval_limit: int = 8
+    cold_start: bool = True
+
+    def settings(self) -> dict[str, Any]:
+        """What the cells' figures depend on besides the models, data and versions."""
+        d = asdict(self)
+        for k in ("models", "targets", "recipes", "data", "out", "cache"):
+            d.pop(k)
+        return d
+
+
+def _sha(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def code_hash(root: Path | None = None) -> str:
+    """sha256 over the build's source files (`BUILD_CODE`), in path order."""
+    root = root or Path(__file__).resolve().parents[2]
+    h = hashlib.sha256()
+    for entry in BUILD_CODE:
+        p = root / entry
+        files = sorted(p.rglob("*.py")) if p.is_dir() else [p] if p.is_file() else []
+        for f in files:
+            h.update(f.relative_to(root).as_posix().encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _model_name(spec: str, model_dir: Path) -> str:
+    from citrus_edge.defaults import SHIPPED_MODELS
+
+    return spec if spec in SHIPPED_MODELS else model_dir.name
+
+
+def resolve_inputs(cfg: SweepConfig) -> dict[str, Any]:
+    """Everything the sweep needs, checked before any work: models (dir, hash), targets,
+    recipes per target (or why not), the manifest's records. Typed errors otherwise."""
+    from citrus_edge.bundle import sha256_file
+    from citrus_edge.calib_data.data_manifest import read_manifest
+    from citrus_edge.defaults import resolve_model
+    from citrus_edge.export.export_manifest import checkpoint_source_hash
+    from citrus_edge.recipes import get_recipe
+    from citrus_edge.targets import resolve_target
+
+    if not (cfg.models and cfg.targets and cfg.recipes):
+        raise SweepInputError("a sweep needs at least one model, one target and one recipe")
+    models = {}
+    for spec in cfg.models:
+        try:
+            model_dir = resolve_model(spec)
+        except FileNotFoundError as e:
+            raise SweepInputError(str(e)) from None
+        models[_model_name(spec, model_dir)] = {
+            "dir": str(model_dir),
+            "hash": checkpoint_source_hash(model_dir),
+        }
+    targets = {}
+    for name in cfg.targets:
+        try:
+            targets[name] = resolve_target(name).target
+        except ValueError as e:
+            raise SweepInputError(str(e)) from None
+    for r in cfg.recipes:
+        if r != DEFAULT_RECIPE:
+            try:
+                get_recipe(r)
+            except ValueError as e:
+                raise SweepInputError(f"{e} (or {DEFAULT_RECIPE!r})") from None
+    if not cfg.data.is_file():
+        raise SweepInputError(f"{cfg.data}: no such manifest (make one: citrus-edge data phantoms)")
+    records = read_manifest(cfg.data, split=cfg.split)[: cfg.limit]
+    if not records:
+        raise SweepInputError(f"{cfg.data}: no records in split {cfg.split or 'all'}")
+    return {
+        "models": models,
+        "targets": targets,
+        "records": records,
+        "data": {
+            "manifest": str(cfg.data.resolve()),
+            "sha256": "sha256:" + sha256_file(cfg.data),
+            "split": cfg.split or "all",
+            "records": len(records),
+            "bench_images": cfg.bench_images,
+        },
+    }
+
+
+def _recipe_of(target: Any, name: str) -> Any:
+    from citrus_edge.recipes import get_recipe
+
+    return get_recipe(target.default_recipe if name == DEFAULT_RECIPE else name)
+
+
+def _budget(cfg: SweepConfig, recipe: Any) -> Any:
+    from citrus_edge.compress.budget import default_budget, parse_budget
+
+    base = default_budget(recipe.llm)
+    return parse_budget(cfg.budget, base) if cfg.budget else base
+
+
+def _versions() -> dict[str, str]:
+    from citrus_edge.runtime.bench import library_versions
+
+    key = dict(library_versions()["key"])
+    from importlib import metadata
+
+    for name in ("torch", "matplotlib"):
+        try:
+            key[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return key
+
+
+class _Recording:
+    """Wraps a pipeline and keeps the token ids and masks of every answer."""
+
+    def __init__(self, pipeline: Any) -> None:
+        self.pipeline, self.tokens, self.masks = pipeline, [], []
+
+    def __call__(self, rgb: Any, prompt: str) -> Any:
+        result = self.pipeline(rgb, prompt)
+        self.tokens.append(list(result.token_ids))
+        self.masks.append([m.astype(bool) for m in result.masks])
+        return result
+
+
+def _reference(
+    cfg: SweepConfig, model: dict, records: list, cache: Path, tick: Callable[[int], None]
+) -> dict:
+    """The FP32 PyTorch reference's answers on the records (tokens, masks, metrics), cached on
+    disk per model weights and data, so a resumed sweep does not recompute it."""
+    import numpy as np
+
+    key = _sha([model["hash"], cfg.data.resolve(), cfg.split, len(records), cfg.max_new_tokens])
+    path = cache / f"reference-{key[:20]}.npz"
+    meta = path.with_suffix(".json")
+    if path.is_file() and meta.is_file():
+        stored = json.loads(meta.read_text())
+        arrays = np.load(path)
+        masks = [
+            [arrays[f"m{i}_{j}"] for j in range(n)] for i, n in enumerate(stored["mask_counts"])
+        ]
+        return {"tokens": stored["tokens"], "masks": masks, "metrics": stored["metrics"]}
+    from citrus_edge.atomic import atomic_path, write_json_atomic
+    from citrus_edge.cli.evaluate import evaluate
+    from citrus_edge.modelling.reference import ReferencePipeline
+
+    reference = ReferencePipeline.from_checkpoint(
+        Path(model["dir"]), max_new_tokens=cfg.max_new_tokens
+    )
+    run = _Recording(reference)
+    report = evaluate(run, records, cfg.data.parent, tick)
+    out = {"tokens": run.tokens, "masks": run.masks, "metrics": report.summary()}
+    del run, reference
+    gc.collect()
+    cache.mkdir(parents=True, exist_ok=True)
+    arrays = {f"m{i}_{j}": m for i, ms in enumerate(out["masks"]) for j, m in enumerate(ms)}
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
+    counts = [len(ms) for ms in out["masks"]]
+    write_json_atomic(
+        meta, {"tokens": out["tokens"], "mask_counts": counts, "metrics": out["metrics"]}
+    )
+    return out
+
+
+def _build(cfg: SweepConfig, model: dict, target: Any, recipe_name: str, cache: Path) -> Path:
+    """The cell's bundle: cached under `cache` by the hash of everything that makes it."""
+    from citrus_edge.cli.bundle_build import BUILD_CONFIG_VERSION, BuildConfig, build
+
+    recipe = None if recipe_name == DEFAULT_RECIPE else recipe_name
+    key = _sha(
+        {
+            "model": model["hash"],
+            "target": target.name,
+            "recipe": _recipe_of(target, recipe_name).to_dict(),
+            "budget": cfg.budget,
+            "build_eval_limit": cfg.build_eval_limit,
+            "eval_data": str(cfg.data.resolve()),
+            "build_config": BUILD_CONFIG_VERSION,
+            "code": code_hash(),
+            "versions": _versions(),
+        }
+    )
+    out = cache / f"{Path(model['dir']).name}-{target.name}-{recipe_name}-{key[:16]}"
+    if (out / "manifest.json").is_file():
+        log.info("reusing the cached build %s", out)
+        return out
+    bc = BuildConfig(
+        target=target.name,
+        model_dir=Path(model["dir"]),
+        recipe=recipe,
+        eval_data=cfg.data,
+        eval_limit=cfg.build_eval_limit,
+        budget=cfg.budget,
+    )
+    build(bc, out)
+    return out
+
+
+def _p50(entry: dict | None) -> float | None:
+    return entry["p50"] if entry and entry.get("n") else None
+
+
+def latency_of(bench: dict) -> dict[str, Any]:
+    """The cell's latency figures from a `bench_report`: medians (p50) unless named p90/p99."""
+    e2e = bench["e2e_ms"]
+    cold = bench.get("cold_start") or {}
+    video = bench.get("video") or {}
+    return {
+        "e2e_p50_ms": _p50(e2e),
+        "e2e_p90_ms": e2e.get("p90"),
+        "e2e_p99_ms": e2e.get("p99"),
+        "e2e_min_ms": e2e.get("min"),
+        "ttft_p50_ms": _p50(bench["ttft_ms"]),
+        "decode_ms_per_token": _p50(bench["decode_ms_per_token"]),
+        "decode_tokens_per_s": _p50(bench["decode_tokens_per_s"]),
+        "mask_decoder_ms_per_seg": _p50(bench["mask_decoder_ms_per_seg"]),
+        "video_ms_per_frame": _p50(video.get("ms_per_frame")),
+        "cold_start_ms": cold.get("cold_start_ms"),
+        # The cold process holds this bundle only (the sweep's own process holds torch and
+        # the reference too): the cart's figure.
+        "peak_rss_mb": cold.get("peak_rss_mb", bench.get("peak_rss_mb")),
+        "stages_p50_ms": {k: _p50(v) for k, v in bench["stages_ms"].items() if k != "total"},
+    }
+
+
+def accuracy_of(report: Any, run: _Recording, ref: dict) -> dict[str, Any]:
+    """Eval metrics of the cell and its fidelity to the FP32 reference's answers."""
+    from citrus_edge.metrics import mask_iou, token_agreement
+
+    agree = [token_agreement(a, b) for a, b in zip(ref["tokens"], run.tokens, strict=True)]
+    ious = [
+        mask_iou(ma, mb)
+        for a, b in zip(ref["masks"], run.masks, strict=True)
+        for ma, mb in zip(a, b, strict=False)  # counts may differ
+    ]
+    s = report.summary()
+    ref_dice = ref["metrics"]["dice"]
+    return {
+        "records": s["n"],
+        "dice": s["dice"],
+        "precision_at_1": s["precision_at_1"],
+        "count_accuracy": s["count_accuracy"],
+        "report_field_accuracy": s["report_field_accuracy"],
+        "field_accuracy": s["field_accuracy"],
+        "token_agreement": sum(agree) / len(agree) if agree else None,
+        "exact_sequences": sum(a == 1.0 for a in agree) / len(agree) if agree else None,
+        "mask_iou": sum(ious) / len(ious) if ious else None,
+        "reference_dice": ref_dice,
+        "dice_drop": None if ref_dice is None or s["dice"] is None else ref_dice - s["dice"],
+    }
+
+
+def validity_of(accuracy: dict, budget: Any) -> tuple[str, list[str]]:
+    """VALID when token agreement and Dice drop are inside the budget; the violations else."""
+    from citrus_edge.report.sweep_results import INVALID, VALID
+
+    bad = []
+    agree, drop = accuracy.get("token_agreement"), accuracy.get("dice_drop")
+    if agree is None:
+        bad.append("no token agreement measured")
+    elif agree < budget.min_token_agreement:
+        bad.append(f"token agreement {agree:.4f} < {budget.min_token_agreement:.4f}")
+    if drop is not None and drop > budget.max_dice_drop:
+        bad.append(f"Dice drop {drop:.4f} > {budget.max_dice_drop:.4f}")
+    return (INVALID if bad else VALID), bad
+
+
+def _projection(model: dict, target: Any, recipe: Any) -> dict[str, Any]:
+    from citrus_edge.cli.memory_plan import plan
+    from citrus_edge.config import CitrusVConfig
+
+    p = plan(CitrusVConfig.load(Path(model["dir"]) / "config.json"), target, recipe)
+    return {
+        "kind": "projection (memory planner), not a measurement",
+        "weight_bytes": p.weight_bytes,
+        "total_bytes": p.total_bytes,
+        "fits": p.fits,
+        "bandwidth_gbs": p.bandwidth_gbs,
+        "decode_tokens_per_s_upper_bound": p.decode_tokens_per_s,
+    }
+
+
+def _why_not_here(target: Any) -> str | None:
+    """Why this machine does not time `target` (None: it does: the ONNX Runtime CPU target)."""
+    if not target.tensorrt:
+        return None
+    from citrus_edge.cli.bundle_build import matching_gpu
+
+    if matching_gpu(target) is None:
+        return (
+            f"TensorRT target {target.name}: its GPU ({target.gpu}) with TensorRT is not on "
+            "this machine"
+        )
+    return (
+        f"TensorRT target {target.name}: the sweep times ONNX Runtime CPU cells; time the "
+        "engines with `citrus-edge bench --backend tensorrt` on this GPU"
+    )
+
+
+def cell_key(cfg: SweepConfig, inputs: dict, model: str, target: str, recipe: str) -> str:
+    """What a finished cell's figures depend on; a resumed sweep reuses a cell with this key."""
+    return _sha(
+        {
+            "version": SWEEP_VERSION,
+            "model": inputs["models"][model]["hash"],
+            "target": target,
+            "recipe": recipe,
+            "data": inputs["data"],
+            "settings": cfg.settings(),
+            "code": code_hash(),
+            "versions": inputs.get("versions"),
+        }
+    )
+
+
+def _previous_cells(path: Path) -> dict[str, dict]:
+    from citrus_edge.report.sweep_results import FAILED, SweepResultsError, load_results
+
+    if not path.is_file():
+        return {}
+    try:
+        old = load_results(path)
+    except SweepResultsError as e:
+        log.warning("not resuming from %s: %s", path, e)
+        return {}
+    return {c["key"]: c for c in old["cells"] if c.get("status") != FAILED and "key" in c}
+
+
+def write_reports(results: dict, out: Path) -> dict[str, Path]:
+    """results.json, results.csv, report.md and report.html in `out` (atomically each)."""
+    from citrus_edge.atomic import write_json_atomic, write_text_atomic
+    from citrus_edge.report.sweep_html import results_html
+    from citrus_edge.report.sweep_results import mark_pareto, results_csv, results_markdown
+
+    mark_pareto(results)
+    files = {
+        "json": write_json_atomic(out / "results.json", results),
+        "csv": write_text_atomic(out / "results.csv", results_csv(results)),
+        "md": write_text_atomic(out / "report.md", results_markdown(results)),
+        "html": write_text_atomic(out / "report.html", results_html(results)),
+    }
+    return {k: Path(v) for k, v in files.items()}
+
+
+def run_sweep(cfg: SweepConfig, progress: Any = None) -> dict:
+    """Run every cell (resuming finished ones from `<out>/results.json`) and write the reports.
+    `progress`: a rich `Progress` to show the cells and each cell's records on (or None)."""
+    from citrus_edge.atomic import write_json_atomic
+    from citrus_edge.bundle import created_now
+    from citrus_edge.cli.bench_command import bench_cases
+    from citrus_edge.report.sweep_results import (
+        FAILED,
+        MEASURED,
+        NOT_APPLICABLE,
+        NOT_MEASURED,
+        SCHEMA,
+        mark_pareto,
+    )
+    from citrus_edge.runtime.bench import machine_info
+    from citrus_edge.targets import check_recipe
+
+    inputs = resolve_inputs(cfg)  # typed errors before any work
+    inputs["versions"] = _versions()
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    cache = cfg.cache or cfg.out / "builds"
+    previous = _previous_cells(cfg.out / "results.json")
+    records = inputs["records"]
+    cases = bench_cases([cfg.data], split=cfg.split or None, limit=cfg.bench_images)
+    t_start = time.perf_counter()
+    results: dict[str, Any] = {
+        "schema": SCHEMA,
+        "created": created_now(),
+        "machine": machine_info(),
+        "versions": inputs["versions"],
+        "models": inputs["models"],
+        "data": inputs["data"],
+        "budget": {},
+        "settings": cfg.settings(),
+        "cells": [],
+    }
+    plan = [(m, t, r) for m in inputs["models"] for t in cfg.targets for r in cfg.recipes]
+    overall = progress.add_task("sweep", total=len(plan)) if progress else None
+    references: dict[str, dict] = {}
+
+    def status(text: str) -> None:
+        if progress is not None:
+            progress.update(overall, description=text)
+
+    for model_name, target_name, recipe_name in plan:
+        model = inputs["models"][model_name]
+        target = inputs["targets"][target_name]
+        key = cell_key(cfg, inputs, model_name, target_name, recipe_name)
+        label = f"{model_name}/{target_name}/{recipe_name}"
+        cell: dict[str, Any] = {
+            "key": key,
+            "model": model_name,
+            "target": target.name,
+            "recipe": recipe_name,
+        }
+        recipe = _recipe_of(target, recipe_name)
+        cell["recipe_components"] = recipe.to_dict()
+        budget = _budget(cfg, recipe)
+        results["budget"][recipe.name] = str(budget)
+        if key in previous:
+            cell = previous[key]
+            status(f"{label}: finished before (resumed)")
+        else:
+            try:
+                check_recipe(target, recipe)
+            except ValueError as e:
+                cell.update(status=NOT_APPLICABLE, reason=" ".join(str(e).split()))
+            else:
+                why = _why_not_here(target)
+                if why is not None:
+                    cell.update(
+                        status=NOT_MEASURED,
+                        reason=why,
+                        projection=_projection(model, target, recipe),
+                    )
+                else:
+                    try:
+                        _measure(cfg, cell, model, target, recipe_name, budget, cache, cases,
+                                 records, references, progress, status, label)  # fmt: skip
+                        cell["status"] = MEASURED
+                    except Exception as e:  # one broken cell must not cost the others
+                        log.warning("%s failed: %s: %s", label, type(e).__name__, e)
+                        cell.update(
+                            status=FAILED, reason=" ".join(f"{type(e).__name__}: {e}".split())
+                        )
+        results["cells"].append(cell)
+        results["elapsed_s"] = time.perf_counter() - t_start
+        mark_pareto(results)
+        write_json_atomic(cfg.out / "results.json", results)  # resume point
+        if progress is not None:
+            progress.advance(overall)
+    results["elapsed_s"] = time.perf_counter() - t_start
+    write_reports(results, cfg.out)
+    return results
+
+
+def _measure(
+    cfg: SweepConfig,
+    cell: dict,
+    model: dict,
+    target: Any,
+    recipe_name: str,
+    budget: Any,
+    cache: Path,
+    cases: list,
+    records: list,
+    references: dict,
+    progress: Any,
+    status: Callable[[str], None],
+    label: str,
+) -> None:
+    """Build, bench and score one cell, filling `cell` in place."""
+    from citrus_edge.cli.evaluate import evaluate
+    from citrus_edge.runtime.bench import bench_report, open_pipeline
+
+    def ticker(what: str) -> tuple[Callable[[int], None], Any]:
+        if progress is None:
+            return (lambda i: None), None
+        task = progress.add_task(what, total=len(records))
+        return (lambda i: progress.update(task, completed=i)), task
+
+    if model["hash"] not in references:
+        status(f"{label}: FP32 PyTorch reference")
+        tick, task = ticker(f"reference {Path(model['dir']).name}")
+        references[model["hash"]] = _reference(cfg, model, records, cache, tick)
+        if task is not None:
+            progress.remove_task(task)
+    status(f"{label}: build")
+    t0 = time.perf_counter()
+    bundle = _build(cfg, model, target, recipe_name, cache)
+    t1 = time.perf_counter()
+    status(f"{label}: bench")
+    bench = bench_report(
+        bundle,
+        cases,
+        warmup=cfg.warmup,
+        iterations=cfg.iterations,
+        threads=cfg.threads,
+        max_new_tokens=cfg.max_new_tokens,
+        video_frames=cfg.video_frames,
+        cold_start=cfg.cold_start,
+    )
+    t2 = time.perf_counter()
+    status(f"{label}: eval")
+    tick, task = ticker(f"eval {label}")
+    run = _Recording(open_pipeline(bundle, max_new_tokens=cfg.max_new_tokens, threads=cfg.threads))
+    report = evaluate(run, records, cfg.data.parent, tick)
+    if task is not None:
+        progress.remove_task(task)
+    t3 = time.perf_counter()
+    accuracy = accuracy_of(report, run, references[model["hash"]])
+    validity, violations = validity_of(accuracy, budget)
+    for k in ("machine", "versions"):
+        bench.pop(k, None)  # in the sweep's header
+    cell.update(
+        bundle={
+            "path": str(bundle),
+            "bundle_id": bench["bundle_id"],
+            "bytes": bench["bundle_bytes"],
+        },
+        latency=latency_of(bench),
+        accuracy=accuracy,
+        validity=validity,
+        violations=violations,
+        budget=str(budget),
+        bench=bench,
+        seconds={"build": t1 - t0, "bench": t2 - t1, "eval": t3 - t2},
+    )
+
+
+def _split_list(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+@app.command("sweep")
+def sweep_cmd(
+    models: Annotated[
+        str, typer.Option(help="Models, comma-separated: demo, demo-lite or checkpoint dirs.")
+    ] = "demo",
+    targets: Annotated[str, typer.Option(help="Targets, comma-separated.")] = "cpu",
+    recipes: Annotated[
+        str,
+        typer.Option(
+            help="Recipes, comma-separated (see `citrus-edge recipes`; 'default': the "
+            "target's default)."
+        ),  # fmt: skip
+    ] = "fp32,int8,int8-w4",
+    data: Annotated[
+        Path | None, typer.Option(help="Manifest to score on (default: the phantom set).")
+    ] = None,
+    split: Annotated[str, typer.Option(help="Manifest split, or 'all'.")] = "eval",
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="Score only the first N records.")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Folder for results and reports (resumed).")] = Path(
+        "out/sweep"
+    ),
+    cache: Annotated[
+        Path | None, typer.Option(help="Build cache folder (default: OUT/builds).")
+    ] = None,
+    budget: Annotated[
+        str | None,
+        typer.Option(
+            help="Accuracy budget vs FP32, e.g. 'dice=1,tokens=99' (default: each recipe's own)."
+        ),  # fmt: skip
+    ] = None,
+    bench_images: Annotated[int, typer.Option(min=1, help="Images timed per cell.")] = 4,
+    iterations: Annotated[int, typer.Option(min=1, help="Timed rounds per cell.")] = 3,
+    warmup: Annotated[int, typer.Option(min=0, help="Untimed runs per cell.")] = 1,
+    video_frames: Annotated[int, typer.Option(min=0, help="Tracked frames timed.")] = 8,
+    threads: Annotated[int, typer.Option(min=0, help="ONNX Runtime threads (0: default).")] = 0,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation limit.")] = 96,
+    build_eval_limit: Annotated[
+        int, typer.Option(min=1, help="Eval records each build validates on.")
+    ] = 8,
+    cold_start: Annotated[bool, typer.Option(help="Time a cold start per cell.")] = True,
+    compare: Annotated[
+        tuple[Path, Path] | None,
+        typer.Option(help="Print B/A ratios of two results.json (or sweep folders); no sweep."),
+    ] = None,
+) -> None:
+    """Sweep models x targets x recipes: build, bench and score each; write JSON/CSV/MD/HTML."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from citrus_edge.report.sweep_results import compare as compare_results
+    from citrus_edge.report.sweep_results import compare_lines, load_results
+
+    if compare is not None:
+        comparison = compare_results(load_results(compare[0]), load_results(compare[1]))
+        for line in compare_lines(comparison):
+            _stdout().print(Text(line))
+        return
+    from citrus_edge.calib_data.phantom_set import default_phantom_manifest
+
+    cfg = SweepConfig(
+        models=_split_list(models),
+        targets=_split_list(targets),
+        recipes=_split_list(recipes),
+        data=data or default_phantom_manifest(),
+        out=out,
+        split=None if split == "all" else split,
+        limit=limit,
+        cache=cache,
+        budget=budget,
+        bench_images=bench_images,
+        iterations=iterations,
+        warmup=warmup,
+        video_frames=video_frames,
+        threads=threads,
+        max_new_tokens=max_new_tokens,
+        build_eval_limit=build_eval_limit,
+        cold_start=cold_start,
+    )
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        results = run_sweep(cfg, progress)
+    from citrus_edge.report.sweep_results import results_markdown
+
+    _stdout().print(Text(results_markdown(results)))
+    console.print(Text(f"wrote {out}/results.json, results.csv, report.md, report.html "
+                       f"in {results['elapsed_s']:.0f} s"))  # fmt: skip
