@@ -68,7 +68,7 @@ class ComponentTiming:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        return {**d, "speedup": round(self.speedup, 3), "why": self.why()}
+        return {**d, "why": self.why()}
 
 
 def paired_speedup(fp32_ms: Sequence[float], quantized_ms: Sequence[float]) -> float:
