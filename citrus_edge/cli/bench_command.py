@@ -16,7 +16,15 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from citrus_edge.cli.cli_app import _cell, _stdout, app, console
+from citrus_edge.cli.cli_app import (
+    BackendOption,
+    BundleArg,
+    MaxNewTokensOption,
+    _cell,
+    _stdout,
+    app,
+    console,
+)
 
 MANIFEST_SUFFIXES = (".jsonl",)
 IMAGE_SUFFIXES = (".dcm", ".png", ".jpg", ".jpeg", "")  # "": DICOM files without one
@@ -157,12 +165,7 @@ def summary_lines(report: dict) -> list[str]:
 
 @app.command("bench")
 def bench_cmd(
-    bundle: Annotated[
-        Path,
-        typer.Argument(
-            exists=True, file_okay=False, help="Bundle directory from `citrus-edge build`."
-        ),
-    ],
+    bundle: BundleArg,
     images: Annotated[
         list[Path] | None,
         typer.Option(
@@ -188,8 +191,8 @@ def bench_cmd(
     video_frames: Annotated[
         int, typer.Option(min=0, help="Tracked frames timed in video mode (0: none).")
     ] = 8,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation limit.")] = 96,
-    backend: Annotated[str, typer.Option(help="onnxruntime or tensorrt.")] = "onnxruntime",
+    max_new_tokens: MaxNewTokensOption = 96,
+    backend: BackendOption = "onnxruntime",
     cold_start: Annotated[
         bool, typer.Option(help="Also time a cold start in a fresh process.")
     ] = True,

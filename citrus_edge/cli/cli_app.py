@@ -62,6 +62,17 @@ def _cell(value: Any) -> Text:
 
 ExistingDir = Annotated[Path, typer.Argument(exists=True, file_okay=False)]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of a table.")]
+# The options every command that opens a bundle shares (run, bench, serve, listen).
+BundleArg = Annotated[
+    Path,
+    typer.Argument(exists=True, file_okay=False, help="Bundle directory from `citrus-edge build`."),
+]
+BackendOption = Annotated[str, typer.Option(help="onnxruntime or tensorrt.")]
+ProvidersOption = Annotated[
+    list[str] | None,
+    typer.Option(help="ONNX Runtime execution provider (repeatable; default CPU)."),
+]
+MaxNewTokensOption = Annotated[int, typer.Option(min=1, help="Generation limit.")]
 
 
 def _version(value: bool) -> None:

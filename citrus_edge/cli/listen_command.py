@@ -4,24 +4,24 @@ SEG + SR to a destination AE (`citrus_edge.cart.scp`)."""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from citrus_edge.cli.cli_app import app
+from citrus_edge.cli.cli_app import (
+    BackendOption,
+    BundleArg,
+    MaxNewTokensOption,
+    ProvidersOption,
+    app,
+)
 
 log = logging.getLogger(__name__)
 
 
 @app.command("listen")
 def listen_cmd(
-    bundle: Annotated[
-        Path,
-        typer.Argument(
-            exists=True, file_okay=False, help="Bundle directory from `citrus-edge build`."
-        ),
-    ],
+    bundle: BundleArg,
     forward: Annotated[
         str,
         typer.Option(help="Destination AE for SEG + SR, HOST:PORT:AE_TITLE (e.g. a PACS)."),
@@ -40,12 +40,9 @@ def listen_cmd(
     ] = None,
     prompt: Annotated[str | None, typer.Option(help="Own prompt (instead of --task).")] = None,
     frame: Annotated[int, typer.Option(min=0, help="Frame grounded in a multi-frame image.")] = 0,
-    backend: Annotated[str, typer.Option(help="onnxruntime or tensorrt.")] = "onnxruntime",
-    provider: Annotated[
-        list[str] | None,
-        typer.Option(help="ONNX Runtime execution provider (repeatable; default CPU)."),
-    ] = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation limit.")] = 96,
+    backend: BackendOption = "onnxruntime",
+    provider: ProvidersOption = None,
+    max_new_tokens: MaxNewTokensOption = 96,
 ) -> None:
     """Receive ultrasound images by C-STORE, ground each with one prompt, and send the results
     (DICOM Segmentation when there is a mask, TID 1500 SR always) to --forward.

@@ -11,6 +11,10 @@ from rich.text import Text
 
 from citrus_edge.cli.cli_app import (
     EXIT_NOTHING_TRACKED,
+    BackendOption,
+    BundleArg,
+    MaxNewTokensOption,
+    ProvidersOption,
     _cell,
     _print_json,
     _stdout,
@@ -21,12 +25,7 @@ from citrus_edge.cli.cli_app import (
 
 @app.command("run")
 def run_cmd(
-    bundle: Annotated[
-        Path,
-        typer.Argument(
-            exists=True, file_okay=False, help="Bundle directory from `citrus-edge build`."
-        ),
-    ],
+    bundle: BundleArg,
     input: Annotated[
         Path,
         typer.Argument(
@@ -45,12 +44,9 @@ def run_cmd(
     out: Annotated[Path, typer.Option(help="Directory for JSON results and overlays.")] = Path(
         "out/run"
     ),
-    backend: Annotated[str, typer.Option(help="onnxruntime or tensorrt.")] = "onnxruntime",
-    provider: Annotated[
-        list[str] | None,
-        typer.Option(help="ONNX Runtime execution provider (repeatable; default CPU)."),
-    ] = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation limit.")] = 96,
+    backend: BackendOption = "onnxruntime",
+    provider: ProvidersOption = None,
+    max_new_tokens: MaxNewTokensOption = 96,
     max_context_tokens: Annotated[
         int,
         typer.Option(

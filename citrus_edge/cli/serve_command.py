@@ -10,17 +10,19 @@ import typer
 from rich.text import Text
 
 from citrus_edge.cart import serve_settings as defaults  # light: no FastAPI, no uvicorn
-from citrus_edge.cli.cli_app import app, console
+from citrus_edge.cli.cli_app import (
+    BackendOption,
+    BundleArg,
+    MaxNewTokensOption,
+    ProvidersOption,
+    app,
+    console,
+)
 
 
 @app.command("serve")
 def serve_cmd(
-    bundle: Annotated[
-        Path,
-        typer.Argument(
-            exists=True, file_okay=False, help="Bundle directory from `citrus-edge build`."
-        ),
-    ],
+    bundle: BundleArg,
     host: Annotated[
         str,
         typer.Option(help="Address to bind; anything but loopback requires --token-file."),
@@ -49,12 +51,9 @@ def serve_cmd(
     max_sessions: Annotated[
         int, typer.Option(min=1, help="Open video sessions at most.")
     ] = defaults.DEFAULT_MAX_SESSIONS,
-    backend: Annotated[str, typer.Option(help="onnxruntime or tensorrt.")] = "onnxruntime",
-    provider: Annotated[
-        list[str] | None,
-        typer.Option(help="ONNX Runtime execution provider (repeatable; default CPU)."),
-    ] = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation limit.")] = 96,
+    backend: BackendOption = "onnxruntime",
+    provider: ProvidersOption = None,
+    max_new_tokens: MaxNewTokensOption = 96,
 ) -> None:
     """Serve a bundle over HTTP: /v1/health, /v1/ready, /v1/info, /v1/ground, /v1/sessions.
 

@@ -29,7 +29,7 @@ from typing import Annotated, Any
 import typer
 from rich.text import Text
 
-from citrus_edge.cli.cli_app import _stdout, app, console
+from citrus_edge.cli.cli_app import MaxNewTokensOption, _stdout, app, console
 
 log = logging.getLogger(__name__)
 
@@ -621,7 +621,7 @@ def sweep_cmd(
     warmup: Annotated[int, typer.Option(min=0, help="Untimed runs per cell.")] = 1,
     video_frames: Annotated[int, typer.Option(min=0, help="Tracked frames timed.")] = 8,
     threads: Annotated[int, typer.Option(min=0, help="ONNX Runtime threads (0: default).")] = 0,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation limit.")] = 96,
+    max_new_tokens: MaxNewTokensOption = 96,
     build_eval_limit: Annotated[
         int, typer.Option(min=1, help="Eval records each build validates on.")
     ] = 8,
