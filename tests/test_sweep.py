@@ -384,3 +384,33 @@ def test_tiny_int8_sweep_reuses_the_cached_build(tiny_checkpoint, small_phantom_
     second = sweep_command.run_sweep(other)
     assert second["cells"][0]["bundle"]["path"] == int8["bundle"]["path"]
     assert second["cells"][0]["seconds"]["build"] < 5
+
+
+def test_sweep_out_that_is_not_a_sweep_folder_is_refused_before_any_work(tmp_path):
+    """A user's folder (or one whose results.json is someone else's) is never written to."""
+    import json
+
+    from citrus_edge.cli.sweep_command import SweepOutError, check_sweep_out
+    from citrus_edge.report.sweep_results import SCHEMA
+
+    check_sweep_out(tmp_path / "new")  # absent: fine
+    (tmp_path / "empty").mkdir()
+    check_sweep_out(tmp_path / "empty")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(SweepOutError, match=r"holds files a sweep did not write \(notes.txt\)"):
+        check_sweep_out(mine)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "results.json").write_text(json.dumps({"schema": "someone/else"}))
+    with pytest.raises(SweepOutError, match="is not a sweep's folder"):
+        check_sweep_out(other)
+    ours = tmp_path / "ours"
+    (ours / "builds").mkdir(parents=True)
+    (ours / "results.json").write_text(json.dumps({"schema": SCHEMA, "cells": []}))
+    check_sweep_out(ours)  # a sweep's own folder resumes
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SweepOutError, match="is a file"):
+        check_sweep_out(tmp_path / "file")
+    assert (mine / "notes.txt").read_text() == "keep"

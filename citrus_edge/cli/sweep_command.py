@@ -381,16 +381,46 @@ def cell_key(cfg: SweepConfig, inputs: dict, model: str, target: str, recipe: st
     )
 
 
+# What a sweep writes in its --out folder (`report.png`: `make report-check`'s screenshot).
+SWEEP_OUTPUTS = ("results.json", "results.csv", "report.md", "report.html", "report.png", "builds")
+
+
+class SweepOutError(ValueError):
+    """--out holds something a sweep did not write: it is never overwritten."""
+
+
+def check_sweep_out(out: Path) -> None:
+    """Refuse, before any work, an `out` that is a file, or a non-empty folder that is not a
+    sweep's (its `results.json` must load as one and it must hold only `SWEEP_OUTPUTS`, hidden
+    temporary files aside): a user's files are never replaced."""
+    from citrus_edge.report.sweep_results import SweepResultsError, load_results
+
+    if out.exists() and not out.is_dir():
+        raise SweepOutError(f"--out {out} is a file; give a folder for the sweep's results")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    foreign = sorted(
+        p.name for p in out.iterdir() if p.name not in SWEEP_OUTPUTS and not p.name.startswith(".")
+    )
+    if foreign:
+        raise SweepOutError(
+            f"--out {out} holds files a sweep did not write ({', '.join(foreign[:5])}); "
+            "choose an empty or new folder"
+        )
+    try:
+        load_results(out / "results.json")
+    except (OSError, SweepResultsError) as e:
+        raise SweepOutError(
+            f"--out {out} is not a sweep's folder ({e}); choose an empty or new folder"
+        ) from None
+
+
 def _previous_cells(path: Path) -> dict[str, dict]:
-    from citrus_edge.report.sweep_results import FAILED, SweepResultsError, load_results
+    from citrus_edge.report.sweep_results import FAILED, load_results
 
     if not path.is_file():
         return {}
-    try:
-        old = load_results(path)
-    except SweepResultsError as e:
-        log.warning("not resuming from %s: %s", path, e)
-        return {}
+    old = load_results(path)  # checked by `check_sweep_out`
     return {c["key"]: c for c in old["cells"] if c.get("status") != FAILED and "key" in c}
 
 
@@ -428,6 +458,7 @@ def run_sweep(cfg: SweepConfig, progress: Any = None) -> dict:
     from citrus_edge.targets import check_recipe
 
     inputs = resolve_inputs(cfg)  # typed errors before any work
+    check_sweep_out(cfg.out)
     inputs["versions"] = _versions()
     cfg.out.mkdir(parents=True, exist_ok=True)
     cache = cfg.cache or cfg.out / "builds"
@@ -446,6 +477,8 @@ def run_sweep(cfg: SweepConfig, progress: Any = None) -> dict:
         "settings": cfg.settings(),
         "cells": [],
     }
+    if not (cfg.out / "results.json").is_file():  # marks the folder as this sweep's at once
+        write_json_atomic(cfg.out / "results.json", results)
     plan = [(m, t, r) for m in inputs["models"] for t in cfg.targets for r in cfg.recipes]
     overall = progress.add_task("sweep", total=len(plan)) if progress else None
     references: dict[str, dict] = {}
