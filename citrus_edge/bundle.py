@@ -302,16 +302,27 @@ def sigterm_cleanup() -> Iterator[None]:
         yield
         return
 
+    received = False
+
     def terminate(signum: int, frame: Any) -> None:
+        nonlocal received
+        received = True
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise Terminated(SIGTERM_EXIT)
 
     signal.signal(signal.SIGTERM, terminate)
     try:
         yield
-    except Terminated:
+    except BaseException as e:
+        if not received:
+            raise
         log.warning("SIGTERM: stopped; temporary folders removed, earlier outputs untouched")
-        raise
+        if isinstance(e, Terminated):
+            raise
+        # Raised inside C code (e.g. during an extension module's import, which pybind11
+        # reports as "ImportError: initialization failed"), `Terminated` comes back as
+        # another exception: the process still ends as SIGTERM asked, without a traceback.
+        raise Terminated(SIGTERM_EXIT) from None
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 

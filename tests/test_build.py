@@ -248,3 +248,22 @@ def test_build_table_prints_metrics_an_eval_could_not_score():
     caption = str(_build_table(manifest, Path("B")).caption)
     assert "Dice n/a" in caption and "count acc n/a" in caption
     assert "token agreement 0.5000" in caption and "Dice drop n/a" in caption
+
+
+def test_sigterm_turned_into_another_error_by_c_code_still_ends_as_sigterm():
+    """Once in CI, SIGTERM hit while onnxruntime's extension module was initialising: pybind11
+    turned the handler's `Terminated` into "ImportError: initialization failed", and the build
+    died with a traceback and status 1. Whatever a SIGTERM's exception becomes, the block ends
+    with `Terminated` (status 143); without a SIGTERM, errors pass through unchanged."""
+    from citrus_edge.bundle import SIGTERM_EXIT, Terminated, sigterm_cleanup
+
+    with pytest.raises(Terminated) as info, sigterm_cleanup():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler raises here
+        except Terminated:
+            raise ImportError("initialization failed") from None
+    assert info.value.code == SIGTERM_EXIT == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+    with pytest.raises(ImportError), sigterm_cleanup():
+        raise ImportError("a real import error")
