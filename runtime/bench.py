@@ -430,6 +430,36 @@ def bench_report(
     from the first case's image (shifted a pixel per frame: what a probe sweep tracks; 0: no
     video), cold start in a fresh process, plus "schema", "bundle", "bundle_bytes", "settings",
     "cases" (each case's image name and prompt), "machine" and "versions"."""
+    return bench_reports(
+        [bundle],
+        cases,
+        warmup=warmup,
+        iterations=iterations,
+        threads=threads,
+        backend=backend,
+        providers=providers,
+        max_new_tokens=max_new_tokens,
+        video_frames=video_frames,
+        cold_start=cold_start,
+    )[0]
+
+
+def bench_reports(
+    bundles: Sequence[str | Path],
+    cases: Sequence[Case],
+    *,
+    warmup: int = 1,
+    iterations: int = 3,
+    threads: int = 0,
+    backend: str = "onnxruntime",
+    providers: Sequence[str] | None = None,
+    max_new_tokens: int = 96,
+    video_frames: int = 8,
+    cold_start: bool = True,
+) -> list[dict[str, Any]]:
+    """`bench_report` of several bundles timed in one run (`run_bench_alternating`: loaded in
+    one process, run in turn case by case and frame by frame), so that their ratios hold on a
+    busy machine. One report per bundle, in the order given; "schedule" says how they ran."""
     if iterations < 1:
         raise BenchInputError(f"iterations must be 1 or more, got {iterations}")
     if warmup < 0 or video_frames < 0:
@@ -444,8 +474,8 @@ def bench_report(
 
         first = load_input(cases[0][0], 0, None).pixels
         video = [np.roll(first, shift=i, axis=1) for i in range(video_frames + 1)]
-    result = run_bench(
-        bundle,
+    results = run_bench_alternating(
+        bundles,
         cases,
         backend=backend,
         providers=providers,
@@ -457,24 +487,74 @@ def bench_report(
         cold_start=cold_start,
         threads=threads,
     )
-    return {
-        "schema": BENCH_SCHEMA,
-        "bundle": os.fspath(bundle),
-        "bundle_bytes": bundle_bytes(bundle),
-        "settings": {
-            "warmup": warmup,
-            "iterations": iterations,
-            "runs": iterations * len(cases),
-            "threads": threads,
-            "backend": backend,
-            "max_new_tokens": max_new_tokens,
-            "video_frames": video_frames,
-        },
-        "cases": [{"image": _case_name(image), "prompt": prompt} for image, prompt in cases],
-        **result,
-        "machine": machine_info(),
-        "versions": library_versions(),
+    machine, versions = machine_info(), library_versions()
+    settings = {
+        "warmup": warmup,
+        "iterations": iterations,
+        "runs": iterations * len(cases),
+        "threads": threads,
+        "backend": backend,
+        "max_new_tokens": max_new_tokens,
+        "video_frames": video_frames,
     }
+    case_names = [{"image": _case_name(image), "prompt": prompt} for image, prompt in cases]
+    return [
+        {
+            "schema": BENCH_SCHEMA,
+            "bundle": os.fspath(bundle),
+            "bundle_bytes": bundle_bytes(bundle),
+            "schedule": "alternating" if len(bundles) > 1 else "single",
+            "settings": dict(settings),
+            "cases": list(case_names),
+            **result,
+            "machine": machine,
+            "versions": versions,
+        }
+        for bundle, result in zip(bundles, results, strict=True)
+    ]
+
+
+# The components whose speed-up over a base bundle is printed: (label, how to read its median
+# from one bundle's report, unit suffix). Stage names are those of `GroundingResult.timings_ms`.
+SPEEDUP_COMPONENTS = (
+    ("end-to-end", lambda r: r["e2e_ms"], ""),
+    ("vision", lambda r: r["stages_ms"].get("vision_encoder"), ""),
+    ("sam_encoder", lambda r: r["stages_ms"].get("sam_encoder"), ""),
+    ("mask_decoder", lambda r: r["stages_ms"].get("mask_decoder"), ""),
+    ("prefill", lambda r: r["prefill_ms"], ""),
+    ("decode", lambda r: r["decode_ms_per_token"], "/token"),
+    ("video", lambda r: (r.get("video") or {}).get("ms_per_frame"), "/frame"),
+)
+
+
+def _median(entry: dict | None) -> float | None:
+    """The p50 of a `summarize` entry, None when the entry is missing or empty."""
+    if not entry or not entry.get("n"):
+        return None
+    return entry["p50"]
+
+
+def speedups(base: dict, r: dict) -> dict[str, float | None]:
+    """Per component, the base bundle's median / this bundle's median (> 1: this one is faster),
+    both from the same alternating run; a component either bundle did not run (e.g. SAM2 without
+    a [SEG]) is None. Also "bytes": this bundle's size as a fraction of the base's."""
+    out: dict[str, float | None] = {}
+    for label, read, _ in SPEEDUP_COMPONENTS:
+        b, x = _median(read(base)), _median(read(r))
+        out[label] = b / x if b is not None and x else None
+    out["bytes"] = r["bundle_bytes"] / base["bundle_bytes"]
+    return out
+
+
+def format_speedups(s: dict, base: str = "fp32") -> str:
+    """One line, e.g. "vs fp32: end-to-end 1.08x, vision 1.45x, ..., decode 1.12x/token; 29.4% of
+    the bytes" (components without a figure are left out)."""
+    parts = [
+        f"{label} {s[label]:.2f}x{unit}"
+        for label, _, unit in SPEEDUP_COMPONENTS
+        if s.get(label) is not None
+    ]
+    return f"vs {base}: {', '.join(parts)}; {s['bytes']:.1%} of the bytes"
 
 
 def _case_name(image: Any) -> str:

@@ -26,21 +26,10 @@ from citrus_edge.calib_data.load import load_image
 from citrus_edge.calib_data.phantom_set import default_phantom_manifest
 from citrus_edge.cpu_features import describe, instruction_sets
 from citrus_edge.defaults import DEMO_MODEL_DIR
+from citrus_edge.runtime.bench import format_speedups, speedups
 from citrus_edge.tasks import REPORT_PROMPT, SEGMENT_PROMPT
 
 OUT = Path("out/bench")
-
-# The components whose speed-up over FP32 is printed: (label, how to read its median from one
-# bundle's report, unit suffix). Stage names are those of `GroundingResult.timings_ms`.
-COMPONENTS = (
-    ("end-to-end", lambda r: r["e2e_ms"], ""),
-    ("vision", lambda r: r["stages_ms"].get("vision_encoder"), ""),
-    ("sam_encoder", lambda r: r["stages_ms"].get("sam_encoder"), ""),
-    ("mask_decoder", lambda r: r["stages_ms"].get("mask_decoder"), ""),
-    ("prefill", lambda r: r["prefill_ms"], ""),
-    ("decode", lambda r: r["decode_ms_per_token"], "/token"),
-    ("video", lambda r: (r.get("video") or {}).get("ms_per_frame"), "/frame"),
-)
 
 
 def cases(n: int) -> list[tuple[np.ndarray, str]]:
@@ -57,8 +46,9 @@ def sweep(rgb: np.ndarray, frames: int = 16) -> list[np.ndarray]:
 
 
 def bundle_for(recipe: str) -> Path:
-    """The demo model's CPU bundle for `recipe`, built (default budget) unless one of the
-    current demo model is already there."""
+    """The demo model's CPU bundle for `recipe` ("default": what `build --target cpu` gives, each
+    component kept INT8 only where it was measured faster here), built (default budget) unless
+    one of the current demo model is already there."""
     from citrus_edge.cli.bundle_build import BuildConfig, build
     from citrus_edge.export.export_manifest import checkpoint_source_hash
 
@@ -68,7 +58,8 @@ def bundle_for(recipe: str) -> Path:
         json.loads(export.read_text()).get("source") == checkpoint_source_hash(DEMO_MODEL_DIR)
     )
     if not current:
-        build(BuildConfig("cpu", DEMO_MODEL_DIR, recipe=recipe, eval_limit=30), out)
+        named = None if recipe == "default" else recipe
+        build(BuildConfig("cpu", DEMO_MODEL_DIR, recipe=named, eval_limit=30), out)
     return out
 
 
@@ -105,7 +96,11 @@ def main() -> None:
     from citrus_edge.runtime.bench import run_bench_alternating
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recipes", default="fp32,int8", help="CPU recipes to build and time")
+    ap.add_argument(
+        "--recipes",
+        default="fp32,default,int8",
+        help="CPU recipes to build and time (default: the target's default build)",
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--images", type=int, default=4)
     args = ap.parse_args()
@@ -126,36 +121,6 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     write_text_atomic(OUT / "bench.json", json.dumps(report, indent=2))
     print_report(report)
-
-
-def _median(entry: dict | None) -> float | None:
-    """The p50 of a `summarize` entry, None when the entry is missing or empty."""
-    if not entry or not entry.get("n"):
-        return None
-    return entry["p50"]
-
-
-def speedups(base: dict, r: dict) -> dict:
-    """Per component, FP32 median / this recipe's median (> 1: the recipe is faster), from the
-    same alternating run; a component either bundle did not run (e.g. SAM2 without a [SEG])
-    is None. Also "bytes": this bundle's size as a fraction of the FP32 bundle's."""
-    out: dict = {}
-    for label, read, _ in COMPONENTS:
-        b, x = _median(read(base)), _median(read(r))
-        out[label] = b / x if b is not None and x else None
-    out["bytes"] = r["bundle_bytes"] / base["bundle_bytes"]
-    return out
-
-
-def format_speedups(s: dict) -> str:
-    """One line, e.g. "vs fp32: end-to-end 1.08x, vision 1.45x, ..., decode 1.12x/token; 29.4% of
-    the bytes" (components without a figure are left out)."""
-    parts = [
-        f"{label} {s[label]:.2f}x{unit}"
-        for label, _, unit in COMPONENTS
-        if s.get(label) is not None
-    ]
-    return f"vs fp32: {', '.join(parts)}; {s['bytes']:.1%} of the bytes"
 
 
 def print_report(report: dict) -> None:

@@ -139,6 +139,36 @@ def test_cli_writes_json_and_prints_the_table(capsys, tiny_fp32_bundle, images, 
     assert "end to end" in stdout and "machine: " in stdout
 
 
+def test_two_bundles_run_in_turn_and_are_compared_with_the_first(
+    capsys, tiny_fp32_bundle, images, tmp_path
+):
+    """Two bundles (here the same one twice: two pipelines, timed as two bundles) in one run:
+    one report each with the same runs, and the JSON's speed-ups are the first's medians over
+    the second's, figure by figure (the printed line shows the same numbers)."""
+    command.cache_clear()
+    out = tmp_path / "compare.json"
+    code, stdout, err = cli(
+        capsys, "bench", str(tiny_fp32_bundle), str(tiny_fp32_bundle), "--images",
+        str(images[0]), "--task", "segment", "--iterations", "3", "--warmup", "0",
+        "--video-frames", "2", "--no-cold-start", "--max-new-tokens", "3", "--json", str(out),
+    )  # fmt: skip
+    assert code == 0, err
+    data = json.loads(out.read_text())
+    assert data["schema"] == bench_command.COMPARE_SCHEMA and data["schedule"] == "alternating"
+    first, second = data["reports"]
+    assert first["schedule"] == second["schedule"] == "alternating"
+    assert first["e2e_ms"]["n"] == second["e2e_ms"]["n"] == 3
+    (ratio,) = data["speedups_vs_base"]
+    assert ratio["end-to-end"] == pytest.approx(first["e2e_ms"]["p50"] / second["e2e_ms"]["p50"])
+    assert ratio["decode"] == pytest.approx(
+        first["decode_ms_per_token"]["p50"] / second["decode_ms_per_token"]["p50"]
+    )
+    assert ratio["bytes"] == 1.0
+    assert stdout.count("end to end") == 2 and stdout.count("machine: ") == 1
+    line = next(x for x in stdout.splitlines() if f"vs {tiny_fp32_bundle}" in x)
+    assert f"end-to-end {ratio['end-to-end']:.2f}x" in line and "100.0% of the bytes" in line
+
+
 def test_bad_cases_are_typed_errors(tmp_path, capsys):
     with pytest.raises(bench_command.BenchCasesError, match="not both"):
         bench_command.bench_cases([tmp_path / "a.png"], prompt="x", task="report")

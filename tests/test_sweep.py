@@ -330,6 +330,7 @@ def test_tiny_fp32_sweep_writes_every_file_and_resumes(
     cpu, orin = results["cells"]
     assert cpu["status"] == MEASURED, cpu.get("reason")
     assert cpu["accuracy"]["records"] == 3 and cpu["latency"]["e2e_p50_ms"] > 0
+    assert cpu["bench"]["schedule"] == "single"  # the model's only measured cell
     # the FP32 bundle answers as the FP32 PyTorch reference does: inside any budget
     assert cpu["accuracy"]["token_agreement"] == pytest.approx(1.0)
     assert cpu["validity"] == VALID and cpu["pareto"] is True
@@ -357,6 +358,27 @@ def test_tiny_fp32_sweep_writes_every_file_and_resumes(
     assert shown == sweep_results.formatted_rows(again)
 
 
+def test_a_cell_whose_build_fails_costs_no_other_cell(
+    tiny_checkpoint, small_phantom_set, tmp_path, monkeypatch
+):
+    real_build = sweep_command._build
+
+    def build(cfg, model, target, recipe_name, cache):
+        if recipe_name == "int8":
+            raise RuntimeError("calibration ran out of\nmemory")
+        return real_build(cfg, model, target, recipe_name, cache)
+
+    monkeypatch.setattr(sweep_command, "_build", build)
+    cfg = _tiny_config(tiny_checkpoint, small_phantom_set, tmp_path / "s", ("int8", "fp32"))
+    cfg = sweep_command.SweepConfig(**{**cfg.__dict__, "targets": ("cpu",)})
+    results = sweep_command.run_sweep(cfg)
+    int8, fp32 = results["cells"]  # plan order, whatever order they finished in
+    assert int8["status"] == sweep_results.FAILED
+    assert int8["reason"] == "RuntimeError: calibration ran out of memory"  # one line
+    assert fp32["status"] == MEASURED and fp32["accuracy"]["token_agreement"] == pytest.approx(1)
+    assert sweep_results.load_results(cfg.out)["cells"][0]["status"] == sweep_results.FAILED
+
+
 @pytest.mark.skipif(
     check_script.find_browser() is None, reason="no Chromium (apt-get install -y chromium)"
 )
@@ -376,6 +398,10 @@ def test_tiny_int8_sweep_reuses_the_cached_build(tiny_checkpoint, small_phantom_
     fp32, int8 = cells["cpu", "fp32"], cells["cpu", "int8"]
     assert int8["status"] == MEASURED, int8.get("reason")
     assert int8["bundle"]["bytes"] < fp32["bundle"]["bytes"]
+    # one model's cells are timed in one run, in turn (their latency ratios hold on a busy machine)
+    assert fp32["bench"]["schedule"] == int8["bench"]["schedule"] == "alternating"
+    assert fp32["bench"]["e2e_ms"]["n"] == int8["bench"]["e2e_ms"]["n"]
+    assert [c["recipe"] for c in results["cells"]] == ["fp32", "int8", "fp32", "int8"]  # plan order
     assert 0.0 <= int8["accuracy"]["token_agreement"] <= 1.0
     assert cells["orin-nano-8", "int8"]["status"] in (NOT_MEASURED, "not applicable")
     # a second sweep elsewhere, same cache: the same bundles, not built again

@@ -1,10 +1,12 @@
-"""`citrus-edge bench`: latency, tokens, memory and cold start of one bundle, the trtexec way.
+"""`citrus-edge bench`: latency, tokens, memory and cold start of bundles, the trtexec way.
 
 Warm-up runs first (untimed), then `--iterations` timed rounds over every image; each figure is
 printed as min / p50 / p90 / p99 over those runs, and the headline figure of any report is the
 p50 (the median of repeated runs: a busy machine's outliers move it least). The machine (CPU
 model, instruction sets, cores, GPUs) and every library version go into `--json`, because a
-latency means nothing without what it ran on.
+latency means nothing without what it ran on. Two or more bundles are timed in one run, loaded
+in one process and run in turn image by image (`bench_reports`), and each is compared with the
+first: ratios from one run hold on a busy machine, where two runs one after the other do not.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from rich.text import Text
 
 from citrus_edge.cli.cli_app import (
     BackendOption,
-    BundleArg,
     MaxNewTokensOption,
     _cell,
     _stdout,
@@ -29,6 +30,7 @@ from citrus_edge.cli.cli_app import (
 MANIFEST_SUFFIXES = (".jsonl",)
 IMAGE_SUFFIXES = (".dcm", ".png", ".jpg", ".jpeg", "")  # "": DICOM files without one
 DEFAULT_IMAGES = 4  # records taken from a manifest (or the default phantom set) when not told
+COMPARE_SCHEMA = "citrus-edge.bench-compare/1"  # --json of two or more bundles
 
 
 class BenchCasesError(ValueError):
@@ -163,9 +165,33 @@ def summary_lines(report: dict) -> list[str]:
     return lines
 
 
+def compare_report(reports: list[dict]) -> dict[str, Any]:
+    """The --json of two or more bundles timed in one run: every report, and each one's speed-ups
+    over the first (`speedups`: the first's median / this one's, > 1 faster)."""
+    from citrus_edge.runtime.bench import speedups
+
+    return {
+        "schema": COMPARE_SCHEMA,
+        "schedule": "alternating",
+        "base": reports[0]["bundle"],
+        "reports": reports,
+        "speedups_vs_base": [
+            {"bundle": r["bundle"], **speedups(reports[0], r)} for r in reports[1:]
+        ],
+    }
+
+
 @app.command("bench")
 def bench_cmd(
-    bundle: BundleArg,
+    bundles: Annotated[
+        list[Path],
+        typer.Argument(
+            exists=True,
+            file_okay=False,
+            help="Bundle directory from `citrus-edge build`; two or more are timed in turn in "
+            "one run and compared with the first.",
+        ),
+    ],
     images: Annotated[
         list[Path] | None,
         typer.Option(
@@ -200,14 +226,15 @@ def bench_cmd(
         Path | None, typer.Option("--json", help="Write the full report (JSON) here.")
     ] = None,
 ) -> None:
-    """Time a bundle: per-stage and end-to-end min/p50/p90/p99, tokens, memory, cold start."""
+    """Time bundles: per-stage and end-to-end min/p50/p90/p99, tokens, memory, cold start."""
     from citrus_edge.atomic import write_json_atomic
-    from citrus_edge.runtime.bench import bench_report
+    from citrus_edge.runtime.bench import bench_reports, format_speedups, speedups
 
     cases = bench_cases(images, prompt, task, split, limit)  # typed errors before any loading
-    with console.status(f"timing {bundle} on {len(cases)} images"):
-        report = bench_report(
-            bundle,
+    what = bundles[0] if len(bundles) == 1 else f"{len(bundles)} bundles in turn"
+    with console.status(f"timing {what} on {len(cases)} images"):
+        reports = bench_reports(
+            bundles,
             cases,
             warmup=warmup,
             iterations=iterations,
@@ -218,8 +245,13 @@ def bench_cmd(
             cold_start=cold_start,
         )
     if json_out is not None:
-        write_json_atomic(json_out, report)
+        write_json_atomic(json_out, reports[0] if len(reports) == 1 else compare_report(reports))
     out = _stdout()
-    out.print(bench_table(report))
-    for line in summary_lines(report):
-        out.print(Text(line))
+    for report in reports:
+        out.print(bench_table(report))
+        lines = summary_lines(report)
+        for line in lines if report is reports[-1] else lines[:-2]:  # machine, versions once
+            out.print(Text(line))
+    for bundle, report in zip(bundles[1:], reports[1:], strict=True):
+        line = format_speedups(speedups(reports[0], report), base=str(bundles[0]))
+        out.print(Text(f"{bundle} {line} (one alternating run, medians)"))

@@ -447,8 +447,6 @@ def run_sweep(cfg: SweepConfig, progress: Any = None) -> dict:
     from citrus_edge.bundle import created_now
     from citrus_edge.cli.bench_command import bench_cases
     from citrus_edge.report.sweep_results import (
-        FAILED,
-        MEASURED,
         NOT_APPLICABLE,
         NOT_MEASURED,
         SCHEMA,
@@ -482,13 +480,23 @@ def run_sweep(cfg: SweepConfig, progress: Any = None) -> dict:
     plan = [(m, t, r) for m in inputs["models"] for t in cfg.targets for r in cfg.recipes]
     overall = progress.add_task("sweep", total=len(plan)) if progress else None
     references: dict[str, dict] = {}
+    cells: list[dict | None] = [None] * len(plan)
 
     def status(text: str) -> None:
         if progress is not None:
             progress.update(overall, description=text)
 
-    for model_name, target_name, recipe_name in plan:
-        model = inputs["models"][model_name]
+    def finish(i: int, cell: dict) -> None:
+        cells[i] = cell
+        results["cells"] = [c for c in cells if c is not None]
+        results["elapsed_s"] = time.perf_counter() - t_start
+        mark_pareto(results)
+        write_json_atomic(cfg.out / "results.json", results)  # resume point
+        if progress is not None:
+            progress.advance(overall)
+
+    to_measure: dict[str, list[_Pending]] = {}  # per model, in plan order
+    for i, (model_name, target_name, recipe_name) in enumerate(plan):
         target = inputs["targets"][target_name]
         key = cell_key(cfg, inputs, model_name, target_name, recipe_name)
         label = f"{model_name}/{target_name}/{recipe_name}"
@@ -503,60 +511,74 @@ def run_sweep(cfg: SweepConfig, progress: Any = None) -> dict:
         budget = _budget(cfg, recipe)
         results["budget"][recipe.name] = str(budget)
         if key in previous:
-            cell = previous[key]
             status(f"{label}: finished before (resumed)")
-        else:
-            try:
-                check_recipe(target, recipe)
-            except ValueError as e:
-                cell.update(status=NOT_APPLICABLE, reason=" ".join(str(e).split()))
-            else:
-                why = _why_not_here(target)
-                if why is not None:
-                    cell.update(
-                        status=NOT_MEASURED,
-                        reason=why,
-                        projection=_projection(model, target, recipe),
-                    )
-                else:
-                    try:
-                        _measure(cfg, cell, model, target, recipe_name, budget, cache, cases,
-                                 records, references, progress, status, label)  # fmt: skip
-                        cell["status"] = MEASURED
-                    except Exception as e:  # one broken cell must not cost the others
-                        log.warning("%s failed: %s: %s", label, type(e).__name__, e)
-                        cell.update(
-                            status=FAILED, reason=" ".join(f"{type(e).__name__}: {e}".split())
-                        )
-        results["cells"].append(cell)
-        results["elapsed_s"] = time.perf_counter() - t_start
-        mark_pareto(results)
-        write_json_atomic(cfg.out / "results.json", results)  # resume point
-        if progress is not None:
-            progress.advance(overall)
+            finish(i, previous[key])
+            continue
+        try:
+            check_recipe(target, recipe)
+        except ValueError as e:
+            cell.update(status=NOT_APPLICABLE, reason=" ".join(str(e).split()))
+            finish(i, cell)
+            continue
+        why = _why_not_here(target)
+        if why is not None:
+            model = inputs["models"][model_name]
+            projection = _projection(model, target, recipe)
+            cell.update(status=NOT_MEASURED, reason=why, projection=projection)
+            finish(i, cell)
+            continue
+        to_measure.setdefault(model_name, []).append(
+            _Pending(i, cell, target, recipe_name, budget, label)
+        )
+    for model_name, pending in to_measure.items():
+        model = inputs["models"][model_name]
+        _measure(cfg, model, pending, cache, cases, records, references, progress, status, finish)
     results["elapsed_s"] = time.perf_counter() - t_start
     write_reports(results, cfg.out)
     return results
 
 
+@dataclass
+class _Pending:
+    """A cell this machine measures: its place in the plan and what it is built from."""
+
+    index: int
+    cell: dict
+    target: Any
+    recipe_name: str
+    budget: Any
+    label: str
+
+
+def _failed(cell: dict, label: str, e: Exception) -> dict:
+    """One broken cell must not cost the others: it is recorded with the reason and skipped."""
+    from citrus_edge.report.sweep_results import FAILED
+
+    log.warning("%s failed: %s: %s", label, type(e).__name__, e)
+    cell.update(status=FAILED, reason=" ".join(f"{type(e).__name__}: {e}".split()))
+    return cell
+
+
 def _measure(
     cfg: SweepConfig,
-    cell: dict,
     model: dict,
-    target: Any,
-    recipe_name: str,
-    budget: Any,
+    pending: list[_Pending],
     cache: Path,
     cases: list,
     records: list,
     references: dict,
     progress: Any,
     status: Callable[[str], None],
-    label: str,
+    finish: Callable[[int, dict], None],
 ) -> None:
-    """Build, bench and score one cell, filling `cell` in place."""
+    """Build one model's cells, bench them together, then score each; `finish` every cell.
+
+    The bench loads the model's bundles in one process and runs them in turn, image by image
+    (`bench_reports`), so the latency ratios between its cells come from one run and hold on a
+    busy machine; each cell's `seconds["bench"]` is that shared run's time over its bundles."""
     from citrus_edge.cli.evaluate import evaluate
-    from citrus_edge.runtime.bench import bench_report, open_pipeline
+    from citrus_edge.report.sweep_results import MEASURED
+    from citrus_edge.runtime.bench import bench_reports, open_pipeline
 
     def ticker(what: str) -> tuple[Callable[[int], None], Any]:
         if progress is None:
@@ -565,52 +587,79 @@ def _measure(
         return (lambda i: progress.update(task, completed=i)), task
 
     if model["hash"] not in references:
-        status(f"{label}: FP32 PyTorch reference")
+        status(f"{pending[0].label}: FP32 PyTorch reference")
         tick, task = ticker(f"reference {Path(model['dir']).name}")
         references[model["hash"]] = _reference(cfg, model, records, cache, tick)
         if task is not None:
             progress.remove_task(task)
-    status(f"{label}: build")
+    built: list[tuple[_Pending, Path, float]] = []
+    for p in pending:
+        status(f"{p.label}: build")
+        t0 = time.perf_counter()
+        try:
+            bundle = _build(cfg, model, p.target, p.recipe_name, cache)
+        except Exception as e:
+            finish(p.index, _failed(p.cell, p.label, e))
+        else:
+            built.append((p, bundle, time.perf_counter() - t0))
+    if not built:
+        return
+    status(f"{Path(model['dir']).name}: bench of {len(built)} bundles in turn")
     t0 = time.perf_counter()
-    bundle = _build(cfg, model, target, recipe_name, cache)
-    t1 = time.perf_counter()
-    status(f"{label}: bench")
-    bench = bench_report(
-        bundle,
-        cases,
-        warmup=cfg.warmup,
-        iterations=cfg.iterations,
-        threads=cfg.threads,
-        max_new_tokens=cfg.max_new_tokens,
-        video_frames=cfg.video_frames,
-        cold_start=cfg.cold_start,
-    )
-    t2 = time.perf_counter()
-    status(f"{label}: eval")
-    tick, task = ticker(f"eval {label}")
-    run = _Recording(open_pipeline(bundle, max_new_tokens=cfg.max_new_tokens, threads=cfg.threads))
-    report = evaluate(run, records, cfg.data.parent, tick)
-    if task is not None:
-        progress.remove_task(task)
-    t3 = time.perf_counter()
-    accuracy = accuracy_of(report, run, references[model["hash"]])
-    validity, violations = validity_of(accuracy, budget)
-    for k in ("machine", "versions"):
-        bench.pop(k, None)  # in the sweep's header
-    cell.update(
-        bundle={
-            "path": str(bundle),
-            "bundle_id": bench["bundle_id"],
-            "bytes": bench["bundle_bytes"],
-        },
-        latency=latency_of(bench),
-        accuracy=accuracy,
-        validity=validity,
-        violations=violations,
-        budget=str(budget),
-        bench=bench,
-        seconds={"build": t1 - t0, "bench": t2 - t1, "eval": t3 - t2},
-    )
+    try:
+        benches = bench_reports(
+            [bundle for _, bundle, _ in built],
+            cases,
+            warmup=cfg.warmup,
+            iterations=cfg.iterations,
+            threads=cfg.threads,
+            max_new_tokens=cfg.max_new_tokens,
+            video_frames=cfg.video_frames,
+            cold_start=cfg.cold_start,
+        )
+    except Exception as e:
+        for p, _, _ in built:
+            finish(p.index, _failed(p.cell, p.label, e))
+        return
+    bench_s = time.perf_counter() - t0
+    for (p, bundle, build_s), bench in zip(built, benches, strict=True):
+        status(f"{p.label}: eval")
+        t2 = time.perf_counter()
+        try:
+            tick, task = ticker(f"eval {p.label}")
+            run = _Recording(
+                open_pipeline(bundle, max_new_tokens=cfg.max_new_tokens, threads=cfg.threads)
+            )
+            report = evaluate(run, records, cfg.data.parent, tick)
+            if task is not None:
+                progress.remove_task(task)
+        except Exception as e:
+            finish(p.index, _failed(p.cell, p.label, e))
+            continue
+        accuracy = accuracy_of(report, run, references[model["hash"]])
+        validity, violations = validity_of(accuracy, p.budget)
+        for k in ("machine", "versions"):
+            bench.pop(k, None)  # in the sweep's header
+        p.cell.update(
+            bundle={
+                "path": str(bundle),
+                "bundle_id": bench["bundle_id"],
+                "bytes": bench["bundle_bytes"],
+            },
+            latency=latency_of(bench),
+            accuracy=accuracy,
+            validity=validity,
+            violations=violations,
+            budget=str(p.budget),
+            bench=bench,
+            seconds={
+                "build": build_s,
+                "bench": bench_s / len(built),
+                "eval": time.perf_counter() - t2,
+            },
+            status=MEASURED,
+        )
+        finish(p.index, p.cell)
 
 
 def _split_list(text: str) -> tuple[str, ...]:
