@@ -379,6 +379,37 @@ def test_a_cell_whose_build_fails_costs_no_other_cell(
     assert sweep_results.load_results(cfg.out)["cells"][0]["status"] == sweep_results.FAILED
 
 
+def test_resolution_axis_sweeps_each_model_at_each_side(
+    tiny_checkpoint, small_phantom_set, tmp_path
+):
+    """--resolutions 112,168: the model at 112^2 and 168^2 pixels (16 and 36 visual tokens after
+    the 2x2 merge), each its own checkpoint (linked weights, the pixel budget changed), never the
+    user's checkpoint folder touched."""
+    before = {p.name: p.stat().st_mtime_ns for p in tiny_checkpoint.iterdir()}
+    cfg = _tiny_config(tiny_checkpoint, small_phantom_set, tmp_path / "r", ("fp32",))
+    cfg = sweep_command.SweepConfig(
+        **{**cfg.__dict__, "targets": ("cpu",), "resolutions": (112, 168)}
+    )
+    results = sweep_command.run_sweep(cfg)
+    small, large = results["cells"]
+    assert (small["model"], large["model"]) == ("tiny@112px", "tiny@168px")
+    assert (
+        small["bench"]["vision_tokens"]["p50"] == 16
+        and large["bench"]["vision_tokens"]["p50"] == 36
+    )
+    assert small["accuracy"]["token_agreement"] == pytest.approx(1.0)  # vs its own reference
+    variant = Path(results["models"]["tiny@168px"]["dir"])
+    pre = json.loads((variant / "config.json").read_text())["preprocess"]
+    assert pre["min_pixels"] == pre["max_pixels"] == 168 * 168
+    assert {p.name: p.stat().st_mtime_ns for p in tiny_checkpoint.iterdir()} == before
+    with pytest.raises(sweep_command.SweepInputError, match="multiples of 28"):
+        sweep_command.resolve_inputs(
+            sweep_command.SweepConfig(**{**cfg.__dict__, "resolutions": (100,)})
+        )
+    with pytest.raises(sweep_command.SweepInputError, match="not a side"):
+        sweep_command._sides("224,big")
+
+
 @pytest.mark.skipif(
     check_script.find_browser() is None, reason="no Chromium (apt-get install -y chromium)"
 )

@@ -1,7 +1,9 @@
-"""`citrus-edge sweep`: models x targets x recipes, each built, timed and scored on one manifest.
+"""`citrus-edge sweep`: models x targets x recipes (x vision input sizes), each built, timed and
+scored on one manifest.
 
 Per cell: a build (reused from the cache when its inputs hash the same: model weights, target,
-recipe, budget, the build's code and library versions), `bench` on a few images of the manifest,
+recipe, budget, the build's code and library versions), `bench` on a few images of the manifest
+(a model's cells together, in turn image by image, so their latency ratios come from one run),
 then every record of the chosen split through the bundle, scored with the eval metrics (Dice,
 lesion count, Precision@1, report fields) and against the FP32 PyTorch reference (token
 agreement, mask IoU, Dice drop). The accuracy budget (the recipe's default, or `--budget`)
@@ -11,7 +13,9 @@ TensorRT targets are never timed here without their GPU: their cells are "not me
 the memory planner's projection in columns labelled as such. Each finished cell is written to
 `results.json` at once, so an interrupted sweep started again with the same `--out` resumes from
 the finished cells (and the cached builds). The reports (`results.csv`, `report.md`,
-`report.html`) are made from `results.json` by `citrus_edge.report`.
+`report.html`) are made from `results.json` by `citrus_edge.report`. `--resolutions` sweeps each
+model at given vision input sizes: a checkpoint per size (the weights linked, the pixel budget
+in its config.json changed) under the build cache, named `<model>@<side>px`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ import gc
 import hashlib
 import json
 import logging
+import math
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -65,6 +72,10 @@ class SweepConfig:
     max_new_tokens: int = 96
     build_eval_limit: int = 8
     cold_start: bool = True
+    # Vision input sides in pixels: each model is also swept at an input of side x side pixels
+    # (its checkpoint's min/max pixel budget set to side^2; the vision tower's rotary positions
+    # take any size). (): each model at its own budget.
+    resolutions: tuple[int, ...] = ()
 
     def settings(self) -> dict[str, Any]:
         """What the cells' figures depend on besides the models, data and versions."""
@@ -115,10 +126,17 @@ def resolve_inputs(cfg: SweepConfig) -> dict[str, Any]:
             model_dir = resolve_model(spec)
         except FileNotFoundError as e:
             raise SweepInputError(str(e)) from None
-        models[_model_name(spec, model_dir)] = {
-            "dir": str(model_dir),
-            "hash": checkpoint_source_hash(model_dir),
-        }
+        name, digest = _model_name(spec, model_dir), checkpoint_source_hash(model_dir)
+        if not cfg.resolutions:
+            models[name] = {"dir": str(model_dir), "hash": digest}
+        for side in cfg.resolutions:
+            _check_side(model_dir, side)
+            models[f"{name}@{side}px"] = {
+                "dir": None,  # written by `at_resolution` once the sweep's folder is checked
+                "base_dir": str(model_dir),
+                "pixels": side * side,
+                "hash": f"{digest}@{side}px",
+            }
     targets = {}
     for name in cfg.targets:
         try:
@@ -148,6 +166,47 @@ def resolve_inputs(cfg: SweepConfig) -> dict[str, Any]:
             "bench_images": cfg.bench_images,
         },
     }
+
+
+def _check_side(model_dir: Path, side: int) -> None:
+    """A side the model's vision input can take: a multiple of its patch x merge, and at least
+    its minimum area; a typed error naming the model otherwise."""
+    pp = json.loads((model_dir / "config.json").read_text()).get("preprocess", {})
+    factor = pp.get("patch_size", 14) * pp.get("merge_size", 2)
+    if side % factor or side * side < 4 * factor * factor:
+        raise SweepInputError(
+            f"--resolutions {side}: {model_dir.name} takes sides that are multiples of {factor} "
+            f"pixels (its patch x merge), at least {2 * factor}"
+        )
+
+
+def at_resolution(model: dict, cache: Path) -> Path:
+    """The checkpoint of `model` (a `--resolutions` variant) at its pixel budget: the base
+    checkpoint's files linked (copied where links fail) under `cache/models`, its config.json
+    with min_pixels = max_pixels = side^2. Reused when already there."""
+    from citrus_edge.atomic import staged_directory
+
+    base, pixels = Path(model["base_dir"]), model["pixels"]
+    out = cache / "models" / f"{base.name}@{math.isqrt(pixels)}px"
+    if (out / "config.json").is_file():
+        return out
+    config = json.loads((base / "config.json").read_text())
+    config["preprocess"] = {**config.get("preprocess", {}), "min_pixels": pixels,
+                            "max_pixels": pixels}  # fmt: skip
+    with staged_directory(out, _absent) as tmp:
+        for f in base.iterdir():
+            if f.is_file() and f.name != "config.json":
+                try:
+                    os.link(f, tmp / f.name)
+                except OSError:
+                    shutil.copy2(f, tmp / f.name)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def _absent(path: Path) -> None:
+    if path.exists():  # without its config.json: not a checkpoint this sweep wrote
+        raise SweepOutError(f"{path}: exists and is not a checkpoint of this sweep; move it away")
 
 
 def _recipe_of(target: Any, name: str) -> Any:
@@ -460,6 +519,9 @@ def run_sweep(cfg: SweepConfig, progress: Any = None) -> dict:
     inputs["versions"] = _versions()
     cfg.out.mkdir(parents=True, exist_ok=True)
     cache = cfg.cache or cfg.out / "builds"
+    for model in inputs["models"].values():
+        if model["dir"] is None:
+            model["dir"] = str(at_resolution(model, cache))
     previous = _previous_cells(cfg.out / "results.json")
     records = inputs["records"]
     cases = bench_cases([cfg.data], split=cfg.split or None, limit=cfg.bench_images)
@@ -666,6 +728,18 @@ def _split_list(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split(",") if p.strip())
 
 
+def _sides(text: str) -> tuple[int, ...]:
+    """`--resolutions` "224,336" -> (224, 336); a typed error for anything else."""
+    sides = []
+    for part in _split_list(text):
+        if not part.isdigit() or int(part) < 1:
+            raise SweepInputError(f"--resolutions {text!r}: {part!r} is not a side in pixels")
+        sides.append(int(part))
+    if len(set(sides)) != len(sides):
+        raise SweepInputError(f"--resolutions {text!r}: a side is given twice")
+    return tuple(sides)
+
+
 @app.command("sweep")
 def sweep_cmd(
     models: Annotated[
@@ -707,6 +781,13 @@ def sweep_cmd(
     build_eval_limit: Annotated[
         int, typer.Option(min=1, help="Eval records each build validates on.")
     ] = 8,
+    resolutions: Annotated[
+        str,
+        typer.Option(
+            help="Vision input sides in pixels, comma-separated (e.g. 224,336): each model is "
+            "swept at side x side pixels (default: each model's own)."
+        ),
+    ] = "",
     cold_start: Annotated[bool, typer.Option(help="Time a cold start per cell.")] = True,
     compare: Annotated[
         tuple[Path, Path] | None,
@@ -744,6 +825,7 @@ def sweep_cmd(
         max_new_tokens=max_new_tokens,
         build_eval_limit=build_eval_limit,
         cold_start=cold_start,
+        resolutions=_sides(resolutions),
     )
     columns = (
         TextColumn("{task.description}"),
