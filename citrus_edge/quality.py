@@ -6,7 +6,8 @@
   three task prompts of `calib_data.tasks`: detection JSON list, `[SEG]` answer, report); None
   for any other prompt, since the pipeline itself is prompt-agnostic;
 - masks: SAM2's predicted IoU of each kept mask, "low predicted IoU" below the threshold;
-- the image: "not an ultrasound image" when a DICOM's Modality is not US.
+- the image: "not an ultrasound image" when a DICOM's Modality is not US, and the contradiction
+  when the model answers "This is not an ultrasound image." for a DICOM whose Modality is US.
 
 Each concern becomes one line in `GroundingResult.warnings`.
 """
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 from citrus_edge.boxes import detection_list
 from citrus_edge.result import AnswerQuality
+from citrus_edge.tasks import NOT_US_ANSWER
 
 QUALITY_THRESHOLDS_VERSION = 1
 
@@ -187,12 +189,21 @@ def mask_warnings(
     ]
 
 
-def image_warnings(modality: str, dicom: bool) -> list[str]:
+def image_warnings(modality: str, dicom: bool, answer: str = "") -> list[str]:
     """The "not an ultrasound image" warning for a DICOM whose Modality is not US (the model was
-    made for ultrasound only); nothing for ordinary images and arrays, which state no modality."""
+    made for ultrasound only); for a DICOM that states US but was answered "not an ultrasound
+    image", that the two disagree (the answer holds no finding: the image is unlike what the
+    model learnt, not proven free of lesions). Nothing for ordinary images and arrays, which
+    state no modality."""
     if dicom and modality != "US":
         stated = f"Modality {modality}" if modality else "no Modality"
         return [f"not an ultrasound image: the DICOM states {stated}; the model reads US only"]
+    if dicom and answer.strip() == NOT_US_ANSWER:
+        return [
+            "the model answered that this is not an ultrasound image, but the DICOM states "
+            "Modality US: no finding was read from it (the image is unlike what the model "
+            "learnt); check it by eye"
+        ]
     return []
 
 

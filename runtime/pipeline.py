@@ -261,7 +261,7 @@ class Pipeline:
             token_logprobs=list(gen.logprobs),
             quality=quality,
             warnings=[
-                *image_warnings(loaded.modality, loaded.dicom),
+                *image_warnings(loaded.modality, loaded.dicom, text),
                 *warnings,
                 *measured.warnings,
             ],
@@ -348,7 +348,7 @@ class Pipeline:
             token_logprobs=list(key.result.token_logprobs),
             quality=quality,
             warnings=[
-                *image_warnings(loaded.modality, loaded.dicom),
+                *image_warnings(loaded.modality, loaded.dicom, key.result.text),
                 *answer,
                 *mask_warnings(scores),
                 *measured.warnings,

@@ -290,6 +290,29 @@ def test_pydicom_ct_and_mr_examples_are_warned_every_time():
             assert expected in run(path, prompt).warnings
     us = load_image(str(examples.get_path("ybr_color")))
     assert image_warnings(us.modality, us.dicom) == []
+    assert image_warnings(us.modality, us.dicom, "Sure, it is [SEG].") == []
+    # a US DICOM answered "not ultrasound": the two disagree, and the cart is told so
+    (contradiction,) = image_warnings(us.modality, us.dicom, NOT_US_ANSWER)
+    assert "states Modality US" in contradiction and "no finding" in contradiction
+    assert image_warnings("", False, NOT_US_ANSWER) == []  # a PNG states no modality
+
+
+def test_the_runtime_judges_the_image_with_its_answer(monkeypatch):
+    """The pipeline hands image_warnings the answer it gave (what the US-vs-"not ultrasound"
+    contradiction is read from)."""
+    from test_runtime_support import pipeline
+
+    import citrus_edge.runtime.pipeline as pipeline_module
+
+    seen = []
+
+    def record(modality, dicom, answer=""):
+        seen.append((modality, dicom, answer))
+        return [f"seen {answer}"]
+
+    monkeypatch.setattr(pipeline_module, "image_warnings", record)
+    result = pipeline("seg")(str(examples.get_path("rgb_color")), PROMPTS["segment"])
+    assert seen == [("US", True, result.text)] and result.warnings[0] == f"seen {result.text}"
 
 
 def test_stage_8_mixes_and_can_start_from_the_shipped_model(tmp_path):
