@@ -412,36 +412,14 @@ def library_versions() -> dict[str, Any]:
     return {"key": key, "all": dict(sorted(every.items()))}
 
 
-def bench_report(
-    bundle: str | Path,
-    cases: Sequence[Case],
-    *,
-    warmup: int = 1,
-    iterations: int = 3,
-    threads: int = 0,
-    backend: str = "onnxruntime",
-    providers: Sequence[str] | None = None,
-    max_new_tokens: int = 96,
-    video_frames: int = 8,
-    cold_start: bool = True,
-) -> dict[str, Any]:
-    """`citrus-edge bench`'s record of one bundle: `run_bench` over `cases` (`iterations` timed
-    rounds of every case after `warmup` untimed runs), video mode over `video_frames` frames made
-    from the first case's image (shifted a pixel per frame: what a probe sweep tracks; 0: no
-    video), cold start in a fresh process, plus "schema", "bundle", "bundle_bytes", "settings",
-    "cases" (each case's image name and prompt), "machine" and "versions"."""
-    return bench_reports(
-        [bundle],
-        cases,
-        warmup=warmup,
-        iterations=iterations,
-        threads=threads,
-        backend=backend,
-        providers=providers,
-        max_new_tokens=max_new_tokens,
-        video_frames=video_frames,
-        cold_start=cold_start,
-    )[0]
+def bench_report(bundle: str | Path, cases: Sequence[Case], **options: Any) -> dict[str, Any]:
+    """`citrus-edge bench`'s record of one bundle (`bench_reports`' options): `run_bench` over
+    `cases` (`iterations` timed rounds of every case after `warmup` untimed runs), video mode over
+    `video_frames` frames made from the first case's image (shifted a pixel per frame: what a
+    probe sweep tracks; 0: no video), cold start in a fresh process, plus "schema", "bundle",
+    "bundle_bytes", "settings", "cases" (each case's image name and prompt), "machine" and
+    "versions"."""
+    return bench_reports([bundle], cases, **options)[0]
 
 
 def bench_reports(
