@@ -240,6 +240,35 @@ def pydicom_answers(bundle: Path, constrained: bool) -> list[dict]:
     return rows
 
 
+NON_US_EXAMPLES = ("ct", "mr")
+
+
+def non_us_answers(bundle: Path) -> list[dict]:
+    """The three task answers of `bundle` on pydicom's CT and MR examples (constrained): whether
+    each is "This is not an ultrasound image." and whether the result warns of the Modality."""
+    from pydicom import examples
+
+    from citrus_edge.runtime import Pipeline
+
+    pipe = Pipeline.from_bundle(bundle)
+    rows = []
+    for name in NON_US_EXAMPLES:
+        for task in tasks.TASKS:
+            r = pipe(examples.get_path(name), tasks.PROMPTS[task])
+            rows.append(
+                {
+                    "example": name,
+                    "task": task,
+                    "text": r.text,
+                    "not_us_answer": r.text.strip() == tasks.NOT_US_ANSWER,
+                    "modality_warning": any(
+                        w.startswith("not an ultrasound image: the DICOM") for w in r.warnings
+                    ),  # fmt: skip
+                }
+            )
+    return rows
+
+
 def summarize_answers(rows: list[dict]) -> dict:
     """Shares that parse (per task and all), report answers stating a count, texts seen."""
     out: dict = {"answers": len(rows)}
@@ -249,6 +278,7 @@ def summarize_answers(rows: list[dict]) -> dict:
     reports = [r for r in rows if r["task"] == "report"]
     out["report"]["states_count"] = sum(r["count"] is not None for r in reports) / len(reports)
     out["stopped_by_eos"] = sum(r["stopped_by"] == "eos" for r in rows) / len(rows)
+    out["answered_not_us"] = sum(r["text"].strip() == tasks.NOT_US_ANSWER for r in rows)
     tokens = sum(r["tokens"] for r in rows)
     out["grammar_ms_per_token"] = sum(r["grammar_ms"] for r in rows) / max(tokens, 1)
     out["decode_ms_per_token"] = sum(r["decode_ms"] for r in rows) / max(tokens, 1)
@@ -306,8 +336,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"{s['stopped_by_eos']:.1%}; grammar {s['grammar_ms_per_token']:.3f} of "
                 f"{s['decode_ms_per_token']:.3f} ms/token decode"
             )
+            print(f"  answered 'not an ultrasound image': {s['answered_not_us']} of {s['answers']}")
             for text, n in sorted(s["texts"].items(), key=lambda kv: -kv[1])[:8]:
                 print(f"  {n:3d} x {text}")
+        non_us = non_us_answers(args.bundle)
+        pydicom_rows["ct_mr"] = non_us
+        print(
+            f"pydicom CT and MR, constrained: {sum(r['not_us_answer'] for r in non_us)} of "
+            f"{len(non_us)} answered 'not an ultrasound image', "
+            f"{sum(r['modality_warning'] for r in non_us)} warned of the Modality"
+        )
     if args.json:
         doc = {
             "cpu": {**sets, "line": describe(sets)},
