@@ -101,7 +101,7 @@ def main() -> None:
         default="fp32,default,int8",
         help="CPU recipes to build and time (default: the target's default build)",
     )
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=15)  # 3 rounds of 5 cases: ratios +-15 %
     ap.add_argument("--images", type=int, default=4)
     args = ap.parse_args()
     recipes = args.recipes.split(",")
