@@ -323,12 +323,11 @@ def test_stage_8_mixes_and_can_start_from_the_shipped_model(tmp_path):
         train_demo_model,
     )
 
-    assert SHIPPED_STAGE == len(DEMO_STAGES) == 8
-    stage7, stage8 = DEMO_STAGES[6], DEMO_STAGES[7]
+    stage7, stage8 = DEMO_STAGES[SHIPPED_STAGE - 1], DEMO_STAGES[SHIPPED_STAGE]
     assert (stage8.screen, stage8.non_us, stage8.lr, stage8.steps) == (0.5, 0.15, 1e-4, 2000)
     assert stage8.data_start == stage7.data_start + stage7.steps * stage7.batch_size
     assert stage8.centre_prior == pytest.approx(-2.1972, abs=1e-4)
-    assert all(s.screen is None and s.non_us is None for s in DEMO_STAGES[:7])
+    assert all(s.screen is None and s.non_us is None for s in DEMO_STAGES[:SHIPPED_STAGE])
     with pytest.raises(StageStartError, match="needs init_from"):
         train_demo_model(tmp_path, start_stage=8)
     with pytest.raises(StageStartError, match="within 1..8"):

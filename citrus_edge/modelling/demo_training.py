@@ -115,7 +115,8 @@ _STAGE7 = _next_stage(_STAGE6, steps=1300, lr=2e-4, warmup=50, w_centre=2.0)
 # CenterNet's prior. The screens include dark displays (`ScreenConfig.dark_prob`): a first run
 # without them learnt "dark and dim = not ultrasound" and answered 70 of 96 questions on
 # pydicom's real ultrasound examples "This is not an ultrasound image." (docs/demo_training/
-# stage8-first-try.*); with them, 1 of 96. The shipped model since issue 22.
+# stage8-first-try.*); with them, 1 of 96. Not shipped: with it the default `orin` build
+# (fp16-w4) misses its Dice budget (drop 0.034 > 0.01 from the 4-bit LLM), see the README.
 _STAGE8 = _next_stage(
     _STAGE7,
     steps=2000,
@@ -135,7 +136,7 @@ DEMO_STAGES: tuple[TrainConfig, ...] = (
     _STAGE7,
     _STAGE8,
 )
-SHIPPED_STAGE = 8  # the stage whose model is citrus_edge/demo_model
+SHIPPED_STAGE = 7  # the stage whose model is citrus_edge/demo_model
 
 
 class StageStartError(ValueError):
