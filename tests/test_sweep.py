@@ -358,6 +358,20 @@ def test_tiny_fp32_sweep_writes_every_file_and_resumes(
     assert shown == sweep_results.formatted_rows(again)
 
 
+def test_bundles_are_benched_together_only_where_they_fit_memory(tmp_path):
+    """Three bundles of 1 GB each need about 9 GB loaded at once: together on a 24 GB machine,
+    one at a time on a 16 GB one (half of it is the limit)."""
+    bundles = []
+    for i in range(3):
+        b = tmp_path / f"b{i}"
+        b.mkdir()
+        (b / "manifest.json").write_text(json.dumps({"files": {"x.onnx": {"bytes": 10**9}}}))
+        bundles.append(b)
+    assert sweep_command.alternation_fits(bundles, memory_bytes=24 * 10**9)
+    assert not sweep_command.alternation_fits(bundles, memory_bytes=16 * 10**9)
+    assert sweep_command.alternation_fits(bundles[:1], memory_bytes=1)  # one bundle: always
+
+
 def test_a_cell_whose_build_fails_costs_no_other_cell(
     tiny_checkpoint, small_phantom_set, tmp_path, monkeypatch
 ):
@@ -401,6 +415,8 @@ def test_resolution_axis_sweeps_each_model_at_each_side(
     variant = Path(results["models"]["tiny@168px"]["dir"])
     pre = json.loads((variant / "config.json").read_text())["preprocess"]
     assert pre["min_pixels"] == pre["max_pixels"] == 168 * 168
+    digest = results["models"]["tiny@168px"]["hash"].removeprefix("sha256:")[:16]
+    assert variant.name == f"tiny@168px-{digest}"  # new base weights: a new folder, never stale
     assert {p.name: p.stat().st_mtime_ns for p in tiny_checkpoint.iterdir()} == before
     with pytest.raises(sweep_command.SweepInputError, match="multiples of 28"):
         sweep_command.resolve_inputs(

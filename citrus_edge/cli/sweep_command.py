@@ -183,11 +183,13 @@ def _check_side(model_dir: Path, side: int) -> None:
 def at_resolution(model: dict, cache: Path) -> Path:
     """The checkpoint of `model` (a `--resolutions` variant) at its pixel budget: the base
     checkpoint's files linked (copied where links fail) under `cache/models`, its config.json
-    with min_pixels = max_pixels = side^2. Reused when already there."""
+    with min_pixels = max_pixels = side^2. Reused when already there (its name holds the hash of
+    the base weights, so changed weights get a new folder)."""
     from citrus_edge.atomic import staged_directory
 
     base, pixels = Path(model["base_dir"]), model["pixels"]
-    out = cache / "models" / f"{base.name}@{math.isqrt(pixels)}px"
+    digest = model["hash"].removeprefix("sha256:")[:16]  # new weights: a new folder, never stale
+    out = cache / "models" / f"{base.name}@{math.isqrt(pixels)}px-{digest}"
     if (out / "config.json").is_file():
         return out
     config = json.loads((base / "config.json").read_text())
@@ -612,6 +614,24 @@ class _Pending:
     label: str
 
 
+# Loaded sessions take about this many times their bundle's bytes (weights, arena, I/O buffers).
+SESSION_MEMORY_FACTOR = 3.0
+
+
+def alternation_fits(bundles: list[Path], memory_bytes: int | None = None) -> bool:
+    """Whether `bundles` may be loaded at once for the alternating bench: their bytes times
+    SESSION_MEMORY_FACTOR within half this machine's memory (an 8B-width model's three bundles
+    together would not be); otherwise each is benched alone."""
+    from citrus_edge.runtime.bench import bundle_bytes
+
+    if len(bundles) < 2:
+        return True
+    if memory_bytes is None:
+        memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    need = SESSION_MEMORY_FACTOR * sum(bundle_bytes(b) for b in bundles)
+    return need <= memory_bytes / 2
+
+
 def _failed(cell: dict, label: str, e: Exception) -> dict:
     """One broken cell must not cost the others: it is recorded with the reason and skipped."""
     from citrus_edge.report.sweep_results import FAILED
@@ -666,19 +686,19 @@ def _measure(
             built.append((p, bundle, time.perf_counter() - t0))
     if not built:
         return
-    status(f"{Path(model['dir']).name}: bench of {len(built)} bundles in turn")
+    bundles = [bundle for _, bundle, _ in built]
+    options = dict(warmup=cfg.warmup, iterations=cfg.iterations, threads=cfg.threads,
+                   max_new_tokens=cfg.max_new_tokens, video_frames=cfg.video_frames,
+                   cold_start=cfg.cold_start)  # fmt: skip
+    together = alternation_fits(bundles)
+    status(f"{Path(model['dir']).name}: bench of {len(built)} bundles"
+           + (" in turn" if together else " one at a time (together they would not fit memory)"))  # fmt: skip
     t0 = time.perf_counter()
     try:
-        benches = bench_reports(
-            [bundle for _, bundle, _ in built],
-            cases,
-            warmup=cfg.warmup,
-            iterations=cfg.iterations,
-            threads=cfg.threads,
-            max_new_tokens=cfg.max_new_tokens,
-            video_frames=cfg.video_frames,
-            cold_start=cfg.cold_start,
-        )
+        if together:
+            benches = bench_reports(bundles, cases, **options)
+        else:
+            benches = [bench_reports([b], cases, **options)[0] for b in bundles]
     except Exception as e:
         for p, _, _ in built:
             finish(p.index, _failed(p.cell, p.label, e))
