@@ -88,6 +88,14 @@ def write_bytes_atomic(path: str | os.PathLike, data: Any) -> Path:
     return Path(path)
 
 
+def link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link of `src` at `dst`, or a copy where links fail (another file system)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 def replace_directory(staging: Path, out: Path) -> None:
     """Put a finished `staging` directory at `out`, replacing a previous `out` by renames only.
 

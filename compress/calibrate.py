@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from citrus_edge.atomic import link_or_copy
 from citrus_edge.calib_data.data_manifest import Record
 from citrus_edge.calib_data.load import load_image
 from citrus_edge.host_inputs import empty_past
@@ -150,22 +150,15 @@ def bundle_view(
         stale = set(replace) | {f"{n}.data" for n in replace}  # a replaced graph's old weights
         for p in Path(export_dir).iterdir():
             if p.is_file() and p.name not in stale:
-                _link_or_copy(p, view / p.name)
+                link_or_copy(p, view / p.name)
         for file_name, path in replace.items():
-            _link_or_copy(Path(path), view / file_name)
+            link_or_copy(Path(path), view / file_name)
             if Path(f"{path}.data").is_file():
-                _link_or_copy(Path(f"{path}.data"), view / f"{file_name}.data")
+                link_or_copy(Path(f"{path}.data"), view / f"{file_name}.data")
         write_manifest(view, {"components": bundle_components(view)})
         yield view
     finally:
         shutil.rmtree(view, ignore_errors=True)
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:  # another file system, or links not allowed
-        shutil.copyfile(src, dst)
 
 
 def run_pipeline(

@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -185,7 +184,7 @@ def at_resolution(model: dict, cache: Path) -> Path:
     checkpoint's files linked (copied where links fail) under `cache/models`, its config.json
     with min_pixels = max_pixels = side^2. Reused when already there (its name holds the hash of
     the base weights, so changed weights get a new folder)."""
-    from citrus_edge.atomic import staged_directory
+    from citrus_edge.atomic import link_or_copy, staged_directory
 
     base, pixels = Path(model["base_dir"]), model["pixels"]
     digest = model["hash"].removeprefix("sha256:")[:16]  # new weights: a new folder, never stale
@@ -198,10 +197,7 @@ def at_resolution(model: dict, cache: Path) -> Path:
     with staged_directory(out, _absent) as tmp:
         for f in base.iterdir():
             if f.is_file() and f.name != "config.json":
-                try:
-                    os.link(f, tmp / f.name)
-                except OSError:
-                    shutil.copy2(f, tmp / f.name)
+                link_or_copy(f, tmp / f.name)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
     return out
 
