@@ -74,6 +74,10 @@ class DistillConfig:
 
     w_kl: float = 1.0  # KL(teacher || student) on the answer tokens' logits
     temperature: float = 2.0  # of the KL (the loss is scaled by T^2, as Hinton et al.)
+    # The same KL once more on each answer's first token alone (the lesion count or the
+    # lesion/no-lesion decision), as TrainConfig.w_first weights its cross-entropy: averaged over
+    # all answer tokens the KL gives the decision token a few percent of its weight.
+    w_kl_first: float = 0.0
     w_seg: float = 1.0  # the [SEG] embedding after the seg projector (the SAM2 prompt token)
     seg_loss: str = "cosine"  # SEG_LOSSES
     w_mask_kd: float = 1.0  # BCE + Dice of the student's mask logits against the teacher's
@@ -95,7 +99,7 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "train", tuple((str(k), v) for k, v in dict(self.train).items()))
-        weights = ("w_kl", "w_seg", "w_mask_kd", "w_feat", "w_vis", "w_gt")
+        weights = ("w_kl", "w_kl_first", "w_seg", "w_mask_kd", "w_feat", "w_vis", "w_gt")
         for name in weights:
             v = getattr(self, name)
             if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
@@ -174,6 +178,10 @@ class DistillConfig:
         current = json.loads(json.dumps({"config": self.to_dict(), "run": run}))
         if (Path(out_dir) / "state.pt").exists() and path.exists():
             saved = json.loads(path.read_text())
+            try:  # a field added since the run started reads as its default
+                saved["config"] = DistillConfig.from_dict(saved["config"]).to_dict()
+            except (DistillConfigError, KeyError, TypeError):
+                pass  # compared as saved: the difference names what changed
             changed = sorted(
                 f"{part}.{k}"
                 for part in ("config", "run")

@@ -272,3 +272,31 @@ def test_train_options_are_training_loop_fields_of_the_same_kind():
     assert parse_train_option("centre_loss=focal") == ("centre_loss", "focal")
     tc = TrainConfig(**DistillConfig(train=(parse_train_option("w_count=1"),)).train_fields())
     assert tc.w_count == 1.0 and tc.w_first == TrainConfig().w_first
+
+
+def test_first_token_kl_is_the_kl_at_each_answers_first_position(teacher):
+    from citrus_edge.calib_data.phantom import PhantomConfig
+    from citrus_edge.config import TINY
+    from citrus_edge.modelling.checkpoint import load_checkpoint
+    from citrus_edge.modelling.distill import DistillStep
+    from citrus_edge.modelling.train import IGNORE, TrainConfig, collate, llm_forward, make_sample
+
+    t_model, student = load_checkpoint(teacher), tiny_model(seed=1)
+    tok = tiny_tokenizer()
+    samples = [make_sample(TINY, tok, seed, PhantomConfig()) for seed in (3, 4, 5)]
+    batch = collate(samples, TINY.tokens.pad)
+    cfg = DistillConfig(w_kl=0.0, w_kl_first=3.0, w_seg=0, w_mask_kd=0, w_feat=0, w_vis=0)
+    step = DistillStep(student, t_model, cfg, TrainConfig(**cfg.train_fields()))
+    losses = step(batch)
+    with torch.no_grad():
+        _, _, s_logits = llm_forward(student, batch)
+        _, _, t_logits = llm_forward(t_model, batch)
+    answer = batch["labels"][:, 1:] != IGNORE
+    first = answer.float().argmax(dim=1)  # each row's first answer position
+    rows = torch.arange(len(first))
+    by_hand = kl_loss(s_logits[rows, first], t_logits[rows, first], cfg.temperature)
+    assert losses["kl_first"].item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert by_hand.item() > 1e-4 and "kl" not in losses  # a real difference; all-token KL off
+    assert step.weights["kl_first"] == 3.0
+    with pytest.raises(DistillConfigError, match="w_kl_first -1"):
+        DistillConfig(w_kl_first=-1.0)

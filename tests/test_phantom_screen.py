@@ -323,14 +323,20 @@ def test_stage_8_mixes_and_can_start_from_the_shipped_model(tmp_path):
         train_demo_model,
     )
 
-    stage7, stage8 = DEMO_STAGES[SHIPPED_STAGE - 1], DEMO_STAGES[SHIPPED_STAGE]
+    assert SHIPPED_STAGE in (7, 9) and len(DEMO_STAGES) == 9
+    stage7, stage8, stage9 = DEMO_STAGES[6:9]
     assert (stage8.screen, stage8.non_us, stage8.lr, stage8.steps) == (0.5, 0.15, 1e-4, 2000)
     assert stage8.data_start == stage7.data_start + stage7.steps * stage7.batch_size
     assert stage8.centre_prior == pytest.approx(-2.1972, abs=1e-4)
-    assert all(s.screen is None and s.non_us is None for s in DEMO_STAGES[:SHIPPED_STAGE])
+    assert all(s.screen is None and s.non_us is None for s in DEMO_STAGES[:7])
+    # Stage 9: the same mix on fresh phantoms, quantization-aware on the fp16-w4 INT4 grid.
+    assert (stage9.screen, stage9.non_us, stage9.lr, stage9.steps) == (0.5, 0.15, 5e-5, 600)
+    assert stage9.data_start == stage8.data_start + stage8.steps * stage8.batch_size
+    assert stage9.carry_aux and stage9.fake_int4_block == 128
+    assert all(s.fake_int4_block is None for s in DEMO_STAGES[:8])
     with pytest.raises(StageStartError, match="needs init_from"):
         train_demo_model(tmp_path, start_stage=8)
-    with pytest.raises(StageStartError, match="within 1..8"):
-        train_demo_model(tmp_path, start_stage=9, init_from=tmp_path)
+    with pytest.raises(StageStartError, match="within 1..9"):
+        train_demo_model(tmp_path, start_stage=10, init_from=tmp_path)
     with pytest.raises(StageStartError, match="no config.json"):
         train_demo_model(tmp_path, start_stage=8, init_from=tmp_path)

@@ -24,6 +24,7 @@ from citrus_edge.modelling.train import (
     centre_heat,
     collate,
     compute_losses,
+    fake_int4,
     focal_heat_loss,
     grow_vision,
     make_sample,
@@ -217,6 +218,61 @@ def test_resume_after_interruption_is_exact(tmp_path, tok):
     assert any((a[k] - tiny_model().state_dict()[k]).abs().max() > 0 for k in a)  # it trained
     curve = [json.loads(x) for x in (tmp_path / "b" / "curve.jsonl").read_text().splitlines()]
     assert [r["step"] for r in curve] == [2, 4]
+
+
+def test_fake_int4_is_the_int4_exports_grid_with_a_straight_through_gradient():
+    from citrus_edge.compress.int4_awq import dequantize_blocks, quantize_blocks
+
+    g = torch.Generator().manual_seed(0)
+    for shape, block in (((64, 512), 128), ((24, 100), 32), ((8, 48), 16)):
+        w = torch.randn(shape, generator=g)
+        w[0, :block] = 0.0  # an all-zero block keeps scale 1, as the exporter's
+        q, scale = quantize_blocks(w.numpy().T.copy(), block)
+        exported = dequantize_blocks(q, scale, block).T
+        w.requires_grad_(True)
+        fq = fake_int4(w, block)
+        assert np.abs(fq.detach().numpy() - exported).max() == 0.0, (shape, block)
+        assert len(np.unique(q)) > 8 and np.abs(q).max() <= 8  # 4-bit, and the grid is used
+        upstream = torch.randn(shape, generator=g)
+        (fq * upstream).sum().backward()
+        assert torch.equal(w.grad, upstream)  # straight through
+        assert torch.equal(fake_int4(fq.detach(), block), fq.detach())  # on the grid: fixed point
+    with pytest.raises(ValueError, match="fake_int4_block must be a power of two"):
+        TrainConfig(fake_int4_block=48)
+
+
+def test_quantization_aware_run_returns_int4_weights_and_resumes_exactly(tmp_path, tok):
+    cfg = TrainConfig(
+        steps=4, batch_size=2, warmup=1, ckpt_every=2, log_every=2, fake_int4_block=16
+    )
+    straight = train(TINY, cfg, tmp_path / "a", tok)
+    linears = [
+        (n, m)
+        for n, m in straight.mllm.model.language_model.layers.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
+    assert len(linears) == 7 * TINY.text.num_layers
+    for name, m in linears:  # plain parameters again, each exactly on its INT4 grid
+        assert not hasattr(m, "parametrizations"), name
+        assert torch.equal(fake_int4(m.weight.detach(), 16), m.weight.detach()), name
+    assert any(
+        (straight.state_dict()[k] - tiny_model().state_dict()[k]).abs().max() > 0
+        for k in straight.state_dict()
+    )
+    calls = []
+
+    def crash_at_step_3(model, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise _Interrupt
+        return {}
+
+    with pytest.raises(_Interrupt):
+        train(TINY, cfg, tmp_path / "b", tok, extra_loss=crash_at_step_3)
+    resumed = train(TINY, cfg, tmp_path / "b", tok)
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() == tiny_model().state_dict().keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
 
 
 def test_continuing_run_starts_from_checkpoint_and_heads(tmp_path, tok):

@@ -76,6 +76,10 @@ def distill_cmd(
     lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate.")] = 3e-4,
     temperature: Annotated[float, typer.Option(help="Temperature of the logits KL.")] = 2.0,
     w_kl: Annotated[float, typer.Option(help="Weight of the logits KL.")] = 1.0,
+    w_kl_first: Annotated[
+        float,
+        typer.Option(help="Extra weight of the KL on each answer's first token (the count)."),
+    ] = 0.0,
     w_seg: Annotated[float, typer.Option(help="Weight of the [SEG] embedding loss.")] = 1.0,
     w_mask_kd: Annotated[float, typer.Option(help="Weight of the mask distillation.")] = 1.0,
     w_feat: Annotated[float, typer.Option(help="Weight of the SAM2 feature distillation.")] = 1.0,
@@ -113,6 +117,7 @@ def distill_cmd(
         overrides[key] = value
     cfg = DistillConfig(
         w_kl=w_kl,
+        w_kl_first=w_kl_first,
         temperature=temperature,
         w_seg=w_seg,
         w_mask_kd=w_mask_kd,
@@ -162,7 +167,7 @@ def distill_cmd(
             terms = {
                 k: v
                 for k, v in ev.items()
-                if k in ("total", "kl", "seg", "mask_kd", "feat", "vis", "lm")
+                if k in ("total", "kl", "kl_first", "seg", "mask_kd", "feat", "vis", "lm")
             }
             text = " ".join(f"{k} {v:.4f}" for k, v in terms.items())
             if ev["kind"] == "eval":

@@ -126,6 +126,12 @@ _STAGE8 = _next_stage(
     non_us=0.15,
     centre_prior=math.log(0.1 / 0.9),
 )
+# Stage 9 continues stage 8 (its training-only heads carried) on fresh phantoms of the same mix
+# at half its LR, quantization-aware: the LLM decoder's weights pass through the `fp16-w4`
+# recipe's INT4 grid (blocks of 128 input channels) with a straight-through gradient, and the
+# model keeps the rounded weights. Stage 8's answers hung on decisions (lesion or not, [SEG] or
+# not) that 4-bit weights flipped: 2 of the eval split's 60 masks lost.
+_STAGE9 = _next_stage(_STAGE8, steps=600, lr=5e-5, warmup=50, fake_int4_block=128)
 DEMO_STAGES: tuple[TrainConfig, ...] = (
     _STAGE1,
     _STAGE2,
@@ -135,6 +141,7 @@ DEMO_STAGES: tuple[TrainConfig, ...] = (
     _STAGE6,
     _STAGE7,
     _STAGE8,
+    _STAGE9,
 )
 SHIPPED_STAGE = 7  # the stage whose model is citrus_edge/demo_model
 

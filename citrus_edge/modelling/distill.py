@@ -184,7 +184,13 @@ class DistillStep(nn.Module):
         self._teacher = (teacher,)
         self.cfg, self.tc = cfg, tc
         self.weights = {k: cfg.w_gt * w for k, w in gt_weights(tc).items()}
-        self.weights.update(kl=cfg.w_kl, seg=cfg.w_seg, mask_kd=cfg.w_mask_kd, feat=cfg.w_feat)
+        self.weights.update(
+            kl=cfg.w_kl,
+            kl_first=getattr(cfg, "w_kl_first", 0.0),
+            seg=cfg.w_seg,
+            mask_kd=cfg.w_mask_kd,
+            feat=cfg.w_feat,
+        )
         self.weights["vis"] = getattr(cfg, "w_vis", 0.0)
         # Training-only FitNets adapters, student SAM2 width -> teacher's (module docstring);
         # made after the aux head, so that its seeded initialisation is the same as without.
@@ -232,6 +238,10 @@ class DistillStep(nn.Module):
         answer = batch["labels"][:, 1:] != IGNORE  # positions predicting an answer token
         if cfg.w_kl > 0:
             losses["kl"] = kl_loss(logits[answer], t_logits[answer], cfg.temperature)
+        if getattr(cfg, "w_kl_first", 0.0) > 0:
+            # Each row's first answer position (where the count / decision token is predicted).
+            first = answer & (answer.cumsum(dim=1) == 1)
+            losses["kl_first"] = kl_loss(logits[first], t_logits[first], cfg.temperature)
         is_seg = batch["labels"][:, 1:] == student.config.tokens.seg
         b_idx, p_idx = is_seg.nonzero(as_tuple=True)
         n_seg = len(b_idx)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, IterableDataset
 
 from citrus_edge import tasks
@@ -82,11 +83,20 @@ class TrainConfig:
     # (log(0.1 / 0.9)): at 0 the focal loss starts near 100 and, after gradient clipping,
     # leaves the language model almost no gradient.
     centre_prior: float | None = None
+    # Quantization-aware training for the TensorRT targets' 4-bit LLM (`fp16-w4`): the decoder
+    # layers' linear weights pass through `fake_int4` in blocks of this many input channels
+    # (the INT4 export's grid, `compress.int4_awq`), with a straight-through gradient; the
+    # model this run returns holds the quantized weights, so its INT4 export is exact at
+    # alpha 0. None: plain float training.
+    fake_int4_block: int | None = None
     version: int = TRAIN_CONFIG_VERSION
 
     def __post_init__(self) -> None:
         if self.centre_loss not in CENTRE_LOSSES:
             raise ValueError(f"centre_loss {self.centre_loss!r} is not one of {CENTRE_LOSSES}")
+        block = self.fake_int4_block
+        if block is not None and (block < 16 or block & (block - 1)):
+            raise ValueError(f"fake_int4_block must be a power of two >= 16, got {block}")
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, then cosine decay to `min_lr`."""
@@ -500,6 +510,51 @@ def _load_heads(aux: OccupancyHead, state_path: Path) -> None:
         )
 
 
+def fake_int4(w: torch.Tensor, block: int) -> torch.Tensor:
+    """`w [out, in]` rounded to symmetric INT4 (-8..7, scale = block amax / 7) in blocks of
+    `block` input channels, as `compress.int4_awq.quantize_blocks` rounds the exported `W.T`
+    (an all-zero block keeps scale 1); the gradient passes straight through."""
+    out_f, in_f = w.shape
+    blocks = -(-in_f // block)
+    padded = F.pad(w, (0, blocks * block - in_f)).reshape(out_f, blocks, block)
+    amax = padded.detach().abs().amax(dim=2, keepdim=True)
+    scale = torch.where(amax > 0, amax / 7.0, torch.ones_like(amax))
+    q = torch.clamp(torch.round(padded / scale), -8, 7) * scale
+    q = q.reshape(out_f, blocks * block)[:, :in_f]
+    return w + (q - w).detach()
+
+
+class _FakeInt4(nn.Module):
+    def __init__(self, block: int):
+        super().__init__()
+        self.block = block
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return fake_int4(w, self.block)
+
+
+def _llm_linears(model: CitrusV) -> list[nn.Linear]:
+    """The decoder layers' linear layers: the MatMuls the INT4 LLM recipes quantize."""
+    layers = model.mllm.model.language_model.layers
+    return [m for m in layers.modules() if isinstance(m, nn.Linear)]
+
+
+def fake_quantize_llm(model: CitrusV, block: int) -> None:
+    """Route the LLM decoder's linear weights through `fake_int4` (a parametrization: the
+    float weights stay the trained parameters; `bake_fake_quant` makes them the quantized
+    ones)."""
+    for linear in _llm_linears(model):
+        parametrize.register_parametrization(linear, "weight", _FakeInt4(block))
+
+
+def bake_fake_quant(model: CitrusV) -> CitrusV:
+    """Replace each parametrized weight by its quantized value (what training saw)."""
+    for linear in _llm_linears(model):
+        if parametrize.is_parametrized(linear, "weight"):
+            parametrize.remove_parametrizations(linear, "weight", leave_parametrized=True)
+    return model
+
+
 def _check_or_write_config(cfg: TrainConfig, out_dir: Path) -> None:
     """Write `train_config.json`; when resuming (a `state.pt` exists), require it unchanged."""
     path = out_dir / "train_config.json"
@@ -540,6 +595,8 @@ def _train(
         model.config = model_cfg  # the stage's image size; the weights are unchanged
     else:
         model = build_model(model_cfg, seed=cfg.seed)
+    if cfg.fake_int4_block is not None:
+        fake_quantize_llm(model, cfg.fake_int4_block)  # before a resume loads its state
     aux = OccupancyHead(model_cfg.text.hidden_size)
     if cfg.init_aux_from is not None:
         _load_heads(aux, Path(cfg.init_aux_from))
@@ -610,4 +667,4 @@ def _train(
             st = {"model": model.state_dict(), "aux": aux.state_dict(), "opt": opt.state_dict()}
             _save_state(state_path, {**st, "step": step})
     curve.close()
-    return model.eval()
+    return bake_fake_quant(model).eval()
