@@ -228,6 +228,9 @@ class Constraint:
         self._matchers, self._worst = list(matchers), list(worst)  # index k - 1; worst[0]: 0 items
         self.vocab_size, self.eos, self.task, self.budget = vocab_size, eos, task, budget
         self._decode, self._tokens = decode, []
+        # The model's own first choice (the unmasked argmax of the first step): where the
+        # grammar overrode it, the caller can say what the model would have answered.
+        self.first_choice: int | None = None
         self._overhead = max(0, 2 * worst[1] - worst[2]) if len(worst) > 2 else 0
 
     def _items_begun(self) -> int:
@@ -260,10 +263,13 @@ class Constraint:
     def choose(self, logits: np.ndarray) -> int:
         """The argmax of `logits` [V] over the allowed tokens (ties: the lowest id, as
         np.argmax)."""
+        logits = np.asarray(logits).reshape(-1)
+        if self.first_choice is None:
+            self.first_choice = int(np.argmax(logits))
         ids = np.flatnonzero(self.allowed())
         if ids.size == 0:
             raise ConstraintError(f"the {self.task} grammar allows no token: {self._error()}")
-        return int(ids[np.argmax(np.asarray(logits).reshape(-1)[ids])])
+        return int(ids[np.argmax(logits[ids])])
 
     def advance(self, token: int) -> None:
         """Move past `token` (not EOS: decoding stops there)."""
@@ -306,13 +312,20 @@ class AnswerGrammars:
     def __post_init__(self) -> None:
         _ll_tokenizer(self.tokenizer, self.vocab_size, self.eos)  # fail (and cache) at load
 
-    def _template(self, task: str, resized_hw: tuple[int, int], k: int):
-        key = (task, tuple(resized_hw), k)
+    @property
+    def not_us_first_token(self) -> int:
+        """The first token of the "not an ultrasound image" sentence (no other answer starts
+        with it)."""
+        return self.tokenizer.encode(NOT_US_ANSWER, add_special_tokens=False).ids[0]
+
+    def _template(self, task: str, resized_hw: tuple[int, int], k: int, not_us: bool = True):
+        key = (task, tuple(resized_hw), k, not_us)
         if key in self._templates:
             self._templates.move_to_end(key)
             return self._templates[key]
         ll = _llguidance()
-        lark = task_grammar(task, resized_hw, self.seg, k)
+        sentences = ANSWER_SENTENCES if not_us else (NO_LESION,)
+        lark = task_grammar(task, resized_hw, self.seg, k, sentences)
         tok = _ll_tokenizer(self.tokenizer, self.vocab_size, self.eos)
         matcher = ll.LLMatcher(tok, ll.LLMatcher.grammar_from_lark(lark), log_level=0)
         if matcher.is_error():
@@ -345,12 +358,17 @@ class AnswerGrammars:
         return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
     def constraint(
-        self, task: str, resized_hw: tuple[int, int], max_new_tokens: int | None = None
+        self,
+        task: str,
+        resized_hw: tuple[int, int],
+        max_new_tokens: int | None = None,
+        not_us: bool = True,
     ) -> Constraint:
         """A fresh automaton for one answer to `task` on an input resized to `resized_hw`,
-        fitting its answer into `max_new_tokens` when given."""
+        fitting its answer into `max_new_tokens` when given. `not_us=False` leaves out the "not
+        an ultrasound image" sentence (for an input known to be ultrasound)."""
         bounds = range(1, self.max_items + 1) if task in ("detect", "report") else [1]
-        matchers = [self._template(task, resized_hw, k).deep_copy() for k in bounds]
+        matchers = [self._template(task, resized_hw, k, not_us).deep_copy() for k in bounds]
         worst = [0] * (len(matchers) + 1)
         if max_new_tokens is not None and len(matchers) > 1:
             worst = [self.worst_tokens(task, resized_hw, k) for k in range(len(matchers) + 1)]
@@ -361,8 +379,14 @@ class AnswerGrammars:
         return Constraint(matchers, worst, self.vocab_size, self.eos, task, max_new_tokens, decode)
 
     def for_prompt(
-        self, prompt: str, resized_hw: tuple[int, int], max_new_tokens: int | None = None
+        self,
+        prompt: str,
+        resized_hw: tuple[int, int],
+        max_new_tokens: int | None = None,
+        not_us: bool = True,
     ) -> Constraint | None:
         """The automaton of the product task `prompt` asks for; None for a free-form prompt."""
         task = recognise_task(prompt)
-        return None if task is None else self.constraint(task, resized_hw, max_new_tokens)
+        if task is None:
+            return None
+        return self.constraint(task, resized_hw, max_new_tokens, not_us)

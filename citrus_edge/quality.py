@@ -45,27 +45,28 @@ class LogprobBounds:
             raise ValueError(f"log-probability bounds must be <= 0, got {self.mean}, {self.min}")
 
 
-# Measured 2026-12-02 with `scripts/measure_confidence.py` (PyTorch reference, shipped demo model
-# stage 7, default phantom set n600 seed 0, eval split: 180 answers, 60 per task):
+# Measured 2026-12-03 with `scripts/measure_confidence.py` (PyTorch reference, shipped demo model
+# stage 10, constrained decoding, default phantom set n600 seed 0, eval split: 180 answers, 60
+# per task):
 #   task     mean log-prob: min / p1 / p5 / p50          min log-prob: min / p1 / p5 / p50
-#   segment  -0.050 / -0.048 / -0.016 / -0.000            -0.301 / -0.286 / -0.108 / -0.001
-#   detect   -0.368 / -0.361 / -0.351 / -0.298            -1.924 / -1.922 / -1.850 / -1.697
-#   report   -0.256 / -0.255 / -0.243 / -0.184            -2.122 / -2.096 / -2.064 / -1.768
-#   all      -0.368 / -0.355 / -0.332 / -0.165            -2.122 / -2.073 / -2.031 / -1.438
-#   mask predicted IoU (47 masks): min 0.414, p1 0.415, p5 0.424, p50 0.769
+#   segment  -0.090 / -0.078 / -0.017 / -0.001            -0.538 / -0.466 / -0.100 / -0.008
+#   detect   -0.382 / -0.380 / -0.369 / -0.317            -1.998 / -1.990 / -1.971 / -1.850
+#   report   -0.262 / -0.262 / -0.255 / -0.218            -2.107 / -2.102 / -2.095 / -1.972
+#   all      -0.382 / -0.377 / -0.356 / -0.192            -2.107 / -2.098 / -2.062 / -1.625
+#   mask predicted IoU (46 masks): min 0.393, p1 0.398, p5 0.415, p50 0.763
 # Each bound is the task's 1st percentile rounded outwards (about 1 in 100 in-distribution
 # answers is flagged); prompts of no known task use the bounds of all answers. The tasks differ
-# five-fold, so one bound would never flag a segmentation answer: out-of-distribution inputs
-# (pydicom's two ultrasound examples, noise) gave segmentation answers of mean -0.19 to -0.31,
-# all flagged, while their detection and report answers stayed within the eval range and are
-# caught by the format check instead (9 of 9 did not parse).
+# four-fold, so one bound would never flag a segmentation answer: pydicom's ultrasound examples
+# get answers of mean -0.69 to -1.92 (all flagged). (Stage 7's bounds, 2026-12-02: segment
+# -0.05 / -0.30, detect -0.37 / -1.95, report -0.26 / -2.10, other -0.36 / -2.10, mask IoU
+# 0.41; stage 8's, not shipped: segment -0.10 / -0.67, mask IoU 0.37.)
 DEMO_LOGPROB_BOUNDS = {
-    "segment": LogprobBounds(mean=-0.05, min=-0.30),
-    "detect": LogprobBounds(mean=-0.37, min=-1.95),
-    "report": LogprobBounds(mean=-0.26, min=-2.10),
+    "segment": LogprobBounds(mean=-0.08, min=-0.47),
+    "detect": LogprobBounds(mean=-0.38, min=-2.00),
+    "report": LogprobBounds(mean=-0.27, min=-2.11),
 }
-DEMO_OTHER_BOUNDS = LogprobBounds(mean=-0.36, min=-2.10)
-DEMO_MASK_IOU = 0.41  # below every mask of the eval split (min 0.414)
+DEMO_OTHER_BOUNDS = LogprobBounds(mean=-0.38, min=-2.10)
+DEMO_MASK_IOU = 0.39  # below every mask of the eval split (min 0.393)
 
 
 @dataclass(frozen=True)
@@ -189,11 +190,14 @@ def mask_warnings(
     ]
 
 
-def image_warnings(modality: str, dicom: bool, answer: str = "") -> list[str]:
+def image_warnings(
+    modality: str, dicom: bool, answer: str = "", judged_not_us: bool = False
+) -> list[str]:
     """The "not an ultrasound image" warning for a DICOM whose Modality is not US (the model was
     made for ultrasound only); for a DICOM that states US but was answered "not an ultrasound
-    image", that the two disagree (the answer holds no finding: the image is unlike what the
-    model learnt, not proven free of lesions). Nothing for ordinary images and arrays, which
+    image" (free-form decoding), or whose answer grammar overrode the model's first choice of
+    that sentence (`judged_not_us`), that the two disagree: the image is unlike what the model
+    learnt, and the answer is not to be trusted. Nothing for ordinary images and arrays, which
     state no modality."""
     if dicom and modality != "US":
         stated = f"Modality {modality}" if modality else "no Modality"
@@ -203,6 +207,12 @@ def image_warnings(modality: str, dicom: bool, answer: str = "") -> list[str]:
             "the model answered that this is not an ultrasound image, but the DICOM states "
             "Modality US: no finding was read from it (the image is unlike what the model "
             "learnt); check it by eye"
+        ]
+    if dicom and judged_not_us:
+        return [
+            "the model's first choice was 'This is not an ultrasound image.', but the DICOM "
+            "states Modality US: the answer was kept to the task's format and is not to be "
+            "trusted (the image is unlike what the model learnt); check it by eye"
         ]
     return []
 

@@ -112,6 +112,7 @@ class Grounding:
     seg_hidden: np.ndarray  # [N_seg, H] float32
     image: LoadedImage
     generation: Generation
+    judged_not_us: bool = False  # the grammar overrode a "not ultrasound" first choice
 
 
 class Pipeline:
@@ -242,7 +243,10 @@ class Pipeline:
             check_image_size(
                 *loaded.pixels.shape[:2], self.model_config.preprocess.factor, loaded.path
             )
-        gen, resized_hw = self._generate(loaded.pixels, prompt, timer)
+        # A DICOM that states Modality US is ultrasound: the answer grammar leaves out "This is
+        # not an ultrasound image." there, and a model that would have begun it is reported.
+        stated_us = loaded.dicom and loaded.modality == "US"
+        gen, resized_hw, judged_not_us = self._generate(loaded.pixels, prompt, timer, stated_us)
         with timer.stage("detokenize"):
             text = self.tokenizer.decode(gen.tokens, skip_special_tokens=False)
             boxes = parse_boxes(text, resized_hw, loaded.pixels.shape[:2])
@@ -261,7 +265,7 @@ class Pipeline:
             token_logprobs=list(gen.logprobs),
             quality=quality,
             warnings=[
-                *image_warnings(loaded.modality, loaded.dicom, text),
+                *image_warnings(loaded.modality, loaded.dicom, text, judged_not_us),
                 *warnings,
                 *measured.warnings,
             ],
@@ -274,11 +278,14 @@ class Pipeline:
             input=input_record(loaded),
             runtime=self.config.to_dict(),
         )
-        return Grounding(result, gen.seg_hidden, loaded, gen)
+        return Grounding(result, gen.seg_hidden, loaded, gen, judged_not_us)
 
     def _generate(
-        self, rgb: np.ndarray, prompt: str, timer: StageTimer
-    ) -> tuple[Generation, tuple[int, int]]:
+        self, rgb: np.ndarray, prompt: str, timer: StageTimer, stated_us: bool = False
+    ) -> tuple[Generation, tuple[int, int], bool]:
+        """Greedy answer, the resized size, and whether the grammar overrode the model's first
+        choice of "This is not an ultrasound image." (`stated_us`: the input is known to be
+        ultrasound, so that sentence is not an allowed answer)."""
         cfg = self.model_config
         with timer.stage("preprocess"):
             qp = qwen_pixels(rgb, cfg.preprocess)
@@ -300,7 +307,7 @@ class Pipeline:
         if self.grammars is not None:
             with timer.stage("grammar"):
                 constraint = self.grammars.for_prompt(
-                    prompt, qp.resized_hw, self.config.max_new_tokens
+                    prompt, qp.resized_hw, self.config.max_new_tokens, not_us=not stated_us
                 )  # None: free-form
         gen = greedy_generate(
             self.llm,
@@ -312,7 +319,12 @@ class Pipeline:
             timer,
             constraint,
         )
-        return gen, qp.resized_hw
+        judged_not_us = (
+            stated_us
+            and constraint is not None
+            and constraint.first_choice == self.grammars.not_us_first_token
+        )
+        return gen, qp.resized_hw, judged_not_us
 
     def track(
         self,
@@ -348,7 +360,7 @@ class Pipeline:
             token_logprobs=list(key.result.token_logprobs),
             quality=quality,
             warnings=[
-                *image_warnings(loaded.modality, loaded.dicom, key.result.text),
+                *image_warnings(loaded.modality, loaded.dicom, key.result.text, key.judged_not_us),
                 *answer,
                 *mask_warnings(scores),
                 *measured.warnings,

@@ -17,8 +17,9 @@ The first line printed is the processor (`citrus_edge.cpu_features`).
 With `--bundle DIR` it also runs that bundle on pydicom's ultrasound examples (palette_color,
 rgb_color, and every frame of the ybr_color cine) with the three task prompts, constrained and
 free (`RuntimeConfig.constrained_decoding`), and prints the share of answers that parse in their
-task's format (`citrus_edge.quality.answer_parses`) and of report answers that state a count
-(`tasks.parse_count`).
+task's format (`citrus_edge.quality.answer_parses`), of report answers that state a count
+(`tasks.parse_count`), and how many answers the DICOM's Modality US kept from "This is not an
+ultrasound image." (the model's first choice, overridden and warned).
 """
 
 from __future__ import annotations
@@ -235,6 +236,8 @@ def pydicom_answers(bundle: Path, constrained: bool) -> list[dict]:
                         "grammar_ms": r.timings_ms.get("grammar", 0.0),
                         "decode_ms": r.timings_ms.get("decode", 0.0),
                         "tokens": len(r.token_ids),
+                        # the grammar overrode the model's "not ultrasound" first choice
+                        "doubted_us": any("first choice" in w for w in r.warnings),
                     }
                 )
     return rows
@@ -279,6 +282,7 @@ def summarize_answers(rows: list[dict]) -> dict:
     out["report"]["states_count"] = sum(r["count"] is not None for r in reports) / len(reports)
     out["stopped_by_eos"] = sum(r["stopped_by"] == "eos" for r in rows) / len(rows)
     out["answered_not_us"] = sum(r["text"].strip() == tasks.NOT_US_ANSWER for r in rows)
+    out["doubted_us"] = sum(r.get("doubted_us", False) for r in rows)
     tokens = sum(r["tokens"] for r in rows)
     out["grammar_ms_per_token"] = sum(r["grammar_ms"] for r in rows) / max(tokens, 1)
     out["decode_ms_per_token"] = sum(r["decode_ms"] for r in rows) / max(tokens, 1)
@@ -336,7 +340,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{s['stopped_by_eos']:.1%}; grammar {s['grammar_ms_per_token']:.3f} of "
                 f"{s['decode_ms_per_token']:.3f} ms/token decode"
             )
-            print(f"  answered 'not an ultrasound image': {s['answered_not_us']} of {s['answers']}")
+            print(
+                f"  answered 'not an ultrasound image': {s['answered_not_us']} of {s['answers']}; "
+                f"the model's first choice, overridden (the DICOM states US) and warned: "
+                f"{s['doubted_us']}"
+            )
             for text, n in sorted(s["texts"].items(), key=lambda kv: -kv[1])[:8]:
                 print(f"  {n:3d} x {text}")
         non_us = non_us_answers(args.bundle)

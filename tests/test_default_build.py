@@ -49,9 +49,10 @@ def test_no_flag_cpu_build_is_int8_within_the_default_budget(demo_bundle_no_flag
     assert acc["measured"] and acc["records"] == 90
     assert acc["vs_fp32"]["token_agreement"] >= 0.99
     assert acc["vs_fp32"]["gt_dice_drop"] <= 0.01
-    # The README's measured figures for this bundle (Dice 0.854, count 0.933 on 90 records):
-    # a drop of more than 0.05 is a regression, not noise (one record is 0.011 of count).
-    assert acc["metrics"]["dice"] >= 0.80 and acc["metrics"]["count_accuracy"] >= 0.88
+    # The README's measured figures for this bundle (stage 10: Dice 0.803, count 0.900 on 90
+    # records, 30 per task; stage 7 scored 0.854 / 0.933): a drop of more than 0.05 is a
+    # regression, not noise (one record is 0.033 of count).
+    assert acc["metrics"]["dice"] >= 0.75 and acc["metrics"]["count_accuracy"] >= 0.85
     report = json.loads((demo_bundle_no_flags / "quantize_report.json").read_text())
     measured = report["measured"]
     assert measured["token_agreement"] >= 0.99 and measured["dice_drop"] <= 0.01
@@ -100,6 +101,7 @@ def test_no_flag_orin_build_resolves_the_family_and_writes_an_int4_portable_bund
     # INT4 graphs run only in TensorRT: the bundle says so rather than guessing a figure.
     assert manifest["accuracy"]["measured"] is False
     measured = json.loads((out / "quantize_report.json").read_text())["measured"]
-    # Measured 2026-12-02: token agreement 0.925, Dice drop 7e-6 (180 answers).
+    # Measured 2026-12-03 with stage 10 (trained on the INT4 grid): token agreement 0.996, Dice
+    # drop 2e-5, LLM SQNR 128 dB (180 answers); stage 7 (float-trained): 0.925, 7e-6.
     assert measured["token_agreement"] >= INT4_LLM_BUDGET.min_token_agreement == 0.90
     assert measured["dice_drop"] <= 0.01

@@ -278,3 +278,22 @@ def test_answers_fit_the_token_budget():
             lengths.append(len(out))
             boxes.append(len(detection_list(text) or []))
         assert max(lengths) <= budget and max(boxes) >= most
+
+
+@pytest.mark.parametrize("kind", ["demo", "qwen"])
+def test_an_ultrasound_input_may_not_be_answered_not_ultrasound(kind):
+    """`not_us=False` (a DICOM stating US) leaves the sentence out of every task's grammar,
+    even for a model that wants nothing else; `first_choice` keeps what the model wanted."""
+    g = grammars(kind)
+    first = g.not_us_first_token
+    assert tasks.NOT_US_ANSWER.startswith(g.tokenizer.decode([first]))
+    for task in tasks.TASKS:
+        allowed = g.constraint(task, HW).allowed()
+        assert allowed[first], task  # by default the sentence may begin the answer
+        c = g.constraint(task, HW, not_us=False)
+        assert not c.allowed()[first], task
+        logits = np.zeros(c.vocab_size, np.float32)
+        logits[first] = 100.0
+        token = c.choose(logits)
+        assert token != first and c.first_choice == first
+        assert not g.for_prompt(tasks.PROMPTS[task], HW, not_us=False).allowed()[first]

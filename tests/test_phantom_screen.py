@@ -306,16 +306,68 @@ def test_the_runtime_judges_the_image_with_its_answer(monkeypatch):
 
     seen = []
 
-    def record(modality, dicom, answer=""):
-        seen.append((modality, dicom, answer))
+    def record(modality, dicom, answer="", judged_not_us=False):
+        seen.append((modality, dicom, answer, judged_not_us))
         return [f"seen {answer}"]
 
     monkeypatch.setattr(pipeline_module, "image_warnings", record)
     result = pipeline("seg")(str(examples.get_path("rgb_color")), PROMPTS["segment"])
-    assert seen == [("US", True, result.text)] and result.warnings[0] == f"seen {result.text}"
+    assert seen == [("US", True, result.text, False)]
+    assert result.warnings[0] == f"seen {result.text}"
 
 
-def test_stage_8_mixes_and_can_start_from_the_shipped_model(tmp_path):
+def test_a_us_dicom_is_never_answered_not_ultrasound_and_the_models_doubt_is_said(monkeypatch):
+    """A DICOM that states Modality US is ultrasound: its answer grammar leaves out "This is not
+    an ultrasound image." (the report then states a count), and where the model's own first
+    choice was that sentence the result says so. A model made to want that sentence above all
+    (its first token's logit raised at every step) still answers each task in format on pydicom's
+    US example; a PNG (no modality) or the CT example may get the sentence."""
+    from test_runtime_support import MAX_NEW, bundle
+
+    import citrus_edge.runtime.pipeline as pipeline_module
+    from citrus_edge.quality import answer_parses
+    from citrus_edge.tasks import parse_count
+
+    run = pipeline_module.Pipeline.from_bundle(bundle("seg"), max_new_tokens=MAX_NEW)
+    not_us_first = run.grammars.not_us_first_token
+    real = pipeline_module.greedy_generate
+    firsts = []
+
+    def wanting_not_us(*args):
+        constraint = args[-1]
+        choose = constraint.choose
+
+        def biased(logits):
+            logits = np.array(logits, dtype=np.float32)
+            logits[not_us_first] = logits.max() + 100.0
+            return choose(logits)
+
+        constraint.choose = biased
+        gen = real(*args)
+        firsts.append(constraint.first_choice)
+        return gen
+
+    monkeypatch.setattr(pipeline_module, "greedy_generate", wanting_not_us)
+    us_path = str(examples.get_path("palette_color"))
+    for task, prompt in PROMPTS.items():
+        result = run(us_path, prompt)
+        assert result.text.strip() != NOT_US_ANSWER and answer_parses(task, result.text), task
+        assert firsts[-1] == not_us_first
+        doubt = [w for w in result.warnings if "first choice" in w]
+        assert len(doubt) == 1 and "states Modality US" in doubt[0], result.warnings
+        if task == "report":
+            assert parse_count(result.text) is not None, result.text
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ct = str(examples.get_path("ct"))
+    png = load_image(us_path).pixels  # the same pixels as an array: no modality stated
+    for image in (ct, png):
+        result = run(image, PROMPTS["report"])
+        assert result.text.strip() == NOT_US_ANSWER
+        assert not any("first choice" in w for w in result.warnings)
+
+
+def test_stages_8_to_10_mix_and_can_start_from_a_checkpoint(tmp_path):
     from citrus_edge.modelling.demo_training import (
         DEMO_STAGES,
         SHIPPED_STAGE,
@@ -323,8 +375,8 @@ def test_stage_8_mixes_and_can_start_from_the_shipped_model(tmp_path):
         train_demo_model,
     )
 
-    assert SHIPPED_STAGE in (7, 9) and len(DEMO_STAGES) == 9
-    stage7, stage8, stage9 = DEMO_STAGES[6:9]
+    assert SHIPPED_STAGE == len(DEMO_STAGES) == 10
+    stage7, stage8, stage9, stage10 = DEMO_STAGES[6:10]
     assert (stage8.screen, stage8.non_us, stage8.lr, stage8.steps) == (0.5, 0.15, 1e-4, 2000)
     assert stage8.data_start == stage7.data_start + stage7.steps * stage7.batch_size
     assert stage8.centre_prior == pytest.approx(-2.1972, abs=1e-4)
@@ -334,9 +386,12 @@ def test_stage_8_mixes_and_can_start_from_the_shipped_model(tmp_path):
     assert stage9.data_start == stage8.data_start + stage8.steps * stage8.batch_size
     assert stage9.carry_aux and stage9.fake_int4_block == 128
     assert all(s.fake_int4_block is None for s in DEMO_STAGES[:8])
+    # Stage 10: stage 9 continued, twice as long, still on the INT4 grid.
+    assert (stage10.steps, stage10.lr, stage10.fake_int4_block) == (1200, 5e-5, 128)
+    assert stage10.data_start == stage9.data_start + stage9.steps * stage9.batch_size
     with pytest.raises(StageStartError, match="needs init_from"):
         train_demo_model(tmp_path, start_stage=8)
-    with pytest.raises(StageStartError, match="within 1..9"):
-        train_demo_model(tmp_path, start_stage=10, init_from=tmp_path)
+    with pytest.raises(StageStartError, match="within 1..10"):
+        train_demo_model(tmp_path, start_stage=11, init_from=tmp_path)
     with pytest.raises(StageStartError, match="no config.json"):
         train_demo_model(tmp_path, start_stage=8, init_from=tmp_path)
