@@ -189,23 +189,28 @@ class _Interrupt(Exception):
     pass
 
 
+def _crash_at(step: int):
+    """An `extra_loss` that interrupts the run at its `step`-th call (step `step`)."""
+    calls = []
+
+    def crash(model, batch):
+        calls.append(1)
+        if len(calls) == step:
+            raise _Interrupt
+        return {}
+
+    return crash
+
+
 def test_resume_after_interruption_is_exact(tmp_path, tok):
     cfg = TrainConfig(steps=4, batch_size=2, warmup=1, ckpt_every=2, log_every=2)
     straight = train(TINY, cfg, tmp_path / "a", tok)
-
-    calls = []
-
-    def crash_at_step_3(model, batch):
-        calls.append(1)
-        if len(calls) == 3:
-            raise _Interrupt
-        return {}
 
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         with pytest.raises(_Interrupt):
-            train(TINY, cfg, tmp_path / "b", tok, extra_loss=crash_at_step_3)
+            train(TINY, cfg, tmp_path / "b", tok, extra_loss=_crash_at(3))
         assert torch.get_num_threads() == 2  # the caller's count is back (the run used 1)
     finally:
         torch.set_num_threads(threads)
@@ -259,16 +264,8 @@ def test_quantization_aware_run_returns_int4_weights_and_resumes_exactly(tmp_pat
         (straight.state_dict()[k] - tiny_model().state_dict()[k]).abs().max() > 0
         for k in straight.state_dict()
     )
-    calls = []
-
-    def crash_at_step_3(model, batch):
-        calls.append(1)
-        if len(calls) == 3:
-            raise _Interrupt
-        return {}
-
     with pytest.raises(_Interrupt):
-        train(TINY, cfg, tmp_path / "b", tok, extra_loss=crash_at_step_3)
+        train(TINY, cfg, tmp_path / "b", tok, extra_loss=_crash_at(3))
     resumed = train(TINY, cfg, tmp_path / "b", tok)
     a, b = straight.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys() == tiny_model().state_dict().keys()
