@@ -389,6 +389,21 @@ def test_stages_8_to_10_mix_and_can_start_from_a_checkpoint(tmp_path):
     # Stage 10: stage 9 continued, twice as long, still on the INT4 grid.
     assert (stage10.steps, stage10.lr, stage10.fake_int4_block) == (1200, 5e-5, 128)
     assert stage10.data_start == stage9.data_start + stage9.steps * stage9.batch_size
+    # TrainConfig records the screen fraction, not the screens: stages 8-10 drew ScreenConfig()
+    # as it is here. Changing its defaults would change what `make demo-model` retrains; give
+    # TrainConfig the screen settings first.
+    assert ScreenConfig() == ScreenConfig(
+        version=1,
+        geometry_probs=(0.45, 0.35, 0.2),
+        dual_prob=0.25,
+        doppler_prob=0.3,
+        caliper_prob=0.4,
+        jpeg_prob=0.6,
+        dark_prob=0.5,
+        jpeg_quality=(30, 90),
+        heights=(240, 256, 288),
+        aspects=(1.0, 4 / 3, 1.5),
+    )
     with pytest.raises(StageStartError, match="needs init_from"):
         train_demo_model(tmp_path, start_stage=8)
     with pytest.raises(StageStartError, match="within 1..10"):
