@@ -35,6 +35,7 @@ flags it.
 
 from __future__ import annotations
 
+import functools
 import json
 import weakref
 from collections import OrderedDict
@@ -312,7 +313,7 @@ class AnswerGrammars:
     def __post_init__(self) -> None:
         _ll_tokenizer(self.tokenizer, self.vocab_size, self.eos)  # fail (and cache) at load
 
-    @property
+    @functools.cached_property
     def not_us_first_token(self) -> int:
         """The first token of the "not an ultrasound image" sentence (no other answer starts
         with it)."""

@@ -190,6 +190,11 @@ def mask_warnings(
     ]
 
 
+# How the warning for a US DICOM whose answer grammar overrode a "not ultrasound" first choice
+# begins (scripts and callers match on it).
+NOT_US_OVERRIDDEN = "the model's first choice was 'This is not an ultrasound image.'"
+
+
 def image_warnings(
     modality: str, dicom: bool, answer: str = "", judged_not_us: bool = False
 ) -> list[str]:
@@ -210,8 +215,7 @@ def image_warnings(
         ]
     if dicom and judged_not_us:
         return [
-            "the model's first choice was 'This is not an ultrasound image.', but the DICOM "
-            "states Modality US: the answer was kept to the task's format and is not to be "
+            f"{NOT_US_OVERRIDDEN}, but the DICOM states Modality US: the answer was kept to the task's format and is not to be "
             "trusted (the image is unlike what the model learnt); check it by eye"
         ]
     return []

@@ -39,6 +39,7 @@ from citrus_edge import tasks
 from citrus_edge.atomic import write_text_atomic
 from citrus_edge.cpu_features import describe, instruction_sets
 from citrus_edge.grammar import AnswerGrammars
+from citrus_edge.quality import NOT_US_OVERRIDDEN
 from citrus_edge.tokenizer import DEMO_SPECIALS, QWEN_FIRST_SPECIAL, QWEN_SPECIALS, load_tokenizer
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "citrus_edge" / "demo_model"
@@ -237,7 +238,7 @@ def pydicom_answers(bundle: Path, constrained: bool) -> list[dict]:
                         "decode_ms": r.timings_ms.get("decode", 0.0),
                         "tokens": len(r.token_ids),
                         # the grammar overrode the model's "not ultrasound" first choice
-                        "doubted_us": any("first choice" in w for w in r.warnings),
+                        "doubted_us": any(w.startswith(NOT_US_OVERRIDDEN) for w in r.warnings),
                     }
                 )
     return rows
@@ -282,7 +283,7 @@ def summarize_answers(rows: list[dict]) -> dict:
     out["report"]["states_count"] = sum(r["count"] is not None for r in reports) / len(reports)
     out["stopped_by_eos"] = sum(r["stopped_by"] == "eos" for r in rows) / len(rows)
     out["answered_not_us"] = sum(r["text"].strip() == tasks.NOT_US_ANSWER for r in rows)
-    out["doubted_us"] = sum(r.get("doubted_us", False) for r in rows)
+    out["doubted_us"] = sum(r["doubted_us"] for r in rows)
     tokens = sum(r["tokens"] for r in rows)
     out["grammar_ms_per_token"] = sum(r["grammar_ms"] for r in rows) / max(tokens, 1)
     out["decode_ms_per_token"] = sum(r["decode_ms"] for r in rows) / max(tokens, 1)

@@ -186,7 +186,7 @@ class DistillStep(nn.Module):
         self.weights = {k: cfg.w_gt * w for k, w in gt_weights(tc).items()}
         self.weights.update(
             kl=cfg.w_kl,
-            kl_first=getattr(cfg, "w_kl_first", 0.0),
+            kl_first=cfg.w_kl_first,
             seg=cfg.w_seg,
             mask_kd=cfg.w_mask_kd,
             feat=cfg.w_feat,
@@ -238,7 +238,7 @@ class DistillStep(nn.Module):
         answer = batch["labels"][:, 1:] != IGNORE  # positions predicting an answer token
         if cfg.w_kl > 0:
             losses["kl"] = kl_loss(logits[answer], t_logits[answer], cfg.temperature)
-        if getattr(cfg, "w_kl_first", 0.0) > 0:
+        if cfg.w_kl_first > 0:
             # Each row's first answer position (where the count / decision token is predicted).
             first = answer & (answer.cumsum(dim=1) == 1)
             losses["kl_first"] = kl_loss(logits[first], t_logits[first], cfg.temperature)

@@ -513,7 +513,9 @@ def _load_heads(aux: OccupancyHead, state_path: Path) -> None:
 def fake_int4(w: torch.Tensor, block: int) -> torch.Tensor:
     """`w [out, in]` rounded to symmetric INT4 (-8..7, scale = block amax / 7) in blocks of
     `block` input channels, as `compress.int4_awq.quantize_blocks` rounds the exported `W.T`
-    (an all-zero block keeps scale 1); the gradient passes straight through."""
+    (an all-zero block keeps scale 1); the gradient passes straight through. Written in torch,
+    not by calling that numpy function, so that it runs on the training device at every step;
+    tests/test_train.py holds the two bit-equal."""
     out_f, in_f = w.shape
     blocks = -(-in_f // block)
     padded = F.pad(w, (0, blocks * block - in_f)).reshape(out_f, blocks, block)
