@@ -107,14 +107,49 @@ def vision_inputs(
 # --------------------------------------------------------------------------- LLM
 
 
+# How a quantized LLM's embedding table may be stored (`QuantizeConfig.embeddings_dtype`,
+# `build --embeddings`); the first is the default.
+TABLE_DTYPES = ("float16", "int8", "float32")
+# Each as the recipes' precisions name it (bundle manifest, planner).
+TABLE_PRECISIONS = {"float16": "fp16", "int8": "int8", "float32": "fp32"}
+
+
+def int8_rows_dtype(hidden: int) -> np.dtype:
+    """One row of an int8 embedding table: its float32 scale, then `hidden` int8 values; the
+    row is `q * scale`. A table of these records is one `.npy` of shape `[V]` that the runtime
+    maps from disk and reads row by row, like the float tables."""
+    return np.dtype([("scale", "<f4"), ("q", "i1", (hidden,))])
+
+
+def quantize_rows(rows: np.ndarray) -> np.ndarray:
+    """Float rows `[N, H]` -> int8 records (`int8_rows_dtype`): symmetric, one scale per row
+    (max |x| / 127; an all-zero row keeps scale 1), round to nearest."""
+    rows = np.asarray(rows, dtype=np.float32)
+    amax = np.abs(rows).max(axis=1)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    out = np.empty(len(rows), dtype=int8_rows_dtype(rows.shape[1]))
+    out["scale"] = scale
+    out["q"] = np.clip(np.rint(rows / scale[:, None]), -127, 127)
+    return out
+
+
+def table_dtype(embeddings: np.ndarray) -> str:
+    """How a table stores its rows: "float32", "float16" or "int8" (`int8_rows_dtype`)."""
+    return "int8" if embeddings.dtype.names else str(embeddings.dtype)
+
+
 def embed(input_ids: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
-    """Token embedding lookup: `[B, S]` ids -> `[B, S, H]` float32."""
+    """Token embedding lookup: `[B, S]` ids -> `[B, S, H]` float32 (float rows cast, int8
+    rows scaled)."""
     ids = np.asarray(input_ids, dtype=np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= len(embeddings)):
         raise ValueError(
             f"token ids must lie in [0, {len(embeddings)}), got {ids.min()}..{ids.max()}"
         )
-    return embeddings[ids].astype(np.float32)
+    rows = embeddings[ids]
+    if embeddings.dtype.names:
+        return rows["q"].astype(np.float32) * rows["scale"][..., None]
+    return rows.astype(np.float32)
 
 
 def splice_image_features(

@@ -26,6 +26,7 @@ from citrus_edge.bundle import (
     replace_directory,
     sha256_file,
 )
+from citrus_edge.host_inputs import int8_rows_dtype, quantize_rows, table_dtype
 from citrus_edge.recipes import COMPONENTS
 
 from .report import REPORT_FILE, ComponentReport, QuantizeReport, json_db
@@ -99,13 +100,31 @@ def tensor_bytes(t) -> int:
     return int(np.prod(t.dims)) * itemsize
 
 
+TABLE_CHUNK_ROWS = 8192  # rows converted at a time (the 8B's float32 table is 2.2 GB)
+
+
 def store_embeddings(src: Path, dst: Path, dtype: str) -> None:
-    """Write the embedding table `src` (.npy) as `dtype` at `dst` (temp file, then rename)."""
+    """Write the embedding table `src` (.npy, float32 [V, H]) as `dtype` at `dst`: "float16",
+    or "int8" rows with a scale each (`host_inputs.int8_rows_dtype`); converted in chunks of
+    rows into a mapped temp file, then renamed."""
     table = np.load(src, mmap_mode="r")
+    vocab, hidden = table.shape
+    out_dtype = int8_rows_dtype(hidden) if dtype == "int8" else np.dtype(dtype)
+    shape = (vocab,) if dtype == "int8" else (vocab, hidden)
     tmp = dst.with_name(f".{dst.name}.tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, np.ascontiguousarray(table, dtype=dtype))
-    tmp.replace(dst)
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=out_dtype, shape=shape)
+        for start in range(0, vocab, TABLE_CHUNK_ROWS):
+            rows = table[start : start + TABLE_CHUNK_ROWS]
+            out[start : start + len(rows)] = (
+                quantize_rows(rows) if dtype == "int8" else rows.astype(out_dtype)
+            )
+        out.flush()
+        del out
+        tmp.replace(dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def payload_bytes(files: list[Path]) -> int:
@@ -226,7 +245,7 @@ def _update_graph_manifest(folder: Path, component: str, rep: ComponentReport) -
 def _update_embeddings_manifest(folder: Path, name: str) -> None:
     path = folder / f"{Path(name).stem}.manifest.json"
     data = json.loads(path.read_text())
-    dtype = str(np.load(folder / name, mmap_mode="r").dtype)
+    dtype = table_dtype(np.load(folder / name, mmap_mode="r"))
     data.update(sha256=sha256_file(folder / name), dtype=dtype, precision=dtype)
     _write_json(path, data)
 

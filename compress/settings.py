@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from citrus_edge.host_inputs import TABLE_DTYPES
+
 QUANTIZE_CONFIG_VERSION = 1
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -382,7 +384,8 @@ class QuantizeConfig:
     compact: compact every graph the CPU backend writes (`compact.compact_graph`), before it is
         measured.
     embeddings_dtype: how the token embedding table is stored when the LLM is quantized
-        ("float16": half the bytes, rows cast to float32 on lookup; "float32": unchanged).
+        ("float16": half the bytes, rows cast to float32 on lookup; "int8": a quarter plus a
+        float32 scale per row, `host_inputs.int8_rows_dtype`; "float32": unchanged).
 
     Run options (`RUN_OPTIONS`; not part of `to_dict`, the report's record of the settings):
     method: activation calibration, "minmax", "entropy" or "percentile"; None: the backend's
@@ -417,9 +420,10 @@ class QuantizeConfig:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
         if self.max_search_steps < 0:
             raise ValueError(f"max_search_steps must be >= 0, got {self.max_search_steps}")
-        if self.embeddings_dtype not in ("float16", "float32"):
+        if self.embeddings_dtype not in TABLE_DTYPES:
             raise ValueError(
-                f"embeddings_dtype must be float16 or float32, not {self.embeddings_dtype!r}"
+                f"embeddings_dtype must be one of {', '.join(TABLE_DTYPES)}, not "
+                f"{self.embeddings_dtype!r}"
             )
         if self.search_patience < 1:
             raise ValueError(f"search_patience must be >= 1, got {self.search_patience}")

@@ -29,6 +29,7 @@ from citrus_edge.bundle import (
     load_bundle,
 )
 from citrus_edge.config import CitrusVConfig
+from citrus_edge.host_inputs import int8_rows_dtype, table_dtype
 from citrus_edge.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -90,13 +91,18 @@ def _check_tokens(tokenizer: Tokenizer, config: CitrusVConfig, path: Path) -> No
 
 def _load_embeddings(path: Path, config: CitrusVConfig) -> np.ndarray:
     table = np.load(path, mmap_mode="r")  # the 8B's table is 2 GiB: map it, read rows on use
-    expected = (config.text.vocab_size, config.text.hidden_size)
-    # float16 where the LLM was quantized (`compress.settings.QuantizeConfig.embeddings_dtype`);
-    # rows are cast to float32 on lookup (`host_inputs.embed`).
-    if table.shape != expected or table.dtype not in (np.float32, np.float16):
+    vocab, hidden = config.text.vocab_size, config.text.hidden_size
+    # float16 or int8 rows where the LLM was quantized
+    # (`compress.settings.QuantizeConfig.embeddings_dtype`); rows become float32 on lookup
+    # (`host_inputs.embed`).
+    if table.dtype.names:
+        ok = table.shape == (vocab,) and table.dtype == int8_rows_dtype(hidden)
+    else:
+        ok = table.shape == (vocab, hidden) and table.dtype in (np.float32, np.float16)
+    if not ok:
         raise BundleError(
-            f"{path}: embedding table is {table.dtype} {table.shape}, config says float32 or "
-            f"float16 {expected}"
+            f"{path}: embedding table is {table_dtype(table)} {table.shape}, config says "
+            f"float32 or float16 {(vocab, hidden)} or int8 rows ({vocab},) of {hidden}"
         )
     return table
 

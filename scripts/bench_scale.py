@@ -106,16 +106,24 @@ class RssTrace:
         self.thread.join()
 
 
-def write_slice_once(folder: Path, meter: StageMeter, llm_layers: int = 1) -> Path:
-    from citrus_edge.modelling.slice import SliceConfig, write_slice
+PROBE_HIERA = (1, 2, 3, 1)  # the issue-16 probe's Hiera blocks per stage
 
-    cfg = SliceConfig(
+
+def slice_config(llm_layers: int = 1, hiera_blocks: tuple[int, int, int, int] = PROBE_HIERA):
+    from citrus_edge.modelling.slice import SliceConfig
+
+    return SliceConfig(
         "citrus-v-8b",
         llm_layers=llm_layers,
         vision_blocks=2,
         full_attention=(1,),
-        hiera_blocks=(1, 2, 3, 1),
+        hiera_blocks=hiera_blocks,
     )
+
+
+def write_slice_once(folder: Path, meter: StageMeter, cfg) -> Path:
+    from citrus_edge.modelling.slice import write_slice
+
     config = folder / "config.json"
     if config.is_file() and json.loads(config.read_text())["name"] == cfg.name:
         logging.info("reusing %s", folder)
@@ -147,11 +155,11 @@ def small_phantom_set(n: int) -> Path:
     return write_phantom_set(folder, n, seed=0, overwrite=folder.exists())
 
 
-def build_one(model_dir: Path, spec: str, eval_limit: int, data: Path) -> dict:
+def build_one(model_dir: Path, spec: str, eval_limit: int, data: Path, work: Path = OUT) -> dict:
     from citrus_edge.cli.bundle_build import BuildConfig, build
 
     target, _, recipe = spec.partition(":")
-    out = OUT / f"bundle-{target}-{recipe or 'default'}"
+    out = work / f"bundle-{target}-{recipe or 'default'}"
     if out.exists():
         shutil.rmtree(out)  # ours: written by this script
     meter = StageMeter()
@@ -239,17 +247,17 @@ def planner_bytes(model_dir: Path, target: str, recipe: str) -> dict[str, float]
     return {c.component: c.weight_bytes for c in p.components}
 
 
-def export_only(model_dir: Path, release: bool) -> dict:
+def export_only(model_dir: Path, release: bool, work: Path = OUT) -> dict:
     """`load_checkpoint` + `export_all` alone (what `build`'s export stage does)."""
     from citrus_edge.export.export_manifest import checkpoint_source_hash
     from citrus_edge.export.export_run import export_all
     from citrus_edge.modelling.checkpoint import load_checkpoint
 
-    out = OUT / "export"
+    out = work / "export"
     if out.exists():
         shutil.rmtree(out)  # ours: written by this script
     meter = StageMeter()
-    trace = RssTrace(OUT / "export_rss.tsv")
+    trace = RssTrace(work / "export_rss.tsv")
     meter("export")
     export_all(
         load_checkpoint(model_dir),
@@ -320,20 +328,37 @@ def main() -> None:
         help="LLM layers of the slice (default 1, the issue's probe; two depths give the "
         "per-layer cost the README's full-8B projection uses)",
     )
+    ap.add_argument(
+        "--hiera-blocks",
+        type=lambda v: tuple(int(x) for x in v.split(",")),
+        default=PROBE_HIERA,
+        help="Hiera blocks per stage, e.g. 2,6,36,4 (Hiera-L's full depth; the SAM2 encoder "
+        "is 0.2 B parameters and fits at full depth). Default 1,2,3,1, the probe; another "
+        "depth builds under out/bench-scale/<slice name>/",
+    )
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args()
+    if len(args.hiera_blocks) != 4 or min(args.hiera_blocks) < 1:
+        ap.error(f"--hiera-blocks: four counts >= 1 expected, got {args.hiera_blocks}")
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )
     OUT.mkdir(parents=True, exist_ok=True)
     meter = StageMeter()
-    name = "slice" if args.llm_layers == 1 else f"slice-llm{args.llm_layers}"
-    model_dir = write_slice_once(OUT / name, meter, args.llm_layers)
+    cfg = slice_config(args.llm_layers, args.hiera_blocks)
+    if args.hiera_blocks != PROBE_HIERA:
+        work = OUT / cfg.name
+        name = "slice"
+    else:  # the probe's folders as issue 16 named them
+        work = OUT
+        name = "slice" if args.llm_layers == 1 else f"slice-llm{args.llm_layers}"
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = write_slice_once(work / name, meter, cfg)
     results = {"slice": meter.rows, "builds": []}
     for row in meter.rows:
         print(f"slice: {row['seconds']:.1f} s, peak RSS {row['peak_rss_bytes'] / GIB:.2f} GiB")
     if args.export_only:
-        r = export_only(model_dir, release=not args.keep_weights)
+        r = export_only(model_dir, release=not args.keep_weights, work=work)
         w, peak = r["export_weight_bytes"], r["stages"][0]["peak_rss_bytes"]
         print(
             f"export (release_weights={r['release_weights']}): {r['stages'][0]['seconds']} s, "
@@ -342,10 +367,10 @@ def main() -> None:
         )
         return
     for spec in args.target or ["orin-agx-64"]:
-        r = build_one(model_dir, spec, args.eval_limit, small_phantom_set(args.phantoms))
+        r = build_one(model_dir, spec, args.eval_limit, small_phantom_set(args.phantoms), work)
         print_result(r)
         results["builds"].append(r)
-        (OUT / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+        (work / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     if any("error" in r for r in results["builds"]):
         raise SystemExit(1)
 

@@ -1,6 +1,7 @@
 """Per-operator time of each bundle graph, bundles side by side (issue 19: account for the time).
 
     python scripts/profile_ops.py BUNDLE [BUNDLE2 ...] [--runs N] [--threads T] [--json OUT]
+        [--component NAME ...]
 
 Each component graph of each bundle runs in ONNX Runtime on the CPU with its profiler on, with
 the session settings the runtime uses (`runtime/ort_backend.py`: CPU execution provider, default
@@ -226,13 +227,18 @@ def profile_unit(graph: Path, spec: GraphSpec, unit: Unit, runs: int, threads: i
     return aggregate(events, runs, skip_runs=len(feeds), cases=len(feeds))
 
 
-def profile_bundle(path: Path, runs: int, threads: int) -> tuple[str, dict[str, OpTimes]]:
-    """`(recipe, {unit name: OpTimes})` for every unit of one bundle."""
+def profile_bundle(
+    path: Path, runs: int, threads: int, components: Sequence[str] = ()
+) -> tuple[str, dict[str, OpTimes]]:
+    """`(recipe, {unit name: OpTimes})` for every unit of one bundle (of `components` only,
+    when given)."""
     config, graphs, recipe = bundle_graphs(path)
     specs = {c: make(config, ExportConfig()) for c, make in SPECS.items()}
     units = units_of({c: s.validation_cases for c, s in specs.items()})
     results = {}
     for unit in units:
+        if components and unit.component not in components:
+            continue
         results[unit.name] = profile_unit(graphs[unit.component], specs[unit.component], unit,
                                           runs, threads)  # fmt: skip
         print(f"  {path}: {unit.name} {results[unit.name].total_ms:.2f} ms/run", file=sys.stderr)
@@ -292,6 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=5, help="profiled runs after one warm-up")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: ORT's default)")
     p.add_argument("--json", type=Path, default=None, help="also write the tables as JSON here")
+    p.add_argument("--component", action="append", choices=list(SPECS), default=[],
+                   help="profile only this component's units (repeatable; default: all)")  # fmt: skip
     args = p.parse_args(argv)
     if args.runs < 1 or args.threads < 0:
         p.error("--runs must be >= 1 and --threads >= 0")
@@ -304,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     recipes, results = [], []
     for path in args.bundles:
         try:
-            recipe, times = profile_bundle(path, args.runs, args.threads)
+            recipe, times = profile_bundle(path, args.runs, args.threads, args.component)
         except ValueError as e:  # BundleError, ProfileInputError, a config that does not load
             print(f"profile_ops: {e}", file=sys.stderr)
             return 2

@@ -231,6 +231,24 @@ def test_eval_limit_below_one_is_refused(inputs, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+def test_unknown_table_dtype_is_refused_before_any_work(inputs, tmp_path):
+    from citrus_edge.cli.bundle_build import BuildConfig
+
+    with pytest.raises(ValueError, match="embeddings 'int4' is not one of float16, int8"):
+        BuildConfig(target="cpu", model_dir=inputs[0], embeddings="int4")
+    commands = (
+        ["build", "--target", "cpu", "--out", str(tmp_path / "b")],
+        ["plan", "--target", "orin-nano-8"],
+    )
+    for command in commands:
+        cmd = [sys.executable, "-m", "citrus_edge.cli", *command, "--embeddings", "int4"]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 1, res.stderr
+        assert "ValueError" in res.stderr and "'int4' is not one of" in res.stderr
+        assert "Traceback" not in res.stderr + res.stdout
+    assert not (tmp_path / "b").exists()
+
+
 # -- modes follow the umask ------------------------------------------------------------------
 
 

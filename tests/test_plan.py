@@ -118,6 +118,33 @@ def test_8b_on_orin_nano_by_hand():
     assert p.resized_hw == (252, 252) and p.vision_patches == 324 and p.image_tokens == 81
 
 
+def test_int8_table_saves_one_byte_per_table_weight_and_nothing_else():
+    """`--embeddings int8`: a quantized LLM's table at 1 byte a weight instead of 2 (fp16) or 4
+    (CPU fp32 carrier); decode bytes unchanged (a gather reads one row); a float LLM keeps its
+    table as the export wrote it."""
+    v, h = CITRUS_V_8B.text.vocab_size, CITRUS_V_8B.text.hidden_size
+    nano = get_target("orin-nano-8")
+    base, small = (
+        plan(CITRUS_V_8B, nano, FP16_W4, context_tokens=2048, embeddings=e) for e in (None, "int8")
+    )
+    saved = base.component("llm").weight_bytes - small.component("llm").weight_bytes
+    assert saved == pytest.approx(v * h * (2 - 1), rel=1e-12)  # 0.54 GB
+    assert small.decode_bytes_per_token == base.decode_bytes_per_token
+    assert small.component("vision").weight_bytes == base.component("vision").weight_bytes
+    cpu = get_target("cpu")
+    w4 = get_recipe("int8-w4")
+    saved = (
+        plan(CITRUS_V_8B, cpu, w4).component("llm").weight_bytes
+        - plan(CITRUS_V_8B, cpu, w4, embeddings="int8").component("llm").weight_bytes
+    )
+    assert saved == pytest.approx(v * h * (2 - 1), rel=1e-12)  # the CPU's low-bit table is fp16
+    fp32 = get_recipe("fp32")
+    assert (
+        plan(CITRUS_V_8B, cpu, fp32, embeddings="int8").weight_bytes
+        == plan(CITRUS_V_8B, cpu, fp32).weight_bytes
+    )
+
+
 def test_8b_on_agx_orin_fits_and_bound_is_above_published_decode():
     p = plan(CITRUS_V_8B, get_target("orin-agx-64"), FP16_W4)
     assert p.fits

@@ -140,6 +140,14 @@ def test_main_profiles_a_bundle_and_writes_json(tiny_fp32_bundle, tmp_path, caps
     assert list(scratch.iterdir()) == []  # the profiler's files are deleted
 
 
+def test_component_limits_the_units(tiny_fp32_bundle, tmp_path, capsys):
+    out = tmp_path / "llm.json"
+    argv = [str(tiny_fp32_bundle), "--runs", "1", "--component", "llm", "--json", str(out)]
+    assert po.main(argv) == 0
+    units = list(json.loads(out.read_text())["units"])
+    assert units == ["llm", "llm decode (seq 1, past 200)", "llm prefill (seq 200)"]
+
+
 def test_a_folder_that_is_no_bundle_is_one_line_and_exit_2(tmp_path, capsys):
     assert po.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

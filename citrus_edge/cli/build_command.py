@@ -10,6 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from citrus_edge.cli.cli_app import (
+    EmbeddingsOption,
     _stdout,
     app,
     console,
@@ -49,6 +50,7 @@ def build_cmd(
             "a CPU target's default recipe, size otherwise)."
         ),
     ] = None,
+    embeddings: EmbeddingsOption = "float16",
 ) -> None:
     """Build a deployable bundle: export -> quantize -> engine plan -> validate -> manifest."""
     from citrus_edge.cli.bundle_build import BuildConfig, build
@@ -69,6 +71,7 @@ def build_cmd(
         eval_limit=eval_limit,
         budget=budget,
         optimize=optimize,
+        embeddings=embeddings,
     )
     cfg.optimization(tgt)  # refuses --optimize latency for a TensorRT target, before any work
     with console.status("building") as status:

@@ -62,6 +62,14 @@ def _cell(value: Any) -> Text:
 
 ExistingDir = Annotated[Path, typer.Argument(exists=True, file_okay=False)]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of a table.")]
+# How a quantized LLM's token table is stored (build, quantize, plan): `host_inputs.TABLE_DTYPES`.
+EmbeddingsOption = Annotated[
+    str,
+    typer.Option(
+        help="How a quantized LLM's token table is stored: float16, int8 (one scale per row; "
+        "half float16's bytes) or float32."
+    ),
+]
 # The options every command that opens a bundle shares (run, bench, serve, listen).
 BundleArg = Annotated[
     Path,

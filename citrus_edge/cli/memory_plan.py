@@ -26,6 +26,7 @@ and stores the table in fp16 beside a low-bit LLM (`QuantizeConfig.embeddings_dt
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,7 @@ from citrus_edge.cli.model_params import (
     llm_params,
     param_counts,
 )
+from citrus_edge.host_inputs import TABLE_PRECISIONS
 from citrus_edge.preprocess import smart_resize
 from citrus_edge.recipes import COMPONENTS, Recipe, get_precision
 from citrus_edge.targets import Target, check_recipe
@@ -82,21 +84,30 @@ class Storage:
     table: str
 
 
-def storage(target: Target, component: str, precision: str) -> Storage:
+def storage(
+    target: Target, component: str, precision: str, embeddings: str | None = None
+) -> Storage:
     """The storage of `component` at `precision` on `target`.
 
     TensorRT recipes (modelopt) quantize the linear and convolution weights and leave `lm_head`
     and the table in the carrier format; int4 then costs 0.5 + 2/128 bytes per weight (an fp16
     scale per group of 128) and nvfp4 0.5 + 1/16 (see `citrus_edge.recipes.PRECISIONS`). On the
     CPU a low-bit LLM is MatMulNBits throughout, `lm_head` included, with its table in fp16
-    (`compress.settings.QuantizeConfig.embeddings_dtype`).
+    (`compress.settings.QuantizeConfig.embeddings_dtype`). `embeddings` ("float16", "int8",
+    "float32"; None: the default) is how a quantized LLM's table is stored (`build
+    --embeddings`); int8 rows also carry a float32 scale each, 4 bytes a row, not counted here
+    (0.6 MB of the 8B's 0.54 GB table).
     """
     carrier = carrier_precision(target, precision)
     low, rest = get_precision(precision), get_precision(carrier).weight_bytes
     if component == "llm" and low.low_bit and not target.tensorrt:
         per_weight = _MATMULNBITS_BITS[precision] / 8 + rest / CPU_LLM_BLOCK
-        return Storage(carrier, per_weight, per_weight, "fp16")
-    return Storage(carrier, low.weight_bytes, rest, carrier)
+        store = Storage(carrier, per_weight, per_weight, "fp16")
+    else:
+        store = Storage(carrier, low.weight_bytes, rest, carrier)
+    if component == "llm" and embeddings is not None and precision != carrier:
+        store = dataclasses.replace(store, table=TABLE_PRECISIONS[embeddings])
+    return store
 
 
 def weight_bytes(count: ParamCount, store: Storage) -> float:
@@ -364,7 +375,12 @@ def _vision_input(
 
 
 def _component_rows(
-    cfg: CitrusVConfig, target: Target, recipe: Recipe, patches: int, context_tokens: int
+    cfg: CitrusVConfig,
+    target: Target,
+    recipe: Recipe,
+    patches: int,
+    context_tokens: int,
+    embeddings: str | None = None,
 ) -> tuple[ComponentPlan, ...]:
     """One `ComponentPlan` per component, in pipeline order."""
     elements = {
@@ -376,7 +392,7 @@ def _component_rows(
     rows = []
     for name, count in param_counts(cfg).items():
         precision = recipe.precision(name)
-        store = storage(target, name, precision)
+        store = storage(target, name, precision, embeddings)
         act = elements[name] * activation_bytes_per_elem(target, precision)
         if name == "llm":
             act += cfg.text.vocab_size * 4  # fp32 logits of the last position
@@ -415,14 +431,16 @@ def plan(
     recipe: Recipe,
     context_tokens: int | None = None,
     image_hw: tuple[int, int] | None = None,
+    embeddings: str | None = None,
 ) -> Plan:
     """Plan `model_cfg` on `target` at `recipe`, from the config's dimensions only.
 
     `context_tokens` is the KV-cache length (image tokens included; by default
     `DEFAULT_CONTEXT` or the model's `max_position_embeddings` if smaller); `image_hw` the input
     image (height, width) before the model's `smart_resize`, by default the target's largest
-    profile size. Bytes streamed per decode step = LLM weights without the untied embedding table (a
-    gather reads one row) + the whole KV cache at `context_tokens`. Raises
+    profile size; `embeddings` how a quantized LLM stores its table (`storage`). Bytes
+    streamed per decode step = LLM weights without the untied embedding table (a gather reads
+    one row) + the whole KV cache at `context_tokens`. Raises
     `UnsupportedPrecisionError` when the target cannot run the recipe, ValueError when the image
     or context does not fit the model or the target's engine profiles.
     """
@@ -439,7 +457,7 @@ def plan(
             f"stay within max_position_embeddings {t.max_position_embeddings}; "
             "pass a context_tokens in that range"
         )
-    rows = _component_rows(model_cfg, target, recipe, patches, context_tokens)
+    rows = _component_rows(model_cfg, target, recipe, patches, context_tokens, embeddings)
     kv_dtype = kv_cache_dtype(target, recipe)
     kv = kv_cache_bytes(t, context_tokens, kv_dtype)
     llm = rows[COMPONENTS.index("llm")]

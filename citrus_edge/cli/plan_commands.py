@@ -11,6 +11,7 @@ from rich.text import Text
 
 from citrus_edge.cli.cli_app import (
     EXIT_DOES_NOT_FIT,
+    EmbeddingsOption,
     JsonFlag,
     _cell,
     _print_json,
@@ -41,6 +42,7 @@ def plan_cmd(
             "e.g. 8b-half-layers."
         ),
     ] = None,
+    embeddings: EmbeddingsOption = "float16",
     as_json: JsonFlag = False,
 ) -> None:
     """Memory table and decode-speed bound of a model on a target, from dimensions only.
@@ -50,6 +52,7 @@ def plan_cmd(
     from citrus_edge.cli.memory_plan import plan, plan_summary, plan_table
     from citrus_edge.compress.student_spec import StudentSpec, student_config
     from citrus_edge.config import PRESETS, CitrusVConfig
+    from citrus_edge.host_inputs import TABLE_DTYPES
     from citrus_edge.recipes import get_recipe
     from citrus_edge.targets import get_target
 
@@ -57,7 +60,10 @@ def plan_cmd(
     if student is not None:
         cfg = student_config(cfg, StudentSpec.parse(student))
     tgt = get_target(target)
-    p = plan(cfg, tgt, get_recipe(precision or tgt.default_recipe), context_tokens=context)
+    if embeddings not in TABLE_DTYPES:
+        raise ValueError(f"--embeddings {embeddings!r} is not one of {', '.join(TABLE_DTYPES)}")
+    recipe = get_recipe(precision or tgt.default_recipe)
+    p = plan(cfg, tgt, recipe, context_tokens=context, embeddings=embeddings)
     if as_json:
         _print_json(p.to_dict())
     else:

@@ -10,6 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from citrus_edge.cli.cli_app import (
+    EmbeddingsOption,
     _cell,
     _stdout,
     app,
@@ -44,15 +45,18 @@ def quantize_cmd(
     checkpoint: Annotated[
         Path | None, typer.Option(help="Float checkpoint (TensorRT LLM int8/fp8 path).")
     ] = None,
+    embeddings: EmbeddingsOption = "float16",
 ) -> None:
     """Post-training quantization with an accuracy budget; per-component table at the end."""
     from rich.progress import Progress
 
     from citrus_edge.compress.budget import default_budget, parse_budget
     from citrus_edge.compress.quantize import quantize
+    from citrus_edge.compress.settings import QuantizeConfig
     from citrus_edge.recipes import get_recipe
 
     base = default_budget(get_recipe(precision).llm)
+    config = QuantizeConfig(embeddings_dtype=embeddings)  # refuses a bad value before any work
 
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("quantize", total=None)
@@ -70,6 +74,7 @@ def quantize_cmd(
             budget=parse_budget(budget, base) if budget else base,
             out_dir=out,
             method=method,
+            config=config,
             checkpoint=checkpoint,
             progress=progress,
         )
