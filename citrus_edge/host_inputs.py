@@ -121,12 +121,17 @@ def int8_rows_dtype(hidden: int) -> np.dtype:
     return np.dtype([("scale", "<f4"), ("q", "i1", (hidden,))])
 
 
-def quantize_rows(rows: np.ndarray) -> np.ndarray:
+def quantize_rows(rows: np.ndarray, first: int = 0) -> np.ndarray:
     """Float rows `[N, H]` -> int8 records (`int8_rows_dtype`): symmetric, one scale per row
-    (max |x| / 127; an all-zero row keeps scale 1), round to nearest."""
+    (max |x| / 127, at least float32's smallest normal; an all-zero row keeps scale 1), round
+    to nearest. `ValueError` on a row that is not finite (numbered from `first`)."""
     rows = np.asarray(rows, dtype=np.float32)
+    bad = ~np.isfinite(rows).all(axis=1)
+    if bad.any():
+        raise ValueError(f"embedding row {first + int(np.argmax(bad))} is not finite (inf or nan)")
     amax = np.abs(rows).max(axis=1)
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    tiny = np.finfo(np.float32).tiny
+    scale = np.where(amax > 0, np.maximum(amax / 127.0, tiny), 1.0).astype(np.float32)
     out = np.empty(len(rows), dtype=int8_rows_dtype(rows.shape[1]))
     out["scale"] = scale
     out["q"] = np.clip(np.rint(rows / scale[:, None]), -127, 127)
@@ -134,8 +139,12 @@ def quantize_rows(rows: np.ndarray) -> np.ndarray:
 
 
 def table_dtype(embeddings: np.ndarray) -> str:
-    """How a table stores its rows: "float32", "float16" or "int8" (`int8_rows_dtype`)."""
-    return "int8" if embeddings.dtype.names else str(embeddings.dtype)
+    """How a table stores its rows: "float32", "float16", "int8" (`int8_rows_dtype`) or, for
+    anything else, its numpy dtype as text."""
+    dtype = embeddings.dtype
+    if dtype.names == ("scale", "q") and dtype == int8_rows_dtype(int(np.prod(dtype["q"].shape))):
+        return "int8"
+    return str(dtype)
 
 
 def embed(input_ids: np.ndarray, embeddings: np.ndarray) -> np.ndarray:

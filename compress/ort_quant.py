@@ -205,6 +205,11 @@ class StaticQdqQuantizer:
 
         calibrator.select_tensors_to_calibrate = only_needed
         calibrator.augment_graph()
+        # `only_needed` holds a bound method of the calibrator: left in place, that cycle keeps
+        # the calibrator's session alive after `del` until the garbage collector runs; measured
+        # on the full-depth Hiera-L SAM2 encoder, 6.4 GiB held through the reference run and the
+        # graph write that follow (the quantize stage's peak, 11.3 GiB instead of 8.7).
+        del calibrator.select_tensors_to_calibrate
         calibrator.execution_providers = ["CPUExecutionProvider"]
         calibrator.create_inference_session()
         inputs = [i.name for i in self.model.graph.input]

@@ -117,11 +117,14 @@ def store_embeddings(src: Path, dst: Path, dtype: str) -> None:
         for start in range(0, vocab, TABLE_CHUNK_ROWS):
             rows = table[start : start + TABLE_CHUNK_ROWS]
             out[start : start + len(rows)] = (
-                quantize_rows(rows) if dtype == "int8" else rows.astype(out_dtype)
+                quantize_rows(rows, start) if dtype == "int8" else rows.astype(out_dtype)
             )
         out.flush()
         del out
         tmp.replace(dst)
+    except ValueError as e:
+        tmp.unlink(missing_ok=True)
+        raise ValueError(f"{src}: {e}") from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

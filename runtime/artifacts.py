@@ -52,7 +52,7 @@ class BundleArtifacts:
     bundle: Bundle
     config: CitrusVConfig
     tokenizer: Tokenizer
-    embeddings: np.ndarray  # [V, H] float32, memory-mapped
+    embeddings: np.ndarray  # memory-mapped: [V, H] float32 / float16, or [V] int8 rows
     components: dict[str, dict[str, Any]]
 
     @property
@@ -90,7 +90,10 @@ def _check_tokens(tokenizer: Tokenizer, config: CitrusVConfig, path: Path) -> No
 
 
 def _load_embeddings(path: Path, config: CitrusVConfig) -> np.ndarray:
-    table = np.load(path, mmap_mode="r")  # the 8B's table is 2 GiB: map it, read rows on use
+    try:  # the 8B's table is 2 GiB: map it, read rows on use
+        table = np.load(path, mmap_mode="r")
+    except (ValueError, EOFError, OSError) as e:
+        raise BundleError(f"{path}: not a readable .npy embedding table ({e})") from e
     vocab, hidden = config.text.vocab_size, config.text.hidden_size
     # float16 or int8 rows where the LLM was quantized
     # (`compress.settings.QuantizeConfig.embeddings_dtype`); rows become float32 on lookup

@@ -70,3 +70,41 @@ def test_runtime_reads_int8_rows_and_refuses_a_mismatch(tmp_path):
     np.save(tmp_path / "short.npy", table[:-1])
     with pytest.raises(BundleError, match="short.npy: embedding table is int8"):
         _load_embeddings(tmp_path / "short.npy", TINY)
+
+
+def test_a_table_that_cannot_be_stored_leaves_no_file(tmp_path, monkeypatch):
+    """A non-finite row is named (counted over the whole table, not the chunk), and an error
+    or an interruption in the middle of the chunks leaves no temp file behind."""
+    from citrus_edge.compress import quantized_output
+
+    table = _table(50, 64)
+    table[23, 5] = np.inf
+    np.save(tmp_path / "src.npy", table)
+    monkeypatch.setattr(quantized_output, "TABLE_CHUNK_ROWS", 7)
+    with pytest.raises(ValueError, match=r"src.npy: embedding row 23 is not finite"):
+        quantized_output.store_embeddings(tmp_path / "src.npy", tmp_path / "int8.npy", "int8")
+    np.save(tmp_path / "src.npy", _table(50, 64))
+    calls = []
+
+    def interrupted(rows, first=0):
+        calls.append(first)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return quantize_rows(rows, first)
+
+    monkeypatch.setattr(quantized_output, "quantize_rows", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        quantized_output.store_embeddings(tmp_path / "src.npy", tmp_path / "int8.npy", "int8")
+    assert calls == [0, 7, 14]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.npy"]
+
+
+def test_tiny_rows_keep_a_normal_scale_and_an_unreadable_table_is_a_bundle_error(tmp_path):
+    from citrus_edge.runtime.artifacts import _load_embeddings
+
+    rows = quantize_rows(np.array([[1e-40, 0.0], [0.0, 0.0]], dtype=np.float32))
+    assert rows["scale"][0] == np.finfo(np.float32).tiny and np.isfinite(embed([[0]], rows)).all()
+    assert table_dtype(np.zeros(2, dtype=[("scale", "<f4"), ("q", "i1")])) != "int8"
+    (tmp_path / "empty.npy").write_bytes(b"")
+    with pytest.raises(BundleError, match="empty.npy: not a readable .npy embedding table"):
+        _load_embeddings(tmp_path / "empty.npy", TINY)

@@ -138,9 +138,13 @@ class _All(set):
         return set(other)
 
 
-def test_chunked_minmax_calibration_gives_the_same_ranges(student_export, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["minmax", "percentile"])
+def test_chunked_calibration_gives_the_same_ranges(student_export, tmp_path, monkeypatch, method):
     """Cut into one-sample calls (a budget of 1 byte), min-max calibration merges to exactly the
-    ranges of one call over all samples."""
+    ranges of one call over all samples. The percentile method's histogram takes its bin width
+    from the first call and widens by whole bins (ONNX Runtime's `collect_absolute_value`), so
+    its ranges may move by a fraction of a bin: allowed `PERCENTILE_CHUNK_RTOL` of the range
+    (measured on these feeds: no change)."""
     from citrus_edge.compress import ort_quant
 
     _, export, _ = student_export
@@ -159,14 +163,26 @@ def test_chunked_minmax_calibration_gives_the_same_ranges(student_export, tmp_pa
         work = tmp_path / f"work-{budget}"
         work.mkdir()
         request = QuantRequest(
-            "mask_decoder", "int8", "onnxruntime", src, work, CPU_STATIC_INT8, feeds, "minmax"
+            "mask_decoder", "int8", "onnxruntime", src, work, CPU_STATIC_INT8, feeds, method
         )
         ranges[budget] = StaticQdqQuantizer(request, CPU_STATIC_INT8).ranges.data
         assert [len(c) for c in calls[0]] == ([4] if budget > 1 else [1, 1, 1, 1])
     big, small = ranges[ort_quant.CALIB_CALL_BYTES], ranges[1]
     assert big.keys() == small.keys() and len(big) > 30  # 41 on the TINY student
-    for name in big:
-        np.testing.assert_array_equal(big[name].range_value, small[name].range_value)
+    if method == "minmax":
+        for name in big:
+            np.testing.assert_array_equal(big[name].range_value, small[name].range_value)
+        return
+    worst = max(
+        float(np.max(np.abs(np.subtract(big[n].range_value, small[n].range_value))))
+        / float(np.max(np.abs(big[n].range_value)))
+        for n in big
+    )
+    print(f"percentile: largest range change {worst:.2e} of the range")
+    assert worst <= PERCENTILE_CHUNK_RTOL
+
+
+PERCENTILE_CHUNK_RTOL = 0.01
 
 
 @pytest.mark.parametrize("method", ["percentile", "entropy"])

@@ -296,7 +296,10 @@ def _components(bundle_dir: Path, recipe: Recipe) -> dict:
             entry["precision"] = graphs[name]
         else:  # the embedding table: float16 or int8 rows where the LLM was quantized
             table = np.load(bundle_dir / entry["file"], mmap_mode="r")
-            entry["precision"] = TABLE_PRECISIONS[table_dtype(table)]
+            stored = table_dtype(table)
+            if stored not in TABLE_PRECISIONS:
+                raise ValueError(f"{entry['file']}: embedding table stored as {stored}")
+            entry["precision"] = TABLE_PRECISIONS[stored]
     return comps
 
 
