@@ -130,7 +130,8 @@ def calib_chunks(
 
     ONNX Runtime's calibrators keep every calibrated tensor of every sample of one call in
     memory (and the histogram calibrators stack them once more): for SAM2's full-depth Hiera-L at
-    1024 px that is several GB a sample, and one call over 3 samples of it peaked at 22.2 GB.
+    1024 px that is several GB a sample, and one call over 3 samples of it peaked at 22.2 GiB
+    (the build's quantize stage).
     The augmented session (`session`, the calibrator's own) runs the group's first sample once
     to measure a sample's bytes; a group that fits stays one call (its ranges unchanged: the
     demo's groups all fit), a larger one is cut, and the calls merge as `shape_groups` says.
