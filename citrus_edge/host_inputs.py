@@ -114,6 +114,14 @@ TABLE_DTYPES = ("float16", "int8", "float32")
 TABLE_PRECISIONS = {"float16": "fp16", "int8": "int8", "float32": "fp32"}
 
 
+def check_table_dtype(value: str, name: str = "embeddings") -> str:
+    """`value` if it is one of `TABLE_DTYPES`, else `ValueError` naming `name` (the option or
+    field that carried it)."""
+    if value not in TABLE_DTYPES:
+        raise ValueError(f"{name} {value!r} is not one of {', '.join(TABLE_DTYPES)}")
+    return value
+
+
 def int8_rows_dtype(hidden: int) -> np.dtype:
     """One row of an int8 embedding table: its float32 scale, then `hidden` int8 values; the
     row is `q * scale`. A table of these records is one `.npy` of shape `[V]` that the runtime

@@ -122,11 +122,10 @@ def store_embeddings(src: Path, dst: Path, dtype: str) -> None:
         out.flush()
         del out
         tmp.replace(dst)
-    except ValueError as e:
+    except BaseException as e:  # interrupted too: no temp file left
         tmp.unlink(missing_ok=True)
-        raise ValueError(f"{src}: {e}") from e
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        if isinstance(e, ValueError):  # a row that is not finite: name the table
+            raise ValueError(f"{src}: {e}") from e
         raise
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from citrus_edge.host_inputs import TABLE_DTYPES
+from citrus_edge.host_inputs import check_table_dtype
 
 QUANTIZE_CONFIG_VERSION = 1
 
@@ -420,11 +420,7 @@ class QuantizeConfig:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
         if self.max_search_steps < 0:
             raise ValueError(f"max_search_steps must be >= 0, got {self.max_search_steps}")
-        if self.embeddings_dtype not in TABLE_DTYPES:
-            raise ValueError(
-                f"embeddings_dtype must be one of {', '.join(TABLE_DTYPES)}, not "
-                f"{self.embeddings_dtype!r}"
-            )
+        check_table_dtype(self.embeddings_dtype, "embeddings_dtype")
         if self.search_patience < 1:
             raise ValueError(f"search_patience must be >= 1, got {self.search_patience}")
         if self.version != QUANTIZE_CONFIG_VERSION:

@@ -26,7 +26,12 @@ from citrus_edge.bundle import (
     tool_versions,
     write_manifest,
 )
-from citrus_edge.host_inputs import TABLE_DTYPES, TABLE_PRECISIONS, table_dtype
+from citrus_edge.host_inputs import (
+    TABLE_DTYPES,
+    TABLE_PRECISIONS,
+    check_table_dtype,
+    table_dtype,
+)
 from citrus_edge.recipes import LOW_BIT, Recipe, get_recipe
 from citrus_edge.targets import Target, check_recipe, get_target
 
@@ -75,10 +80,7 @@ class BuildConfig:
             raise ValueError(
                 f"optimize {self.optimize!r} is not one of {', '.join(o for o in OPTIMIZE if o)}"
             )
-        if self.embeddings not in TABLE_DTYPES:
-            raise ValueError(
-                f"embeddings {self.embeddings!r} is not one of {', '.join(TABLE_DTYPES)}"
-            )
+        check_table_dtype(self.embeddings)
         if self.version != BUILD_CONFIG_VERSION:
             raise ValueError(f"build config version {self.version} is not {BUILD_CONFIG_VERSION}")
 

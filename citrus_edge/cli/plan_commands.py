@@ -52,7 +52,7 @@ def plan_cmd(
     from citrus_edge.cli.memory_plan import plan, plan_summary, plan_table
     from citrus_edge.compress.student_spec import StudentSpec, student_config
     from citrus_edge.config import PRESETS, CitrusVConfig
-    from citrus_edge.host_inputs import TABLE_DTYPES
+    from citrus_edge.host_inputs import check_table_dtype
     from citrus_edge.recipes import get_recipe
     from citrus_edge.targets import get_target
 
@@ -60,8 +60,7 @@ def plan_cmd(
     if student is not None:
         cfg = student_config(cfg, StudentSpec.parse(student))
     tgt = get_target(target)
-    if embeddings not in TABLE_DTYPES:
-        raise ValueError(f"--embeddings {embeddings!r} is not one of {', '.join(TABLE_DTYPES)}")
+    check_table_dtype(embeddings, "--embeddings")
     recipe = get_recipe(precision or tgt.default_recipe)
     p = plan(cfg, tgt, recipe, context_tokens=context, embeddings=embeddings)
     if as_json:
