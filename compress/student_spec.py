@@ -14,7 +14,8 @@ CLI form (`StudentSpec.parse`): a preset name from `STUDENT_PRESETS`, or `key=va
 separated by `;`, e.g. `llm-layers=0,3;vision-blocks=1,3;hiera=1,1,1,1;llm-mlp=0.5`.
 Keys: `llm-layers` and `vision-blocks` (teacher indexes, increasing; `a-b` is the inclusive
 range; `all` keeps every one), `llm-mlp` (fraction of MLP channels kept, in (0, 1]), `hiera`
-(blocks kept per Hiera stage, four numbers: each stage's first blocks), `name`.
+(blocks kept per Hiera stage, four numbers: each stage's first blocks), `hiera-width` (fraction
+of every Hiera stage's channels kept, in (0, 1]; below), `name`.
 Width keys (all optional; a width equal to the teacher's changes nothing):
 - `vision-hidden` (vision-tower width, an integer), `vision-heads` (its attention heads;
   default the teacher's number), `vision-mlp` (fraction of the teacher's MLP expansion
@@ -25,6 +26,13 @@ Width keys (all optional; a width equal to the teacher's changes nothing):
   8 whose half the decoder's heads divide), `sam-decoder-mlp` (fraction of the teacher's mask-
   decoder MLP expansion kept, in (0, 1]); the IoU head's hidden width keeps the teacher's
   ratio to `sam-hidden`.
+- `hiera-width`: each stage's width becomes round(hiera-width * the teacher's) to a multiple of
+  its heads (the teacher's number; each head narrows), the MLPs keep the teacher's ratio.
+  Unlike the re-widened parts below, a narrower Hiera is Minitron-pruned: every stage keeps the
+  teacher's highest-scoring residual channels, each head its highest-scoring query/key and value
+  channels, each MLP its highest-scoring hidden channels (`citrus_edge.modelling.student
+  .hiera_channels`), so the encoder starts from the teacher's weights. SAM2-S/T/B+ are Hiera-L's
+  family at other widths (Hiera-S: 96 channels in stage 1 against Hiera-L's 144).
 A tower whose width or heads differ from the teacher's, or a SAM2 side whose width differs, is
 a different function, not a slice of the teacher's (a narrower residual stream changes every
 matrix in it), so `make_student` initialises it afresh rather than cutting the teacher's
@@ -66,6 +74,7 @@ class StudentSpec:
     llm_mlp: float = 1.0  # fraction of each LLM MLP's intermediate channels kept
     vision_blocks: tuple[int, ...] | None = None  # teacher vision-tower block indexes
     hiera_blocks: tuple[int, int, int, int] | None = None  # first blocks kept per Hiera stage
+    hiera_width: float = 1.0  # fraction of every Hiera stage's channels kept
     vision_hidden: int | None = None  # vision-tower width (None: the teacher's)
     vision_heads: int | None = None  # vision-tower heads (None: the teacher's number)
     vision_mlp: float = 1.0  # fraction of the teacher's vision MLP expansion (intermediate/hidden)
@@ -126,6 +135,7 @@ class StudentSpec:
             ("vision-mlp", self.vision_mlp),
             ("sam-decoder-mlp", self.sam_decoder_mlp),
             ("merger-mlp", self.merger_mlp),
+            ("hiera-width", self.hiera_width),
         ):
             if not 0.0 < frac <= 1.0:
                 raise StudentSpecError(f"{label} {frac}: must be in (0, 1]")
@@ -166,6 +176,8 @@ class StudentSpec:
             parts.append("vision-blocks=" + ",".join(map(str, self.vision_blocks)))
         if self.hiera_blocks is not None:
             parts.append("hiera=" + ",".join(map(str, self.hiera_blocks)))
+        if self.hiera_width != 1.0:
+            parts.append(f"hiera-width={self.hiera_width!r}")
         for key, value in (
             ("vision-hidden", self.vision_hidden),
             ("vision-heads", self.vision_heads),
@@ -190,6 +202,7 @@ _KEYS = {
     "vision-blocks": "vision_blocks",
     "hiera": "hiera_blocks",
     "hiera-blocks": "hiera_blocks",
+    "hiera-width": "hiera_width",
     "vision-hidden": "vision_hidden",
     "vision-heads": "vision_heads",
     "vision-mlp": "vision_mlp",
@@ -198,7 +211,7 @@ _KEYS = {
     "merger-mlp": "merger_mlp",
     "name": "name",
 }
-_FRACTIONS = ("llm_mlp", "vision_mlp", "sam_decoder_mlp", "merger_mlp")
+_FRACTIONS = ("llm_mlp", "vision_mlp", "sam_decoder_mlp", "merger_mlp", "hiera_width")
 _WIDTHS = ("vision_hidden", "vision_heads", "sam_hidden")
 
 
@@ -243,6 +256,7 @@ def _auto_name(fields: dict[str, object]) -> str:
         ("sh", "sam_hidden"),
         ("sm", "sam_decoder_mlp"),
         ("mg", "merger_mlp"),
+        ("hw", "hiera_width"),
     ):
         if field in fields:
             parts.append(f"{prefix}{fields[field]}")
@@ -295,6 +309,7 @@ def student_config(teacher: CitrusVConfig, spec: StudentSpec) -> CitrusVConfig:
             blocks_per_stage=tuple(spec.hiera_blocks),
             global_attention_blocks=student_global_blocks(s, tuple(spec.hiera_blocks)),
         )
+    sam2 = _hiera_widths(sam2, spec)
     sam2 = _sam_widths(sam2, s, spec, where)
     return dataclasses.replace(
         teacher, name=f"{teacher.name}-{spec.name}", text=text, vision=vision, sam2=sam2
@@ -322,6 +337,22 @@ def _vision_widths(vision, teacher, spec: StudentSpec, where: str):
     return dataclasses.replace(
         out, merger_intermediate_size=None if merger == out.merged_size else merger
     )
+
+
+def _hiera_widths(sam2, spec: StudentSpec):
+    """Hiera's stage widths of `spec` (`hiera_width`), each a multiple of its heads."""
+    if spec.hiera_width == 1.0:
+        return sam2
+    dims = tuple(
+        hiera_stage_width(d, h, spec.hiera_width)
+        for d, h in zip(sam2.embed_dim_per_stage, sam2.heads_per_stage, strict=True)
+    )
+    return dataclasses.replace(sam2, embed_dim_per_stage=dims)
+
+
+def hiera_stage_width(teacher_dim: int, heads: int, fraction: float) -> int:
+    """round(fraction * teacher_dim) to the nearest multiple of `heads`, at least `heads`."""
+    return heads * max(1, round(fraction * teacher_dim / heads))
 
 
 def _sam_widths(sam2, teacher, spec: StudentSpec, where: str):
@@ -385,6 +416,7 @@ def _in_range(idx: tuple[int, ...], n: int, label: str, what: str, where: str) -
 
 # -- presets --------------------------------------------------------------------------------
 _8B_MLP_3B = 11_008 / 18_944  # Qwen2.5-VL-3B's MLP width over the 7B's
+_HIERA_S = 96 / 144  # SAM2 Hiera-S's stage-1 width over Hiera-L's
 
 STUDENT_PRESETS: dict[str, StudentSpec] = {
     s.name: s
@@ -444,8 +476,9 @@ STUDENT_PRESETS: dict[str, StudentSpec] = {
         StudentSpec(
             llm_layers=tuple(range(0, 28, 2)), llm_mlp=_8B_MLP_3B, name="8b-half-layers-3b-mlp"
         ),
-        # SAM2 Hiera-L (2,6,36,4) cut to Hiera-S's depths (1,2,11,2).
-        StudentSpec(hiera_blocks=(1, 2, 11, 2), name="8b-hiera-s"),
+        # SAM2 Hiera-L (2,6,36,4; 144..1152 channels) cut to Hiera-S's depths (1,2,11,2) and
+        # widths (96, 192, 384, 768: two thirds), keeping Hiera-L's heads.
+        StudentSpec(hiera_blocks=(1, 2, 11, 2), hiera_width=_HIERA_S, name="8b-hiera-s"),
         # All of the above plus every other vision block (1,3,..,31 keeps the full-attention
         # blocks 7,15,23,31).
         StudentSpec(
@@ -453,6 +486,7 @@ STUDENT_PRESETS: dict[str, StudentSpec] = {
             llm_mlp=_8B_MLP_3B,
             vision_blocks=tuple(range(1, 32, 2)),
             hiera_blocks=(1, 2, 11, 2),
+            hiera_width=_HIERA_S,
             name="8b-edge",
         ),
     )

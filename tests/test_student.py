@@ -486,3 +486,100 @@ def test_a_student_of_a_pruned_teacher_keeps_or_prunes_the_teachers_own_merger_w
     assert fresh_parts(lite.config, half.config) == ()
     # Back to a full-width merger: the config says nothing (Qwen2.5-VL's own width).
     assert student_config(DEMO, StudentSpec(merger_mlp=1.0)).vision.merger_intermediate_size is None
+
+
+# -- a narrower Hiera (hiera-width) ------------------------------------------------------------
+def test_hiera_width_parses_and_sets_each_stage_to_a_multiple_of_its_heads():
+    spec = StudentSpec.parse("hiera=1,1,1,1;hiera-width=0.5")
+    assert spec.hiera_width == 0.5 and spec.name == "h1.1.1.1-hw0.5"
+    assert StudentSpec.parse(spec.text()) == spec
+    assert student_config(DEMO, spec).sam2.embed_dim_per_stage == (8, 16, 32, 64)
+    # heads (1, 1, 2, 4): 0.3 of (16, 32, 64, 128) rounds to a multiple of each stage's heads
+    assert student_config(DEMO, StudentSpec(hiera_width=0.3)).sam2.embed_dim_per_stage == (
+        5, 10, 20, 40,
+    )  # fmt: skip
+    # The 8B's Hiera-S students: Hiera-L's 144..1152 channels to Hiera-S's 96..768.
+    for name in ("8b-hiera-s", "8b-edge"):
+        s2 = student_config(CITRUS_V_8B, STUDENT_PRESETS[name]).sam2
+        assert s2.embed_dim_per_stage == (96, 192, 384, 768)
+        assert s2.heads_per_stage == CITRUS_V_8B.sam2.heads_per_stage
+    for bad in ("hiera-width=0", "hiera-width=1.5", "hiera-width=half"):
+        with pytest.raises(StudentSpecError, match="hiera-width"):
+            StudentSpec.parse(bad)
+
+
+def test_hiera_width_prunes_the_teachers_encoder_by_activation_better_than_at_random(tmp_path):
+    """A half-width Hiera of the demo model keeps the teacher's weights (sliced), not a fresh
+    encoder: its SAM2 image embeddings on unseen phantoms stay closer to the teacher's than a
+    random choice of residual channels does; it is an ordinary checkpoint, and the planner's
+    parameter count (torch-free) is the model's."""
+    from citrus_edge.cli.model_params import param_counts
+    from citrus_edge.defaults import resolve_model
+    from citrus_edge.modelling.checkpoint import load_checkpoint, save_checkpoint
+    from citrus_edge.modelling.student import hiera_channels, hiera_images
+
+    demo = load_checkpoint(resolve_model(None))
+    spec = StudentSpec(hiera_width=0.5, name="hw")
+    cfg = student_config(demo.config, spec)
+    images = hiera_images(demo.config, 12)[8:]  # phantoms the ranking (seeds 0..7) never saw
+
+    def embeddings(model) -> torch.Tensor:
+        with torch.no_grad():
+            return model.encode_image_sam(images)[2].flatten(1)
+
+    ref = embeddings(demo)
+    same = make_student(demo, StudentSpec(hiera_width=1.0, name="same"))
+    assert torch.equal(embeddings(same), ref)  # full width: the teacher's function exactly
+    student = make_student(demo, spec)
+    assert fresh_parts(demo.config, cfg) == ()  # nothing re-initialised
+    kept = hiera_channels(demo, cfg)
+    bb = demo.sam2.vision_encoder.backbone.blocks
+    sb = student.sam2.vision_encoder.backbone.blocks
+    # Block 4 opens stage 3 (64 -> 128 channels, 4 heads): its MLP's first matrix is the
+    # teacher's at the kept hidden and stage-3 channels; its attention reads stage 2's.
+    w = bb[4].mlp.proj_in.weight[kept["block.4.mlp"]][:, kept["stage.3"]]
+    assert torch.equal(sb[4].mlp.proj_in.weight, w)
+    qkv, qk, s2 = bb[4].attn.qkv.weight, kept["block.4.qk"], kept["stage.2"]
+    # queries rescaled by sqrt(kept / teacher head size) = sqrt(16 / 32); keys as they were
+    assert torch.allclose(sb[4].attn.qkv.weight[:64], qkv[qk][:, s2] * 0.5**0.5)
+    assert torch.equal(sb[4].attn.qkv.weight[64:128], qkv[128 + qk][:, s2])
+
+    # The ranking, on three quarters of the channels: closer to the teacher than random choices
+    # of the residual channels (mean of four draws; at half width the two are alike).
+    quarters = StudentSpec(hiera_width=0.75, name="hw75")
+    kept75 = hiera_channels(demo, student_config(demo.config, quarters))
+    cos = (
+        torch.nn.functional.cosine_similarity(embeddings(make_student(demo, quarters)), ref)
+        .mean()
+        .item()
+    )
+    import citrus_edge.modelling.student as student_mod
+
+    orig, randomly = student_mod.hiera_channels, []
+    try:
+        for seed in range(4):
+            g = torch.Generator().manual_seed(seed)
+            widths = demo.config.sam2.embed_dim_per_stage
+            rand_ch = {
+                k: torch.randperm(widths[int(k[-1])], generator=g)[: len(v)].sort().values
+                if k.startswith("stage.")
+                else v
+                for k, v in kept75.items()
+            }
+            student_mod.hiera_channels = lambda *_, ch=rand_ch: ch
+            emb = embeddings(make_student(demo, quarters))
+            randomly.append(torch.nn.functional.cosine_similarity(emb, ref).mean().item())
+    finally:
+        student_mod.hiera_channels = orig
+    print(f"SAM2 image embeddings vs the teacher's (cosine): ranked {cos:.3f}, random {randomly}")
+    assert cos > sum(randomly) / len(randomly) + 0.03 and cos > 0.75
+
+    n = param_count(student)
+    assert sum(c.total for c in param_counts(cfg).values()) == n
+    print(f"half-width Hiera: {n} of {param_count(demo)} parameters")
+    tok = tmp_path / "tokenizer.json"
+    tok.write_bytes((resolve_model(None) / "tokenizer.json").read_bytes())
+    save_checkpoint(student, tmp_path / "s", tokenizer_json=tok)
+    loaded = load_checkpoint(tmp_path / "s")
+    assert loaded.config.sam2.embed_dim_per_stage == (8, 16, 32, 64)
+    assert torch.equal(embeddings(loaded), embeddings(student))
