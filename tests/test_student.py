@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import pytest
 import torch
@@ -583,3 +584,41 @@ def test_hiera_width_prunes_the_teachers_encoder_by_activation_better_than_at_ra
     loaded = load_checkpoint(tmp_path / "s")
     assert loaded.config.sam2.embed_dim_per_stage == (8, 16, 32, 64)
     assert torch.equal(embeddings(loaded), embeddings(student))
+
+
+def test_prune_student_script_writes_a_checkpoint_and_refuses_bad_input(tmp_path, capsys):
+    """scripts/prune_student.py: the student of any checkpoint (here a TINY model at half its
+    Hiera width), an ordinary checkpoint; bad input is one line, nothing written."""
+    import importlib.util
+    from pathlib import Path
+
+    from fixtures import tiny_tokenizer
+
+    from citrus_edge.modelling.checkpoint import load_checkpoint, save_checkpoint
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "prune_student.py"
+    spec = importlib.util.spec_from_file_location("prune_student", script)
+    prune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prune)
+    tok = tmp_path / "tokenizer.json"
+    tiny_tokenizer().save(str(tok))
+    source = tiny_model(seed=0)
+    save_checkpoint(source, tmp_path / "src", tokenizer_json=tok)
+    assert prune.main([str(tmp_path / "src"), "hiera-width=0.5;name=hw", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    student = load_checkpoint(tmp_path / "s")
+    assert f"{param_count(student):,} parameters (from {param_count(source):,})" in out
+    widths = TINY.sam2.embed_dim_per_stage
+    assert student.config.sam2.embed_dim_per_stage == tuple(w // 2 for w in widths)
+    assert (tmp_path / "s" / "tokenizer.json").read_bytes() == tok.read_bytes()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not a checkpoint")
+    for argv, what in (
+        ([str(tmp_path / "src"), "hiera-width=2", str(tmp_path / "t")], "StudentSpecError"),
+        ([str(tmp_path / "nowhere"), "hiera-width=0.5", str(tmp_path / "t")], "no config.json"),
+        ([str(tmp_path / "src"), "hiera-width=0.5", str(tmp_path / "mine")], "refusing"),
+    ):
+        assert prune.main(argv) == 1
+        err = capsys.readouterr().err
+        assert what in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "t").exists() and os.listdir(tmp_path / "mine") == ["notes.txt"]
