@@ -231,7 +231,8 @@ def hiera_channels(
     try:
         with torch.no_grad():
             param = next(teacher.parameters())
-            teacher.encode_image_sam(images.to(param.device, param.dtype))
+            for image in images:  # one at a time: Hiera-L's activations at 1024 px are large
+                teacher.encode_image_sam(image[None].to(param.device, param.dtype))
     finally:
         for h in handles:
             h.remove()
