@@ -2,12 +2,12 @@
 
 A `StudentSpec` names, by the teacher's own indexes, the LLM decoder layers, vision-tower blocks
 and SAM2 Hiera blocks the student keeps, and the fraction of each LLM MLP's channels; and,
-optionally, narrower widths for two parts: the vision tower (`vision-hidden`, `vision-heads`,
-`vision-mlp`) and SAM2's prompt side (`sam-hidden`, `sam-decoder-mlp`: the FPN neck's output,
-prompt encoder, mask decoder and the seg projector's output). Every other width (LLM hidden
-size and heads, vocabulary, Hiera stages) is the teacher's, so those weights carry over
-unchanged (`citrus_edge.modelling.student.make_student` copies them where shapes allow and
-initialises the re-widened parts afresh). `student_config` turns a spec into the student's
+optionally, narrower widths for three parts: the vision tower (`vision-hidden`, `vision-heads`,
+`vision-mlp`), SAM2's prompt side (`sam-hidden`, `sam-decoder-mlp`: the FPN neck's output,
+prompt encoder, mask decoder and the seg projector's output) and the Hiera stages
+(`hiera-width`). Every other width (LLM hidden size and heads, vocabulary) is the teacher's, so
+those weights carry over unchanged (`citrus_edge.modelling.student.make_student` copies them
+where shapes allow, slices the pruned ones and initialises the re-widened parts afresh). `student_config` turns a spec into the student's
 `CitrusVConfig`, checking it against the teacher first.
 
 CLI form (`StudentSpec.parse`): a preset name from `STUDENT_PRESETS`, or `key=value` pairs
