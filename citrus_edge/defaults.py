@@ -7,10 +7,12 @@ from pathlib import Path
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
 # Models shipped inside the package, by the name `--model` accepts: the demo model and its
-# distilled student (`demo-lite`, issue 18; README "Distillation").
+# distilled students (issue 18; README "Distillation"): `demo-lite` (3.04x fewer parameters)
+# and `demo-lite-s`, demo-lite with its SAM2 Hiera pruned to half width and distilled on (3.72x).
 SHIPPED_MODELS = {
     "demo": DEMO_MODEL_DIR,
     "demo-lite": Path(__file__).resolve().parent / "demo_lite",
+    "demo-lite-s": Path(__file__).resolve().parent / "demo_lite_s",
 }
 
 

@@ -24,7 +24,7 @@ def build_cmd(
     model: Annotated[
         Path | None,
         typer.Option(
-            help="Citrus-V checkpoint directory, or a shipped model by name: demo, demo-lite (default: demo)."
+            help="Citrus-V checkpoint directory, or a shipped model by name: demo, demo-lite, demo-lite-s (default: demo)."
         ),
     ] = None,
     precision: Annotated[

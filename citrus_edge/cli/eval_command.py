@@ -41,7 +41,7 @@ def eval_cmd(
     model: Annotated[
         Path | None,
         typer.Option(
-            help="Citrus-V checkpoint directory, or a shipped model by name: demo, demo-lite (default: demo)."
+            help="Citrus-V checkpoint directory, or a shipped model by name: demo, demo-lite, demo-lite-s (default: demo)."
         ),
     ] = None,
     data: Annotated[

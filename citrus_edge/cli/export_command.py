@@ -30,7 +30,7 @@ def export_cmd(
     model: Annotated[
         Path | None,
         typer.Option(
-            help="Citrus-V checkpoint directory, or a shipped model by name: demo, demo-lite (default: demo)."
+            help="Citrus-V checkpoint directory, or a shipped model by name: demo, demo-lite, demo-lite-s (default: demo)."
         ),
     ] = None,
     image_size: Annotated[

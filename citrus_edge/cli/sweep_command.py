@@ -759,7 +759,10 @@ def _sides(text: str) -> tuple[int, ...]:
 @app.command("sweep")
 def sweep_cmd(
     models: Annotated[
-        str, typer.Option(help="Models, comma-separated: demo, demo-lite or checkpoint dirs.")
+        str,
+        typer.Option(
+            help="Models, comma-separated: demo, demo-lite, demo-lite-s or checkpoint dirs."
+        ),
     ] = "demo",
     targets: Annotated[str, typer.Option(help="Targets, comma-separated.")] = "cpu",
     recipes: Annotated[
