@@ -7,8 +7,9 @@ optionally, narrower widths for three parts: the vision tower (`vision-hidden`, 
 prompt encoder, mask decoder and the seg projector's output) and the Hiera stages
 (`hiera-width`). Every other width (LLM hidden size and heads, vocabulary) is the teacher's, so
 those weights carry over unchanged (`citrus_edge.modelling.student.make_student` copies them
-where shapes allow, slices the pruned ones and initialises the re-widened parts afresh). `student_config` turns a spec into the student's
-`CitrusVConfig`, checking it against the teacher first.
+where shapes allow, slices the pruned ones and initialises the re-widened parts afresh).
+`student_config` turns a spec into the student's `CitrusVConfig`, checking it against the
+teacher first.
 
 CLI form (`StudentSpec.parse`): a preset name from `STUDENT_PRESETS`, or `key=value` pairs
 separated by `;`, e.g. `llm-layers=0,3;vision-blocks=1,3;hiera=1,1,1,1;llm-mlp=0.5`.

@@ -39,11 +39,12 @@ three quarters of the channels kept: 0.83 by activation, 0.72-0.83 (mean 0.77) f
 choices; a weight-based ranking (row and column norms of the matrices that write and read each
 channel) scored below random (0.71 against 0.76, on other phantoms). At half width the
 activation ranking (0.60) is no better than random (0.36-0.68): too few channels are left for
-any choice to keep the function, and distillation has to rebuild it. Inside a block each head keeps its query/key channels
-of largest ||q_j|| * ||k_j|| and value channels of largest ||v_j|| * ||proj[:, j]||, its
-queries rescaled by sqrt(kept/teacher head size) so that the softmax's 1/sqrt(head size) keeps
-the logits' scale; each MLP keeps the hidden channels of largest ||in_j|| * ||out[:, j]||.
-LayerNorm then normalises over fewer channels, which distillation corrects.
+any choice to keep the function, and distillation has to rebuild it. Inside a block each head
+keeps its query/key channels of largest ||q_j|| * ||k_j|| and value channels of largest
+||v_j|| * ||proj[:, j]||, its queries rescaled by sqrt(kept/teacher head size) so that the
+softmax's 1/sqrt(head size) keeps the logits' scale; each MLP keeps the hidden channels of
+largest ||in_j|| * ||out[:, j]||. LayerNorm then normalises over fewer channels, which
+distillation corrects.
 
 Why not `modelopt.torch.prune`: its Minitron mode (`mcore_minitron`) prunes Megatron-Core GPT
 and Mamba models only, and its other mode (`fastnas`) is an architecture search over
@@ -198,9 +199,8 @@ def hiera_images(cfg, n: int = 8) -> torch.Tensor:
     from citrus_edge.calib_data.phantom import generate_phantom
     from citrus_edge.preprocess import sam_pixels
 
-    def rgb(seed: int):
-        image = generate_phantom(seed).image
-        return image if image.ndim == 3 else image[..., None].repeat(3, axis=-1)
+    def rgb(seed: int):  # a phantom is grey [H, W]; as `train.make_sample` feeds it
+        return generate_phantom(seed).image[..., None].repeat(3, axis=-1)
 
     return torch.cat([torch.from_numpy(sam_pixels(rgb(i), cfg.preprocess)) for i in range(n)])
 
@@ -322,9 +322,9 @@ def make_student(
     weight-based). `channels`: the MLP channels to keep per teacher layer index, overriding the
     importance ranking (e.g. a random choice, to compare). `seed`: of the fresh parts'
     initialisation. `images`: SAM2 inputs [N, 3, S, S] that rank a narrower Hiera's channels
-    (`hiera_channels`; default eight phantoms). The teacher is not changed; the student holds copies in the teacher's
-    dtype, in eval mode. Raises `StudentSpecError` for a spec that does not fit the teacher
-    (before any copying).
+    (`hiera_channels`; default eight phantoms). The teacher is not changed; the student holds
+    copies in the teacher's dtype, in eval mode. Raises `StudentSpecError` for a spec that does
+    not fit the teacher (before any copying).
     """
     # The spec's own methods: this package may not import the compress stage (folder cycle).
     tcfg = teacher.config
